@@ -1,0 +1,337 @@
+"""nc_jax.metrics against an independent float64 reference and the geometry the paper predicts."""
+
+import contextlib
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from nc_jax import metrics
+from nc_jax.metrics import neural_collapse, streaming
+from tests import reference
+
+FLOAT_KEYS_MEANS = ("nc1", "nc1_tirer", "cdnv", "trace_within", "trace_between", "equinorm_means",
+                    "equiangular_means", "max_angle_means", "etf_deviation_means", "gnc2_means")
+FLOAT_KEYS_WEIGHTS = ("equinorm_weights", "equiangular_weights", "max_angle_weights",
+                      "etf_deviation_weights", "self_duality", "unc3")
+RATE_KEYS = ("ncc_accuracy", "ncc_mismatch", "accuracy")
+
+
+def enable_x64():
+  context = getattr(jax, "enable_x64", None)
+  if context is None:
+    from jax.experimental import enable_x64 as context  # jax < 0.7
+  return context(True)
+
+
+def gaussian_classes(num_samples, feature_dim, num_classes, *, mean_scale=3.0, spread=1.0,
+                     offset=0.0, seed=0, dtype=np.float32):
+  """Balanced-ish Gaussian mixture: labels (N,), features (N, p), W (C, p), b (C,)."""
+  rng = np.random.default_rng(seed)
+  labels = np.concatenate([np.arange(num_classes), rng.integers(0, num_classes, num_samples - num_classes)])
+  means = rng.normal(size=(num_classes, feature_dim)) * mean_scale
+  features = offset + means[labels] + spread * rng.normal(size=(num_samples, feature_dim))
+  weights = (means - means.mean(0)) + rng.normal(size=means.shape)
+  bias = rng.normal(size=num_classes) * 0.1
+  return features.astype(dtype), labels.astype(np.int32), weights.astype(dtype), bias.astype(dtype)
+
+
+def assert_matches_reference(got, want, rtol, atol=1e-6):
+  for key, value in want.items():
+    if key in RATE_KEYS or key.startswith(("ncc_", "accuracy")):
+      assert float(got[key]) == pytest.approx(value, abs=1.5 / got["num_samples"]), key
+    else:
+      np.testing.assert_allclose(float(got[key]), value, rtol=rtol, atol=atol, err_msg=key)
+
+
+SHAPES = [  # (N, p, C)
+    pytest.param(240, 16, 5, id="N240-p16-C5"),
+    pytest.param(300, 3, 10, id="p<C-1"),
+    pytest.param(120, 8, 2, id="C2"),
+    pytest.param(1500, 128, 100, id="C100"),
+]
+
+
+class TestAgainstFloat64Reference:
+
+  @pytest.mark.parametrize("jitted", [True, False], ids=["with_jit", "without_jit"])
+  @pytest.mark.parametrize("num_samples,feature_dim,num_classes", SHAPES)
+  def test_float32_suite_matches_reference(self, num_samples, feature_dim, num_classes, jitted):
+    features, labels, weights, bias = gaussian_classes(num_samples, feature_dim, num_classes)
+    context = contextlib.nullcontext() if jitted else chex.fake_jit()
+    with context:
+      got = jax.jit(neural_collapse, static_argnums=2)(features, labels, num_classes, weights, bias)
+    chex.assert_shape([got[k] for k in FLOAT_KEYS_MEANS + FLOAT_KEYS_WEIGHTS], ())
+    want = reference.reference_metrics(features, labels, num_classes, weights, bias)
+    assert_matches_reference(got, want, rtol=2e-4)
+
+  @pytest.mark.parametrize("num_samples,feature_dim,num_classes", SHAPES[:3])
+  def test_float64_inputs_match_reference_to_1e_9(self, num_samples, feature_dim, num_classes):
+    features, labels, weights, bias = gaussian_classes(num_samples, feature_dim, num_classes, dtype=np.float64)
+    with enable_x64():
+      got = jax.jit(neural_collapse, static_argnums=2)(features, labels, num_classes, weights, bias)
+      got = jax.tree_util.tree_map(np.asarray, got)
+    assert got["nc1"].dtype == np.float64
+    want = reference.reference_metrics(features, labels, num_classes, weights, bias)
+    assert_matches_reference(got, want, rtol=1e-9, atol=1e-12)
+
+  def test_test_set_variants_use_training_means(self):
+    features, labels, weights, bias = gaussian_classes(400, 12, 6, seed=1)
+    test_features, test_labels, _, _ = gaussian_classes(200, 12, 6, seed=1, spread=1.5)
+    got = jax.jit(neural_collapse, static_argnums=2)(
+        features, labels, 6, weights, bias, test_features=test_features, test_labels=test_labels)
+    want = reference.reference_test_metrics(features, labels, test_features, test_labels, 6, weights, bias)
+    for key, value in want.items():
+      tol = 1.5 / 200 if key != "nc1_test" else 2e-4 * value
+      assert float(got[key]) == pytest.approx(value, abs=tol), key
+
+  def test_gram_solver_agrees_with_svd_on_well_conditioned_means(self):
+    features, labels, weights, bias = gaussian_classes(500, 32, 8, seed=2)
+    svd = neural_collapse(features, labels, 8, weights, bias)
+    gram = neural_collapse(features, labels, 8, weights, bias, solver="gram")
+    np.testing.assert_allclose(float(gram["nc1"]), float(svd["nc1"]), rtol=1e-4)
+
+
+class TestPaperGeometry:
+
+  def test_exact_simplex_etf_has_zero_nc1_nc2_nc3_nc4(self):
+    num_classes, feature_dim = 10, 32
+    etf = reference.simplex_etf(num_classes, feature_dim, scale=5.0)
+    labels = np.repeat(np.arange(num_classes), 20)
+    offset = np.random.default_rng(3).normal(size=feature_dim) * 4.0  # a global shift changes nothing
+    features = (etf[labels] + offset).astype(np.float32)
+    weights = etf.astype(np.float32)  # W = centred means: self-dual
+    bias = -(weights @ offset).astype(np.float32)  # so that W h + b = W (h - offset)
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, num_classes, weights, bias)
+    for key in ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "equiangular_means", "max_angle_means",
+                "etf_deviation_means", "equinorm_weights", "equiangular_weights", "max_angle_weights",
+                "etf_deviation_weights", "self_duality", "ncc_mismatch"):
+      assert abs(float(got[key])) < 2e-6, (key, float(got[key]))
+    assert float(got["ncc_accuracy"]) == 1.0 and float(got["accuracy"]) == 1.0
+
+  def test_random_means_are_far_from_an_etf(self):
+    features, labels, weights, bias = gaussian_classes(300, 32, 10)
+    got = neural_collapse(features, labels, 10, weights, bias)
+    assert float(got["etf_deviation_means"]) > 0.1 and float(got["max_angle_means"]) > 0.05
+
+  def test_features_equal_to_class_means_give_zero_nc1_and_mismatch(self):
+    rng = np.random.default_rng(4)
+    means = rng.normal(size=(7, 20)) * 3
+    labels = np.repeat(np.arange(7), 15)
+    weights = (means - means.mean(0)).astype(np.float32)
+    got = neural_collapse(means[labels].astype(np.float32), labels, 7, weights, np.zeros(7, np.float32))
+    assert float(got["nc1"]) < 1e-10
+    assert float(got["ncc_mismatch"]) == 0.0
+    assert float(got["self_duality"]) < 1e-10
+
+  def test_nc1_invariant_to_rotation_and_global_shift(self):
+    features, labels, _, _ = gaussian_classes(600, 24, 6, seed=5)
+    rotation, _ = np.linalg.qr(np.random.default_rng(6).normal(size=(24, 24)))
+    base = float(neural_collapse(features, labels, 6)["nc1"])
+    rotated = float(neural_collapse((features @ rotation).astype(np.float32), labels, 6)["nc1"])
+    shifted = float(neural_collapse(features + np.float32(50.0), labels, 6)["nc1"])
+    np.testing.assert_allclose([rotated, shifted], [base, base], rtol=1e-4)
+
+  def test_conventions_are_options(self):
+    features, labels, weights, bias = gaussian_classes(300, 16, 5)
+    paper = neural_collapse(features, labels, 5, weights, bias)
+    notebook_nc1 = neural_collapse(features, labels, 5, divide_nc1_by_classes=False)["nc1"]
+    np.testing.assert_allclose(float(notebook_nc1), 5 * float(paper["nc1"]), rtol=1e-6)
+    root = neural_collapse(features, labels, 5, weights, bias, self_duality_squared=False)["self_duality"]
+    np.testing.assert_allclose(float(root) ** 2, float(paper["self_duality"]), rtol=1e-5)
+    population = neural_collapse(features, labels, 5, std_ddof=0)["equinorm_means"]
+    np.testing.assert_allclose(float(population), float(paper["equinorm_means"]) * np.sqrt(4 / 5), rtol=1e-5)
+
+
+class TestNumericalTraps:
+
+  @pytest.mark.parametrize("offset", [0.0, 30.0], ids=["no-offset", "relu-like-offset"])
+  def test_collapsed_features_with_large_means(self, offset):
+    # class-mean norms ~100, within-class spread ~1e-3 (per sample, in norm)
+    num_classes, feature_dim = 10, 64
+    features, labels, _, _ = gaussian_classes(2000, feature_dim, num_classes, mean_scale=100 / np.sqrt(feature_dim),
+                                              spread=1e-3 / np.sqrt(feature_dim), offset=offset, seed=7)
+    got = float(jax.jit(neural_collapse, static_argnums=2)(features, labels, num_classes)["nc1"])
+    want = reference.reference_metrics(features, labels, num_classes)["nc1"]
+    assert got > 0
+    assert abs(got - want) <= 1e-3 * want, (got, want)
+
+  def test_the_trap_is_real_for_raw_moments(self):
+    """A negative control: the textbook float32 formula fails on the same data."""
+    features, labels, _, _ = gaussian_classes(2000, 64, 10, mean_scale=100 / 8, spread=1e-3 / 8, offset=30.0, seed=7)
+    want = reference.reference_metrics(features, labels, 10)["nc1"]
+    onehot = np.eye(10, dtype=np.float32)[labels]
+    counts = onehot.sum(0)
+    means = (onehot.T @ features) / counts[:, None]
+    raw_within = features.T @ features / len(labels) - (means.T * (counts / len(labels))) @ means
+    centred = means - means.mean(0)
+    naive = np.trace(raw_within @ np.linalg.pinv(centred.T @ centred / 10)) / 10
+    assert not abs(naive - want) <= 1e-3 * want
+
+
+class TestShardingAndStreaming:
+
+  def test_eight_devices_give_the_one_device_values(self):
+    assert jax.device_count() == 8, "tests/conftest.py should create 8 CPU devices"
+    features, labels, weights, bias = gaussian_classes(800, 32, 10, seed=8)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded = NamedSharding(mesh, PartitionSpec("data"))
+    suite = jax.jit(neural_collapse, static_argnums=2)
+    one = suite(features, labels, 10, weights, bias)
+    many = suite(jax.device_put(features, sharded), jax.device_put(labels, sharded), 10, weights, bias)
+    assert many["nc1"].sharding.is_fully_replicated
+    for key in one:
+      np.testing.assert_allclose(float(many[key]), float(one[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+
+  def test_scanned_batches_and_merges_give_the_in_memory_result(self):
+    features, labels, weights, bias = gaussian_classes(1024, 16, 8, seed=9, offset=10.0)
+    batches = (features.reshape(8, 128, 16), labels.reshape(8, 128))
+
+    @jax.jit
+    def two_passes(batches):
+      def pass_one(state, batch):
+        return streaming.update_class_means(state, *batch), None
+      means, _ = jax.lax.scan(pass_one, streaming.init_class_means(8, 16), batches)
+      geometry = streaming.finalize_class_means(means, weights, bias)
+      def pass_two(state, batch):
+        return streaming.update_deviations(state, geometry, *batch), None
+      state, _ = jax.lax.scan(pass_two, streaming.init_deviations(geometry), batches)
+      return metrics.finalize_collapse(state, geometry)
+
+    streamed = two_passes(batches)
+    whole = neural_collapse(features, labels, 8, weights, bias)
+    for key in whole:
+      np.testing.assert_allclose(float(streamed[key]), float(whole[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+
+  def test_merge_of_disjoint_halves_equals_the_whole(self):
+    features, labels, _, _ = gaussian_classes(500, 8, 4, seed=10)
+    halves = [(features[:200], labels[:200]), (features[200:], labels[200:])]
+    init = streaming.init_class_means(4, 8)
+    merged = streaming.merge_class_means(*[streaming.update_class_means(init, f, l) for f, l in halves])
+    whole = streaming.update_class_means(init, features, labels)
+    np.testing.assert_array_equal(merged.counts, whole.counts)
+    np.testing.assert_allclose(merged.means, whole.means, rtol=1e-5, atol=1e-6)
+    geometry = streaming.finalize_class_means(whole)
+    start = streaming.init_deviations(geometry)
+    parts = [streaming.update_deviations(start, geometry, f, l) for f, l in halves]
+    merged_state = streaming.merge_deviations(*parts)
+    whole_state = streaming.update_deviations(start, geometry, features, labels)
+    chex.assert_trees_all_close(merged_state, whole_state, rtol=1e-5, atol=1e-5)
+
+  def test_mask_drops_padding_rows_even_if_they_hold_nan(self):
+    features, labels, weights, bias = gaussian_classes(300, 8, 4, seed=11)
+    padded = np.concatenate([features, np.full((20, 8), np.nan, np.float32)])
+    padded_labels = np.concatenate([labels, np.full(20, 99, np.int32)])
+    mask = np.arange(320) < 300
+    got = neural_collapse(padded, padded_labels, 4, weights, bias, mask=mask)
+    want = neural_collapse(features, labels, 4, weights, bias)
+    for key in want:
+      np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=1e-6, err_msg=key)
+
+
+class TestLayersAndLargeC:
+
+  def test_per_layer_collapse_flattens_each_layer(self):
+    rng = np.random.default_rng(12)
+    labels = np.repeat(np.arange(3), 30)
+    layers = {"conv": rng.normal(size=(90, 4, 4, 2)).astype(np.float32) + labels[:, None, None, None],
+              "dense": rng.normal(size=(90, 16)).astype(np.float32) + 3 * labels[:, None]}
+    got = metrics.per_layer_collapse(layers, labels, 3)
+    assert set(got) == {"conv", "dense"}
+    flat = neural_collapse(layers["conv"].reshape(90, 32), labels, 3)
+    np.testing.assert_allclose(float(got["conv"]["nc1"]), float(flat["nc1"]), rtol=1e-6)
+
+  @pytest.mark.slow
+  def test_thousand_classes_2048_features_runs_without_cxcxp_intermediates(self):
+    features, labels, weights, bias = gaussian_classes(3000, 2048, 1000, seed=13, mean_scale=1.0)
+    compiled = jax.jit(neural_collapse, static_argnums=2).lower(features, labels, 1000, weights, bias).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is not None:  # C*C*p float32 would be 8 GB
+      assert analysis.temp_size_in_bytes < 1e9
+    got = compiled(features, labels, weights, bias)
+    assert np.isfinite(float(got["gnc2_means"])) and np.isfinite(float(got["unc3"]))
+    assert np.isfinite(float(got["nc1"])) and float(got["nc1"]) > 0
+
+
+class TestBadInput:
+
+  @pytest.mark.parametrize("args,match", [
+      ((np.zeros((10,)), np.zeros(10, int), 3), "features must have shape"),
+      ((np.zeros((10, 4)), np.zeros((10, 1), int), 3), "labels must have shape"),
+      ((np.zeros((10, 4)), np.zeros(9, int), 3), "10 rows but labels have 9"),
+      ((np.zeros((10, 4)), np.zeros(10, int), 1), "at least 2"),
+      ((np.zeros((10, 4)), np.zeros(10, np.float32), 3), "labels must be integers"),
+      ((np.zeros((10, 4), int), np.zeros(10, int), 3), "floating point"),
+      ((np.zeros((10, 4)), np.zeros(10, int), 3, np.zeros((3, 5))), "weights must have shape"),
+      ((np.zeros((10, 4)), np.zeros(10, int), 3, np.zeros((3, 4)), np.zeros(4)), "bias must have shape"),
+      ((np.zeros((10, 4)), np.zeros(10, int), 3, None, np.zeros(3)), "bias was given without weights"),
+  ])
+  def test_shape_errors_raise_at_trace_time(self, args, match):
+    with pytest.raises(ValueError, match=match):
+      jax.jit(neural_collapse, static_argnums=2)(*args)
+
+  def test_traced_num_classes_is_refused(self):
+    with pytest.raises(ValueError, match="static"):
+      jax.jit(neural_collapse)(np.zeros((4, 2)), np.zeros(4, int), 2)
+
+  @pytest.mark.parametrize("problem", ["label_out_of_range", "empty_class", "nan_feature"])
+  def test_value_problems_poison_every_metric_and_are_named(self, problem):
+    features, labels, weights, bias = gaussian_classes(100, 6, 4, seed=14)
+    if problem == "label_out_of_range":
+      labels[5], key, message = 7, "num_invalid_labels", "labels lie outside"
+    elif problem == "empty_class":
+      labels[labels == 3], key, message = 2, "num_empty_classes", "classes with no samples: \\[3\\]"
+    else:
+      features[9, 2], key, message = np.nan, "num_nonfinite_rows", "contain NaN or inf"
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 4, weights, bias)
+    assert int(got[key]) >= 1
+    for name, value in got.items():
+      if name not in metrics.DIAGNOSTIC_KEYS and name != "num_samples":
+        assert np.isnan(float(value)), name
+    with pytest.raises(ValueError, match=key[4:].replace("_", " ")):
+      metrics.raise_if_invalid(got)
+    with pytest.raises(ValueError, match=message):
+      metrics.validate_inputs(features, labels, 4)
+
+  def test_valid_inputs_pass_validation(self):
+    features, labels, weights, bias = gaussian_classes(100, 6, 4)
+    metrics.validate_inputs(features, labels, 4)
+    metrics.raise_if_invalid(neural_collapse(features, labels, 4, weights, bias))
+
+
+class TestMSEDecomposition:
+
+  @pytest.mark.parametrize("balanced", [True, False], ids=["balanced", "unbalanced"])
+  def test_terms_add_up_to_the_regularised_loss_in_float64(self, balanced):
+    rng = np.random.default_rng(15)
+    num_classes, feature_dim = 5, 12
+    labels = np.repeat(np.arange(num_classes), 40) if balanced else rng.integers(0, num_classes, 200)
+    means = rng.normal(size=(num_classes, feature_dim)) * 2
+    features = means[labels] + rng.normal(size=(len(labels), feature_dim)) + 3.0
+    weights = rng.normal(size=(num_classes, feature_dim)) * 0.3
+    bias = rng.normal(size=num_classes) * 0.1
+    with enable_x64():
+      got = jax.jit(metrics.mse_decomposition, static_argnums=2)(
+          features, labels, num_classes, weights, bias, 5e-4)
+      got = {k: float(v) for k, v in got.items()}
+    want = reference.reference_mse_terms(features, labels, num_classes, weights, bias, 5e-4)
+    assert got["mse_loss"] == pytest.approx(want, rel=1e-12)
+    assert got["lnc1"] + got["lnc23"] + got["lperp"] == pytest.approx(want, rel=1e-10)
+    assert min(got["lnc1"], got["lnc23"], got["lperp"]) > 0
+
+  def test_least_squares_classifier_has_zero_lperp_and_float32_sum(self):
+    rng = np.random.default_rng(16)
+    labels = np.repeat(np.arange(4), 50)
+    features = (rng.normal(size=(4, 6))[labels] + 0.5 * rng.normal(size=(200, 6))).astype(np.float32)
+    targets = np.eye(4)[labels]
+    design = np.concatenate([features, np.ones((200, 1))], axis=1).astype(np.float64)
+    rho = 0.5 * 1e-2
+    solution = np.linalg.solve(design.T @ design / 200 + rho * np.eye(7), design.T @ targets / 200).T
+    got = metrics.mse_decomposition(features, labels, 4, solution[:, :6].astype(np.float32),
+                                    solution[:, 6].astype(np.float32), 1e-2)
+    assert abs(float(got["lperp"])) < 1e-6
+    total = float(got["lnc1"] + got["lnc23"] + got["lperp"])
+    assert total == pytest.approx(float(got["mse_loss"]), rel=1e-4)
