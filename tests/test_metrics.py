@@ -1,6 +1,7 @@
 """nc_jax.metrics against an independent float64 reference and the geometry the paper predicts."""
 
 import contextlib
+import functools
 
 import chex
 import jax
@@ -174,13 +175,14 @@ class TestNumericalTraps:
 
 class TestShardingAndStreaming:
 
-  def test_eight_devices_give_the_one_device_values(self):
+  @pytest.mark.parametrize("chunk_rows", [None, 100], ids=["one-chunk", "8-chunks"])
+  def test_eight_devices_give_the_one_device_values(self, chunk_rows):
     assert jax.device_count() == 8, "tests/conftest.py should create 8 CPU devices"
     features, labels, weights, bias = gaussian_classes(800, 32, 10, seed=8)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     sharded = NamedSharding(mesh, PartitionSpec("data"))
-    suite = jax.jit(neural_collapse, static_argnums=2)
-    one = suite(features, labels, 10, weights, bias)
+    suite = jax.jit(functools.partial(neural_collapse, chunk_rows=chunk_rows), static_argnums=2)
+    one = jax.jit(neural_collapse, static_argnums=2)(features, labels, 10, weights, bias, chunk_rows=None)
     many = suite(jax.device_put(features, sharded), jax.device_put(labels, sharded), 10, weights, bias)
     assert many["nc1"].sharding.is_fully_replicated
     for key in one:
@@ -202,7 +204,10 @@ class TestShardingAndStreaming:
       return metrics.finalize_collapse(state, geometry)
 
     streamed = two_passes(batches)
-    whole = neural_collapse(features, labels, 8, weights, bias)
+    whole = neural_collapse(features, labels, 8, weights, bias, chunk_rows=None)
+    chunked = neural_collapse(features, labels, 8, weights, bias, chunk_rows=128)
+    for key in whole:
+      np.testing.assert_allclose(float(chunked[key]), float(whole[key]), rtol=2e-5, atol=1e-7, err_msg=key)
     for key in whole:
       np.testing.assert_allclose(float(streamed[key]), float(whole[key]), rtol=2e-5, atol=1e-7, err_msg=key)
 

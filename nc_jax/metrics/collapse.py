@@ -17,7 +17,8 @@ holds a NaN or inf, *every* float metric is NaN and the integer counts
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+import functools
+from typing import Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -222,6 +223,39 @@ def finalize_transfer(
 # ----------------------------------------------------------------------------
 
 
+def _num_chunks(num_samples: int, chunk_rows) -> int:
+  """Smallest divisor d of N with N/d <= chunk_rows (1 when chunking is off or impossible)."""
+  if chunk_rows == "auto":
+    chunk_rows = 4096 if jax.default_backend() == "cpu" else None
+  if chunk_rows is None or num_samples <= chunk_rows:
+    return 1
+  return next((d for d in range(2, num_samples + 1) if num_samples % d == 0 and num_samples // d <= chunk_rows), 1)
+
+
+def deviations_pass(geometry, features, labels, mask=None, *, chunk_rows="auto", ncc_use_bias=True):
+  """Pass 2 over in-memory features, in row chunks so the (rows, p) deviations stay in cache.
+
+  Chunk c holds rows {j * d + c}: strided, so that every chunk is spread evenly over
+  the devices of a mesh that shards N, and no chunk needs communication. On CPU,
+  materialising all N x p deviations at once costs twice as much (fresh pages).
+  """
+  num_chunks = _num_chunks(features.shape[0], chunk_rows)
+  update = functools.partial(streaming.update_deviations, geometry=geometry, ncc_use_bias=ncc_use_bias)
+  start = streaming.init_deviations(geometry)
+  if num_chunks == 1:
+    return update(start, features=features, labels=labels, mask=mask)
+  rows = features.shape[0] // num_chunks
+  features = jnp.asarray(features).reshape(rows, num_chunks, features.shape[1])
+  labels = jnp.asarray(labels).reshape(rows, num_chunks)
+  mask = None if mask is None else jnp.asarray(mask).reshape(rows, num_chunks)
+
+  def body(chunk, state):
+    return update(state, features=features[:, chunk], labels=labels[:, chunk],
+                  mask=None if mask is None else mask[:, chunk])
+
+  return jax.lax.fori_loop(0, num_chunks, body, start)
+
+
 def class_geometry(
     features: jax.Array,
     labels: jax.Array,
@@ -260,6 +294,7 @@ def neural_collapse(
     std_ddof: int = 1,
     self_duality_squared: bool = True,
     ncc_use_bias: bool = True,
+    chunk_rows: Union[int, None, str] = "auto",
 ) -> dict:
   """All Neural Collapse metrics of penultimate-layer features; pure and jittable.
 
@@ -282,6 +317,9 @@ def neural_collapse(
     std_ddof: 1 = unbiased std in equinorm/equiangularity (notebook), 0 = population.
     self_duality_squared: NC3 as the squared Frobenius distance (paper) or its root.
     ncc_use_bias: NC4 compares the NCC rule with argmax(W h + b) (paper) or argmax(W h).
+    chunk_rows: pass 2 runs over row chunks of at most this many rows (None: one
+      chunk; 'auto': 4096 on CPU, one chunk on accelerators). Only speed and
+      summation order depend on it.
 
   Returns:
     dict of scalar arrays:
@@ -303,16 +341,15 @@ def neural_collapse(
   """
   geometry = class_geometry(features, labels, num_classes, weights, bias, mask=mask,
                             global_mean=global_mean, solver=solver, rcond=rcond)
-  state = streaming.update_deviations(
-      streaming.init_deviations(geometry), geometry, features, labels, mask, ncc_use_bias=ncc_use_bias)
+  state = deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias)
   metrics = finalize_collapse(
       state, geometry, global_mean=global_mean, divide_nc1_by_classes=divide_nc1_by_classes,
       std_ddof=std_ddof, self_duality_squared=self_duality_squared)
   if (test_features is None) != (test_labels is None):
     raise ValueError("test_features and test_labels must be given together")
   if test_features is not None:
-    metrics |= test_collapse(test_features, test_labels, geometry,
-                             divide_nc1_by_classes=divide_nc1_by_classes, ncc_use_bias=ncc_use_bias)
+    metrics |= test_collapse(test_features, test_labels, geometry, divide_nc1_by_classes=divide_nc1_by_classes,
+                             ncc_use_bias=ncc_use_bias, chunk_rows=chunk_rows)
   return metrics
 
 
@@ -324,6 +361,7 @@ def test_collapse(
     mask: Optional[jax.Array] = None,
     divide_nc1_by_classes: bool = True,
     ncc_use_bias: bool = True,
+    chunk_rows: Union[int, None, str] = "auto",
 ) -> dict:
   """Held-out features (N', p) against training ``geometry`` (from ``class_geometry``).
 
@@ -333,8 +371,7 @@ def test_collapse(
   check_shapes(features, labels, geometry.means.shape[0], mask=mask)
   if features.shape[1] != geometry.means.shape[1]:
     raise ValueError(f"test features have {features.shape[1]} columns, training means {geometry.means.shape[1]}")
-  state = streaming.update_deviations(
-      streaming.init_deviations(geometry), geometry, features, labels, mask, ncc_use_bias=ncc_use_bias)
+  state = deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias)
   return finalize_transfer(state, geometry, divide_nc1_by_classes=divide_nc1_by_classes)
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax.metrics import collapse
-from nc_jax.metrics.streaming import class_indicator, float_dtype, matmul_highest
+from nc_jax.metrics.streaming import class_sums, float_dtype, matmul_highest, segment_ids
 
 
 def mse_decomposition(
@@ -56,18 +56,16 @@ def mse_decomposition(
   features, weights, bias = (x.astype(dtype) for x in (features, weights, bias))
   rho = 0.5 * weight_decay
   feature_dim = features.shape[1]
-  valid = (labels >= 0) & (labels < num_classes)
-  if mask is not None:
-    valid = valid & mask
-  indicator = class_indicator(labels, num_classes, valid, dtype)
-  counts = jnp.sum(indicator, axis=0)
-  num_samples = jnp.sum(counts)
+  ids = segment_ids(labels, num_classes, mask)
+  valid = ids < num_classes
   safe_labels = jnp.where(valid, labels, 0)
+  counts = class_sums(jnp.ones(labels.shape, dtype), ids, num_classes)
+  num_samples = jnp.sum(counts)
 
   # Two-pass class means with the corrected second pass (see streaming.py).
-  means = matmul_highest(indicator.T, features) / counts[:, None]
-  deviations = jnp.where(valid[:, None], features - means[safe_labels], 0.0)
-  means = means + matmul_highest(indicator.T, deviations) / counts[:, None]
+  means = class_sums(features, ids, num_classes) / counts[:, None]
+  deviations = features - means[safe_labels]
+  means = means + class_sums(deviations, ids, num_classes) / counts[:, None]
   deviations = jnp.where(valid[:, None], features - means[safe_labels], 0.0)
   sigma_w = matmul_highest(deviations.T, deviations) / num_samples
 

@@ -52,12 +52,19 @@ def float_dtype(features: jax.Array):
   return jax.dtypes.canonicalize_dtype(jnp.promote_types(features.dtype, jnp.float32))
 
 
-def class_indicator(labels: jax.Array, num_classes: int, mask: Optional[jax.Array], dtype) -> jax.Array:
-  """One-hot (N, C) rows for valid samples; zero rows for masked or out-of-range labels."""
-  indicator = jax.nn.one_hot(labels, num_classes, dtype=dtype)
+def segment_ids(labels: jax.Array, num_classes: int, mask: Optional[jax.Array] = None) -> jax.Array:
+  """Labels (N,) with masked and out-of-range entries set to C, which ``class_sums`` drops."""
+  valid = (labels >= 0) & (labels < num_classes)
   if mask is not None:
-    indicator = indicator * mask[:, None].astype(dtype)
-  return indicator
+    valid = valid & mask.astype(bool)
+  return jnp.where(valid, labels, num_classes)
+
+
+def class_sums(values: jax.Array, ids: jax.Array, num_classes: int) -> jax.Array:
+  """sum_{i: ids_i = c} values_i for c < C, (C, ...); rows with id C are dropped, not multiplied
+  by zero, so NaN in padding rows cannot leak. A scatter-add is O(N p), against O(N p C) for a
+  one-hot matmul (3x faster on CPU already at C = 10)."""
+  return jax.ops.segment_sum(values, ids, num_segments=num_classes)
 
 
 # ----------------------------------------------------------------------------
@@ -96,13 +103,11 @@ def update_class_means(
 ) -> ClassMeansState:
   """Folds a batch (features (B, p), labels (B,), optional mask (B,) bool) into the means."""
   num_classes = state.counts.shape[0]
-  dtype = state.means.dtype
-  indicator = class_indicator(labels, num_classes, mask, dtype)
-  if mask is not None:  # padding rows may hold anything, NaN included; 0 * NaN would leak
-    features = jnp.where(mask[:, None], features, 0)
-  batch_counts = jnp.sum(indicator, axis=0)
-  batch_means = matmul_highest(indicator.T, features.astype(dtype)) / jnp.maximum(batch_counts, 1.0)[:, None]
-  batch = ClassMeansState(counts=batch_counts.astype(jnp.int32), means=batch_means)
+  ids = segment_ids(labels, num_classes, mask)
+  batch_counts = class_sums(jnp.ones(labels.shape, jnp.int32), ids, num_classes)
+  batch_sums = class_sums(features.astype(state.means.dtype), ids, num_classes)
+  batch_means = batch_sums / jnp.maximum(batch_counts, 1)[:, None].astype(batch_sums.dtype)
+  batch = ClassMeansState(counts=batch_counts, means=batch_means)
   return merge_class_means(state, batch)
 
 
@@ -162,8 +167,10 @@ def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional
   if rcond is None:
     rcond = max(num_classes, feature_dim) * float(eps)
   if solver == "svd":
-    basis, singular_values, _ = jnp.linalg.svd(centred_means, full_matrices=False)
-    singular_sq = singular_values**2
+    # Factorising M^T (p, C) keeps M row-major: LAPACK's column-major operand layout would
+    # otherwise propagate back into the class-sum scatter and slow it 4x on CPU.
+    _, singular_values, basis_t = jnp.linalg.svd(centred_means.T, full_matrices=False)
+    basis, singular_sq = basis_t.T, singular_values**2
   elif solver == "gram":
     eigenvalues, eigenvectors = jnp.linalg.eigh(matmul_highest(centred_means, centred_means.T))
     singular_sq, basis = jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1]
@@ -221,7 +228,8 @@ class DeviationState:
     ncc_correct: () int32, #{argmin_c ||h - mu_c|| == y}.
     mismatch: () int32, #{network decision != NCC decision} (0 without W).
     invalid_labels: () int32, unmasked labels outside [0, C).
-    nonfinite_rows: () int32, unmasked rows with a NaN or inf feature.
+    nonfinite_rows: () int32, unmasked rows with a NaN or inf feature (or whose
+      squared deviation overflows float32).
   """
 
   counts: jax.Array
@@ -276,15 +284,14 @@ def update_deviations(
   """
   num_classes = geometry.means.shape[0]
   dtype = geometry.means.dtype
-  features = features.astype(dtype)
   in_range = (labels >= 0) & (labels < num_classes)
   active = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
   valid = active & in_range
-  finite = jnp.all(jnp.isfinite(features), axis=-1)
-  indicator = class_indicator(labels, num_classes, valid, dtype)
+  ids = segment_ids(labels, num_classes, mask)
   safe_labels = jnp.where(in_range, labels, 0)
 
-  deviations = features - geometry.means[safe_labels]
+  deviations = features.astype(dtype) - geometry.means[safe_labels]
+  deviation_sq = jnp.sum(deviations**2, axis=-1)  # NaN/inf here iff the row has one (or overflows)
   centred = geometry.centred_means
   has_weights = geometry.weights is not None
   right = jnp.concatenate([centred, geometry.weights.astype(dtype)], 0) if has_weights else centred
@@ -311,17 +318,16 @@ def update_deviations(
     network_correct = count_where(network_decision == labels)
     mismatch = count_where(network_decision != ncc_decision)
 
-  per_row = jnp.stack([jnp.sum(deviations**2, axis=-1), projected_sq], axis=-1)
-  per_class = matmul_highest(indicator.T, jnp.where(valid[:, None], per_row, 0.0))
+  per_class = class_sums(jnp.stack([deviation_sq, projected_sq], axis=-1), ids, num_classes)
   batch = DeviationState(
-      counts=jnp.sum(indicator, axis=0).astype(jnp.int32),
-      deviation_sums=matmul_highest(indicator.T, jnp.where(valid[:, None], deviations, 0.0)),
+      counts=class_sums(jnp.ones(labels.shape, jnp.int32), ids, num_classes),
+      deviation_sums=class_sums(deviations, ids, num_classes),
       deviation_sq=per_class[:, 0],
       projected_sq=per_class[:, 1],
       network_correct=network_correct,
       ncc_correct=count_where(ncc_decision == labels),
       mismatch=mismatch,
       invalid_labels=jnp.sum(active & ~in_range, dtype=jnp.int32),
-      nonfinite_rows=jnp.sum(active & ~finite, dtype=jnp.int32),
+      nonfinite_rows=jnp.sum(active & ~jnp.isfinite(deviation_sq), dtype=jnp.int32),
   )
   return merge_deviations(state, batch)
