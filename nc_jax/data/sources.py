@@ -1,0 +1,97 @@
+"""Raw (unprocessed) splits from each source: tfds, IDX folders, MNIST-1D, synthetic.
+
+Each loader returns ``RawSplits``: train/test inputs as stored (uint8 images
+(N, H, W, C), or float vectors (N, d)), int32 labels and the class count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Optional
+
+import numpy as np
+
+from nc_jax.data import idx
+
+TFDS_DATASETS = {  # name -> (num_classes, test split)
+    "mnist": (10, "test"),
+    "fashion_mnist": (10, "test"),
+    "cifar10": (10, "test"),
+    "cifar100": (100, "test"),
+    "svhn_cropped": (10, "test"),
+    "stl10": (10, "test"),
+    "imagenet2012": (1000, "validation"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RawSplits:
+  train_inputs: np.ndarray
+  train_labels: np.ndarray
+  test_inputs: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+
+
+def from_tfds(name: str, data_dir: Optional[str] = None) -> RawSplits:
+  """Through ``tfds.data_source`` (ArrayRecord files, no TensorFlow); nothing is downloaded."""
+  import tensorflow_datasets as tfds  # heavy: only imported when used
+
+  if name == "imagenet2012":
+    raise ValueError("imagenet2012 does not fit in host memory as arrays; streaming ImageNet is not supported yet")
+  num_classes, test_split = TFDS_DATASETS[name]
+  try:
+    sources = tfds.data_source(name, split=["train", test_split], data_dir=data_dir, download=False)
+  except Exception as error:  # tfds raises several types for a missing dataset
+    where = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
+    raise FileNotFoundError(
+        f"tfds dataset {name!r} is not prepared in {where} ({type(error).__name__}: {error}). On a machine with "
+        f"internet and tensorflow: `tfds build {name} --file_format=array_record --data_dir DIR`, then copy DIR "
+        "here and pass data_dir=DIR") from None
+
+  def arrays(source):
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(r["image"]) for r in records])
+    labels = np.asarray([r["label"] for r in records], np.int32)
+    return images, labels
+
+  (train_inputs, train_labels), (test_inputs, test_labels) = (arrays(s) for s in sources)
+  return RawSplits(train_inputs, train_labels, test_inputs, test_labels, num_classes)
+
+
+def from_idx(data_dir: Optional[str] = None) -> RawSplits:
+  """MNIST-format IDX files (default: Debian's dataset-fashion-mnist folder); images get a channel axis."""
+  directory = pathlib.Path(data_dir) if data_dir else idx.DEBIAN_FASHION_MNIST
+  train_images, train_labels = idx.load_split(directory, "train")
+  test_images, test_labels = idx.load_split(directory, "test")
+  num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+  return RawSplits(train_images[..., None], train_labels, test_images[..., None], test_labels, num_classes)
+
+
+def from_mnist1d(num_samples: int = 5000, seed: int = 42) -> RawSplits:
+  """MNIST-1D (Greydanus 2020) generated offline by ``mnist1d.data.make_dataset``: vectors (N, 40)."""
+  try:
+    from mnist1d.data import get_dataset_args, make_dataset
+  except ImportError:
+    raise ImportError("MNIST-1D needs the mnist1d package: pip install mnist1d") from None
+  args = get_dataset_args()
+  args.num_samples, args.seed = num_samples, seed
+  data = make_dataset(args)  # generates; never the download path
+  return RawSplits(data["x"].astype(np.float32), data["y"].astype(np.int32),
+                   data["x_test"].astype(np.float32), data["y_test"].astype(np.int32), 10)
+
+
+def synthetic(num_classes: int = 10, feature_dim: int = 32, train_per_class: int = 100, test_per_class: int = 50,
+              separation: float = 3.0, seed: int = 0) -> RawSplits:
+  """A Gaussian mixture: class means N(0, separation^2 / d) per coordinate, unit isotropic noise."""
+  rng = np.random.default_rng(seed)
+  means = rng.normal(size=(num_classes, feature_dim)) * separation / np.sqrt(feature_dim)
+
+  def sample(per_class):
+    labels = np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
+    noise = rng.normal(size=(labels.size, feature_dim)) / np.sqrt(feature_dim)
+    return (means[labels] + noise).astype(np.float32), labels
+
+  (train_inputs, train_labels), (test_inputs, test_labels) = sample(train_per_class), sample(test_per_class)
+  return RawSplits(train_inputs, train_labels, test_inputs, test_labels, num_classes)
