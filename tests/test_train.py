@@ -1,0 +1,209 @@
+"""nc_jax.training: schedule, optimiser, steps, evaluation, checkpoints, resume, devices, bad input."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import tensorflow_datasets as tfds
+
+from nc_jax import data, models
+from nc_jax.training import checkpoints, schedule, step as step_lib, train_and_evaluate
+from configs import default as default_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def smoke_config(**overrides):
+  config = default_config.get_config("smoke")
+  config.update(overrides)
+  return config
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_cli(workdir, *overrides, check=True, env_extra=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
+             "--workdir", str(workdir), *overrides]
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=check, timeout=600)
+
+
+class TestSchedule:
+
+  def test_notebook_measurement_epochs_and_rescaling(self):
+    assert schedule.measurement_epochs(350) == schedule.NOTEBOOK_MEASURE_EPOCHS
+    rescaled = schedule.measurement_epochs(35)
+    assert rescaled[0] == 1 and rescaled[-1] == 35 and list(rescaled) == sorted(set(rescaled))
+    assert schedule.measurement_epochs(10, (2, 5, 5)) == (2, 5)
+    with pytest.raises(ValueError, match="must lie in"):
+      schedule.measurement_epochs(10, (0, 11))
+
+  def test_learning_rate_steps_down_after_epochs_116_and_233(self):
+    assert schedule.decay_epochs(350) == (116, 233)
+    lr = schedule.learning_rate(0.1, 10, schedule.decay_epochs(350), 0.1)
+    last_of_116, first_of_117 = 116 * 10 - 1, 116 * 10
+    assert float(lr(last_of_116)) == pytest.approx(0.1)
+    assert float(lr(first_of_117)) == pytest.approx(0.01)
+    assert float(lr(233 * 10 - 1)) == pytest.approx(0.01)
+    assert float(lr(233 * 10)) == pytest.approx(0.001)
+
+  def test_sgd_is_torch_sgd_with_coupled_weight_decay(self):
+    lr, momentum, decay = 0.1, 0.9, 5e-4
+    tx = schedule.sgd(optax.constant_schedule(lr), momentum, decay)
+    weights, buffer = np.array([1.0, -2.0]), np.zeros(2)
+    params = jnp.asarray(weights, jnp.float32)
+    state = tx.init(params)
+    for grad in (np.array([0.5, 0.1]), np.array([-0.2, 0.3]), np.array([0.0, 1.0])):
+      buffer = momentum * buffer + (grad + decay * weights)  # torch.optim.SGD, dampening 0
+      weights = weights - lr * buffer
+      updates, state = tx.update(jnp.asarray(grad, jnp.float32), state, params)
+      params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(params, weights, rtol=1e-6)
+
+  def test_losses(self):
+    logits, labels = jnp.array([[2.0, 0.0, -1.0]]), jnp.array([0])
+    mse = step_lib.loss_function("mse")(logits, labels)
+    assert float(mse[0]) == pytest.approx(((2 - 1) ** 2 + 0 + 1) / 3)
+    with pytest.raises(ValueError, match="unknown loss"):
+      step_lib.loss_function("hinge")
+
+
+@pytest.mark.parametrize("name,options", [
+    ("mlp", {"width": 16, "depth": 2}), ("cnn", {"channels": (4, 4, 8), "width": 8}),
+    ("vgg11", {"classifier_width": 8}), ("resnet18", {"width": 4}),
+    ("densenet40", {"growth_rate": 4, "block_sizes": (1, 1, 1)}),
+])
+def test_one_real_step_for_every_family_under_mock_data(name, options):
+  with tfds.testing.mock_data(num_examples=16):
+    dataset = data.load("cifar10", per_class=None)
+  model = models.create(name, dataset.num_classes, **options)
+  tx = schedule.sgd(optax.constant_schedule(0.05), 0.9, 5e-4)
+  state = step_lib.create_state(model, tx, dataset.input_shape, seed=0)
+  step = jax.jit(lambda s, b: step_lib.train_step(s, b, model=model, tx=tx,
+                                                  loss_fn=step_lib.loss_function("cross_entropy")))
+  new_state, metrics = step(state, (dataset.train_inputs[:8], dataset.train_labels[:8]))
+  assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+  moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, new_state.params)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+class TestTrainAndEvaluate:
+
+  def test_smoke_run_writes_outputs_and_nc1_decreases(self, tmp_path):
+    config = smoke_config(num_epochs=12, measure_epochs=(1, 6, 12), lr_decay_epochs=(8,))
+    last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+    records = read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 6, 12]
+    assert records[-1]["nc1"] < records[0]["nc1"]
+    for key in ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "nc1", "nc1_test",
+                "ncc_accuracy_test", "self_duality", "ncc_mismatch", "wall_time", "images_per_sec"):
+      assert key in records[-1], key
+    assert json.loads((tmp_path / "config.json").read_text())["num_epochs"] == 12
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 6, 12]
+    assert last["epoch"] == 12
+
+  def test_tpt_start_is_the_first_epoch_reaching_the_threshold(self, tmp_path):
+    config = smoke_config(num_epochs=6, measure_epochs=tuple(range(1, 7)), tpt_threshold=0.45)
+    train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+    records = read_metrics(tmp_path)
+    expected = next(r["epoch"] for r in records if r["epoch_acc"] >= 0.45)
+    assert records[-1]["tpt_start_epoch"] == expected
+    assert json.loads((tmp_path / "tpt.json").read_text())["tpt_start_epoch"] == expected
+
+  def test_eight_devices_give_the_one_device_run(self, tmp_path):
+    assert jax.device_count() == 8
+    results = {}
+    for devices in (1, 8):
+      config = smoke_config(num_epochs=3, measure_epochs=(3,), num_devices=devices)
+      results[devices] = train_and_evaluate(config, str(tmp_path / str(devices)), log=lambda *a, **k: None)
+    for key in ("epoch_loss", "train_loss", "test_acc", "nc1", "equinorm_means", "self_duality", "ncc_mismatch"):
+      np.testing.assert_allclose(results[8][key], results[1][key], rtol=2e-4, atol=1e-6, err_msg=key)
+
+  def test_nan_loss_stops_with_the_epoch_and_keeps_the_last_good_checkpoint(self, tmp_path):
+    config = smoke_config(num_epochs=6, measure_epochs=(1, 2, 3, 4, 5, 6), lr=0.05, lr_decay_epochs=(1,),
+                          lr_decay_factor=1e6)
+    with pytest.raises(FloatingPointError, match=r"at epoch \d+.*last good checkpoint") as error:
+      train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+    failed_epoch = int(str(error.value).split("at epoch ")[1].split(";")[0])
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert failed_epoch > 1 and kept and max(kept) == failed_epoch - 1
+
+  def test_different_config_in_workdir_is_refused_unless_overwrite(self, tmp_path):
+    train_and_evaluate(smoke_config(num_epochs=1, measure_epochs=(1,)), str(tmp_path), log=lambda *a, **k: None)
+    changed = smoke_config(num_epochs=1, measure_epochs=(1,), lr=0.01)
+    with pytest.raises(ValueError, match="different config.*lr: 0.0679 -> 0.01"):
+      train_and_evaluate(changed, str(tmp_path), log=lambda *a, **k: None)
+    train_and_evaluate(changed, str(tmp_path), overwrite=True, log=lambda *a, **k: None)
+    assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
+
+  def test_corrupt_latest_checkpoint_falls_back_to_the_previous(self, tmp_path, capsys):
+    config = smoke_config(num_epochs=3, measure_epochs=(1, 2, 3))
+    train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+    latest = tmp_path / "checkpoints" / "3" / "state"
+    for path in latest.rglob("*"):
+      if path.is_file() and path.stat().st_size > 0:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    model = models.create("mlp", 10, **dict(config.model_options))
+    tx = schedule.sgd(optax.constant_schedule(0.1), 0.9, 5e-4)
+    abstract = jax.eval_shape(lambda: step_lib.create_state(model, tx, (40,), 0))
+    manager = checkpoints.Checkpoints(tmp_path / "checkpoints")
+    epoch, state, _ = manager.restore_latest(abstract)
+    manager.close()
+    assert epoch == 2 and int(state.step) > 0
+    assert "epoch 3 is corrupt" in capsys.readouterr().out
+
+  def test_unknown_dataset_is_a_clear_cli_error(self, tmp_path):
+    result = run_cli(tmp_path, "--config.dataset=cifar11", check=False)
+    assert result.returncode == 1 and "unknown dataset 'cifar11'" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+  overrides = ["--config.num_epochs=24", "--config.measure_epochs=" + ",".join(map(str, range(1, 25))),
+               "--config.model_options.width=256"]
+  run_cli(tmp_path / "straight", *overrides)
+
+  interrupted = tmp_path / "interrupted"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
+             "--workdir", str(interrupted), *overrides]
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (interrupted / "checkpoints" / "8").exists() and time.time() < deadline and process.poll() is None:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_after = max(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+  assert killed_after < 24, "the run finished before it could be killed; make it longer"
+  run_cli(interrupted, *overrides)
+
+  straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(interrupted)
+  assert [r["epoch"] for r in resumed] == list(range(1, 25))
+  drop = ("wall_time", "images_per_sec")
+  for a, b in zip(straight, resumed):
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+  model = models.create("mlp", 10, width=256, depth=3)
+  tx = schedule.sgd(optax.constant_schedule(0.1), 0.9, 5e-4)
+  abstract = jax.eval_shape(lambda: step_lib.create_state(model, tx, (40,), 0))
+  finals = []
+  for run in (tmp_path / "straight", interrupted):
+    manager = checkpoints.Checkpoints(run / "checkpoints")
+    epoch, state, _ = manager.restore_latest(abstract)
+    manager.close()
+    assert epoch == 24
+    finals.append(state)
+  for a, b in zip(jax.tree_util.tree_leaves(finals[0]), jax.tree_util.tree_leaves(finals[1])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
