@@ -207,3 +207,31 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     finals.append(state)
   for a, b in zip(jax.tree_util.tree_leaves(finals[0]), jax.tree_util.tree_leaves(finals[1])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
+  """Multi-host on one machine: gloo CPU collectives over 127.0.0.1."""
+  run_cli(tmp_path / "single", env_extra={"JAX_NUM_CPU_DEVICES": "8"})
+  address = f"127.0.0.1:{_free_port()}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
+  env.pop("XLA_FLAGS", None)
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
+       "--workdir", str(tmp_path / "multi"), "--coordinator_address", address, "--num_processes", "2",
+       "--process_id", str(rank)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for rank in (0, 1)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert "epoch    6" in outputs[0] and "epoch" not in outputs[1].replace("Expected", "")  # only process 0 logs
+  single, multi = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "multi")
+  assert [r["epoch"] for r in multi] == [r["epoch"] for r in single]
+  for key in ("epoch_loss", "train_loss", "test_acc", "nc1", "equinorm_means", "self_duality", "ncc_mismatch"):
+    np.testing.assert_allclose(multi[-1][key], single[-1][key], rtol=2e-4, atol=1e-6, err_msg=key)

@@ -57,7 +57,9 @@ def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, o
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    temporary = config_path.with_suffix(".json.tmp")  # atomic: other processes may be reading it
+    temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+    temporary.replace(config_path)
 
 
 def _load_dataset(config) -> data.Dataset:
