@@ -53,7 +53,7 @@ def test_small_image_variants_give_logits_and_features(name):
     ("mlp", {"width": 16, "depth": 2}, (4, 40)),
     ("cnn", {"channels": (4, 8, 8), "width": 8}, (4, 28, 28, 1)),
     ("resnet18", {"width": 4}, (4, 32, 32, 3)),
-    ("vgg11", {"classifier_width": 16}, (4, 32, 32, 3)),
+    ("vgg11", {"classifier_width": 16, "width_multiplier": 1 / 8}, (4, 32, 32, 3)),
     ("densenet40", {"growth_rate": 4, "block_sizes": (2, 2, 2)}, (4, 32, 32, 3)),
 ])
 def test_real_forward_pass_and_batch_stats_update(name, options, shape):

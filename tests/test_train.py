@@ -82,7 +82,7 @@ class TestSchedule:
 
 @pytest.mark.parametrize("name,options", [
     ("mlp", {"width": 16, "depth": 2}), ("cnn", {"channels": (4, 4, 8), "width": 8}),
-    ("vgg11", {"classifier_width": 8}), ("resnet18", {"width": 4}),
+    ("vgg11", {"classifier_width": 8, "width_multiplier": 1 / 16}), ("resnet18", {"width": 4}),
     ("densenet40", {"growth_rate": 4, "block_sizes": (1, 1, 1)}),
 ])
 def test_one_real_step_for_every_family_under_mock_data(name, options):
@@ -235,3 +235,31 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   assert [r["epoch"] for r in multi] == [r["epoch"] for r in single]
   for key in ("epoch_loss", "train_loss", "test_acc", "nc1", "equinorm_means", "self_duality", "ncc_mismatch"):
     np.testing.assert_allclose(multi[-1][key], single[-1][key], rtol=2e-4, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_143_and_the_rerun_finishes(tmp_path):
+  overrides = ["--config.num_epochs=40", "--config.measure_epochs=40", "--config.model_options.width=256"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
+             "--workdir", str(tmp_path), *overrides]
+  process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in process.stdout:  # wait until training is under way
+    if line.startswith("epoch    3"):
+      break
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == 143, output
+  stopped = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(stopped) == 1 and 3 <= stopped[0] < 40, "SIGTERM should checkpoint the epoch it stopped after"
+  result = run_cli(tmp_path, *overrides)
+  assert f"resumed from the checkpoint of epoch {stopped[0]}" in result.stdout
+  assert read_metrics(tmp_path)[-1]["epoch"] == 40
+
+
+def test_per_layer_nc_is_logged(tmp_path):
+  config = smoke_config(num_epochs=1, measure_epochs=(1,), per_layer_nc=True)
+  last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+  for layer in ("layer0", "layer1", "layer2"):
+    assert np.isfinite(last[f"layer/{layer}/nc1"]) and 0 <= last[f"layer/{layer}/ncc_accuracy"] <= 1

@@ -42,6 +42,7 @@ class VGG(nn.Module):
   config: Sequence[Union[int, str]] = CONFIGS[11]
   stem: str = "small"
   classifier_width: Optional[int] = None  # None: 4096 (imagenet) or 512 (small)
+  width_multiplier: float = 1.0  # scales every conv's channels (< 1 for fast CPU tests)
   fixed_etf: bool = False
   dtype: Any = jnp.float32
 
@@ -55,7 +56,7 @@ class VGG(nn.Module):
         self.sow("intermediates", f"stage{stage}", x)
         stage += 1
         continue
-      x = nn.Conv(item, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, kernel_init=kaiming_fan_out)(x)
+      x = nn.Conv(max(1, int(item * self.width_multiplier)), (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, kernel_init=kaiming_fan_out)(x)
       x = nn.relu(nn.BatchNorm(use_running_average=not train, dtype=self.dtype, **BATCH_NORM)(x))
     if self.stem == "imagenet":
       x = adaptive_average_pool(x, 7).reshape((x.shape[0], -1))

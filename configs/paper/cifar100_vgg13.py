@@ -1,0 +1,10 @@
+"""CIFAR-100 / vgg13: one cell of the paper's grid (lr: not known, run the sweep (default: the notebook's 0.0679)).
+
+    python -m nc_jax.train --config configs/paper/cifar100_vgg13.py --workdir DIR
+"""
+
+from nc_jax.training.protocol import paper_config
+
+
+def get_config(variant: str = ""):
+  return paper_config("cifar100", "vgg13", variant)

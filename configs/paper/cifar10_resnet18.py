@@ -1,0 +1,10 @@
+"""CIFAR-10 / resnet18: one cell of the paper's grid (lr: the sweep's known pick).
+
+    python -m nc_jax.train --config configs/paper/cifar10_resnet18.py --workdir DIR
+"""
+
+from nc_jax.training.protocol import paper_config
+
+
+def get_config(variant: str = ""):
+  return paper_config("cifar10", "resnet18", variant)

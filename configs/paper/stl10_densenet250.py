@@ -1,0 +1,10 @@
+"""STL-10 / densenet250: one cell of the paper's grid (lr: not known, run the sweep (default: the notebook's 0.0679)).
+
+    python -m nc_jax.train --config configs/paper/stl10_densenet250.py --workdir DIR
+"""
+
+from nc_jax.training.protocol import paper_config
+
+
+def get_config(variant: str = ""):
+  return paper_config("stl10", "densenet250", variant)

@@ -1,0 +1,51 @@
+"""configs/: the default job and the paper's 21 cells load, share one schema, and their smoke variants run."""
+
+import importlib.util
+import pathlib
+
+import pytest
+import tensorflow_datasets as tfds
+
+from nc_jax.training import protocol, train_and_evaluate
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(path, variant=""):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+PAPER_FILES = sorted((CONFIGS / "paper").glob("*.py"))
+
+
+def test_one_config_per_cell_of_the_grid():
+  assert len(protocol.cells()) == 21
+  assert sorted(p.stem for p in PAPER_FILES) == sorted(f"{d}_{n}" for d, n in protocol.cells())
+
+
+@pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
+def test_paper_configs_share_the_default_schema(path):
+  default = load_config(CONFIGS / "default.py")
+  for variant in ("", "smoke"):
+    config = load_config(path, variant)
+    assert set(config.keys()) == set(default.keys())
+  full = load_config(path)
+  assert full.num_epochs in (300, 350) and full.batch_size == 128 and full.momentum == 0.9
+  assert full.weight_decay == (1e-4 if "imagenet" in path.stem else 5e-4)
+
+
+@pytest.mark.parametrize("cell", ["cifar10_vgg13", "cifar10_resnet18", "cifar10_densenet40", "mnist_resnet18"])
+def test_smoke_variants_train_under_mock_data(cell, tmp_path):
+  config = load_config(CONFIGS / "paper" / f"{cell}.py", "smoke")
+  with tfds.testing.mock_data(num_examples=200):
+    last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+  assert last["epoch"] == 2 and last["num_samples"] == 200
+
+
+def test_imagenet_smoke_says_streaming_is_not_supported(tmp_path):
+  config = load_config(CONFIGS / "paper" / "imagenet2012_resnet152.py", "smoke")
+  with pytest.raises(ValueError, match="not supported"):
+    train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
