@@ -38,13 +38,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.tpt_threshold = 0.999  # TPT starts at the first epoch with training accuracy >= this
   config.eval_batch_size = 1024
   config.per_layer_nc = False
+  config.deepfool_samples = 100  # DeepFool robustness on this many fixed test inputs per measurement (0 = off)
   config.keep_checkpoints = 3
   config.num_devices = 0  # 0 = every device of every process; n = the first n (tests)
+  config.epoch_loop = "auto"  # "scan" (one lax.scan per epoch), "steps" (host loop; auto on CPU for conv nets)
 
   if variant == "smoke":
     config.num_epochs = 6
     config.model_options.width = 32
     config.measure_epochs = (1, 3, 6)
+    config.deepfool_samples = 8
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of configs/default.py; choose '' or 'smoke'")
   return config

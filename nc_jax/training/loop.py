@@ -98,6 +98,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   train_inputs, train_labels, test_inputs, test_labels = (
       device.put_replicated(x, mesh) for x in
       (dataset.train_inputs, dataset.train_labels, dataset.test_inputs, dataset.test_labels))
+  deepfool_inputs = None
+  if config.get("deepfool_samples"):
+    chosen = np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples, replace=False)
+    deepfool_inputs = device.put_replicated(dataset.test_inputs[np.sort(chosen)], mesh)
   steps_per_epoch = len(dataset.train_labels) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train_labels)} training examples")
@@ -135,9 +139,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     return records[-1] if records else None
 
   # ------------------------------------------------------------ jitted steps
-  train_epoch = jax.jit(functools.partial(
-      step_lib.train_epoch, model=model, tx=tx, loss_fn=loss_fn, batch_size=config.batch_size,
-      seed=config.seed, mesh=mesh), donate_argnums=0)
+  epoch_loop = config.get("epoch_loop", "auto")
+  if epoch_loop == "auto":
+    epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
+  if epoch_loop == "scan":
+    train_epoch = jax.jit(functools.partial(
+        step_lib.train_epoch, model=model, tx=tx, loss_fn=loss_fn, batch_size=config.batch_size,
+        seed=config.seed, mesh=mesh), donate_argnums=0)
+  elif epoch_loop == "steps":
+    train_epoch = functools.partial(
+        step_lib.stepwise_epoch,
+        draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
+                                               batch_size=config.batch_size, mesh=mesh)),
+        step=jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn),
+                     donate_argnums=0))
+  else:
+    raise ValueError(f"unknown epoch_loop {epoch_loop!r}; choose 'auto', 'scan' or 'steps'")
   evaluate = jax.jit(functools.partial(
       evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
       batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc))
@@ -178,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       if epoch in measure or epoch == config.num_epochs or stop["requested"]:
         wall = elapsed_before + time.perf_counter() - started
         if epoch in measure or epoch == config.num_epochs:
-          result = jax.device_get(evaluate(state, train_inputs, train_labels, test_inputs, test_labels))
+          result = jax.device_get(evaluate(state, train_inputs, train_labels, test_inputs, test_labels,
+                                           deepfool_inputs))
           raise_if_invalid(result)
           last = {"epoch": epoch, "step": int(state.step), "lr": float(learning_rate(int(state.step) - 1)),
                   "epoch_loss": epoch_loss, "epoch_acc": epoch_acc, **result,

@@ -58,14 +58,17 @@ def paper_config(dataset: str, net: str, variant: str = "") -> ml_collections.Co
   config.tpt_threshold = 0.996 if imagenet else 0.999
   config.eval_batch_size = 1024
   config.per_layer_nc = False
+  config.deepfool_samples = 100
   config.keep_checkpoints = 3
   config.num_devices = 0
+  config.epoch_loop = "auto"  # "scan" (one lax.scan per epoch), "steps" (host loop; auto on CPU for conv nets)
   if variant == "smoke":
     config.num_epochs = 2
     config.per_class = None
     config.batch_size = 8
     config.eval_batch_size = 16
     config.measure_epochs = (1, 2)
+    config.deepfool_samples = 4
     family = next(f for f in SMOKE_OPTIONS if net.startswith(f))
     config.model_options.update(SMOKE_OPTIONS[family])
     if family == "densenet":

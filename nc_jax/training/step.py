@@ -85,6 +85,23 @@ def train_epoch(state: TrainState, inputs, labels, epoch, *, model, tx, loss_fn,
   return state, totals
 
 
+def stepwise_epoch(state: TrainState, inputs, labels, epoch, *, draw_batches, step):
+  """The epoch as a host loop over a jitted ``step`` (state donated) instead of one lax.scan.
+
+  XLA:CPU runs convolutions inside a while loop ~90x slower than outside one
+  (measured: 4 scanned CNN steps 11.2 s, unrolled 0.46 s), so conv nets on CPU
+  step from the host. Batches are still drawn on device; only dispatches cross
+  to the host, and the metrics are fetched once per epoch.
+  """
+  batch_inputs, batch_labels = draw_batches(inputs, labels, epoch=epoch)
+  totals = None
+  for i in range(batch_labels.shape[0]):
+    state, metrics = step(state, (batch_inputs[i], batch_labels[i]))
+    totals = metrics if totals is None else jax.tree_util.tree_map(jnp.add, totals, metrics)
+  totals["count"] = jnp.asarray(batch_labels.size, jnp.int32)
+  return state, totals
+
+
 def forward_all(variables, inputs, *, model, batch_size, mesh, per_layer=False):
   """Eval-mode (logits (N, C), features (N, p)[, {layer: (N, ...)}]) of every example, on device.
 

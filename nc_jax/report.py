@@ -1,0 +1,163 @@
+"""python -m nc_jax.report RUN_DIR [RUN_DIR ...] --out DIR: the paper's figures and Table 1 from runs.
+
+Reads each run's metrics.jsonl (and config.json for its name); never imports the
+trainer. Writes one PNG per figure (one panel per run, epochs on the x-axis, the
+TPT start as a dashed line), table1.md (test accuracy at the TPT start and at
+the last epoch) and report.md showing them together. Partial runs are plotted as
+far as they go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+from typing import Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# (file stem, title, [(metrics key, label)], log scale) in the paper's order.
+FIGURES = (
+    ("fig1_train_error", "Training error", [("train_error", "train error")], True),
+    ("fig2_equinorm", "Equinorm: Std/Avg of norms", [("equinorm_means", "class means"),
+                                                      ("equinorm_weights", "classifiers")], True),
+    ("fig3_equiangularity", "Equiangularity: Std of cosines", [("equiangular_means", "class means"),
+                                                               ("equiangular_weights", "classifiers")], True),
+    ("fig4_max_angle", "Maximal angles: Avg |cos + 1/(C-1)|", [("max_angle_means", "class means"),
+                                                                ("max_angle_weights", "classifiers")], True),
+    ("fig5_self_duality", "Self-duality: ||W/||W|| - M/||M|| ||^2", [("self_duality", "")], True),
+    ("fig6_nc1", "NC1: Tr(Sigma_W Sigma_B^+)/C", [("nc1", "")], True),
+    ("fig7_ncc_mismatch", "NCC mismatch (train)", [("ncc_mismatch", "")], True),
+    ("fig8_deepfool", "DeepFool robustness ||r||/||x||", [("deepfool_robustness", "")], False),
+)
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  directory: pathlib.Path
+  records: list
+  config: dict
+
+  @property
+  def tpt_start(self) -> Optional[int]:
+    starts = [r.get("tpt_start_epoch", -1) for r in self.records]
+    positive = [s for s in starts if s and s > 0]
+    return positive[-1] if positive else None
+
+  def series(self, key):
+    points = [(r["epoch"], _number(r.get("train_acc"), invert=True) if key == "train_error" else _number(r.get(key)))
+              for r in self.records]
+    return [(e, v) for e, v in points if v is not None]
+
+
+def _number(value, invert=False):
+  if value is None:
+    return None
+  value = float(value)  # "nan"/"inf" strings from the writer parse too
+  if invert:
+    value = 1.0 - value
+  return value if math.isfinite(value) else None
+
+
+def load_run(directory: str) -> Run:
+  directory = pathlib.Path(directory)
+  path = directory / "metrics.jsonl"
+  if not path.exists():
+    raise FileNotFoundError(f"{directory} has no metrics.jsonl: is it a run directory of python -m nc_jax.train?")
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  if not records:
+    raise ValueError(f"{path} is empty: the run has not reached its first measurement yet")
+  config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
+  name = f"{config.get('dataset', '?')} / {config.get('model', '?')} (lr {config.get('lr', '?')})" if config \
+      else directory.name
+  return Run(name, directory, sorted(records, key=lambda r: r["epoch"]), config)
+
+
+def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, out: pathlib.Path) -> Optional[str]:
+  if not any(run.series(key) for run in runs for key, _ in keys):
+    return None
+  columns = min(len(runs), 4)
+  rows = math.ceil(len(runs) / columns)
+  figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False)
+  for axis, run in zip(axes.flat, runs):
+    for key, label in keys:
+      points = run.series(key)
+      if log_scale:
+        points = [(e, v) for e, v in points if v > 0]
+      if points:
+        axis.plot(*zip(*points), marker=".", markersize=3, label=label or None)
+    if run.tpt_start:
+      axis.axvline(run.tpt_start, color="gray", linestyle="--", linewidth=1, label="TPT start")
+    if log_scale:
+      axis.set_yscale("log")
+    axis.set_title(run.name, fontsize=8)
+    axis.set_xlabel("epoch", fontsize=8)
+    axis.tick_params(labelsize=7)
+    if axis.get_legend_handles_labels()[0]:
+      axis.legend(fontsize=6)
+  for axis in list(axes.flat)[len(runs):]:
+    axis.axis("off")
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  path = out / f"{stem}.png"
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  return path.name
+
+
+def table1(runs: list[Run]) -> str:
+  """Test accuracy at the first measurement at or after the TPT start, and at the last measurement."""
+  lines = ["| run | TPT start epoch | test acc at TPT start | last epoch | test acc at last epoch | change (points) |",
+           "| --- | ---: | ---: | ---: | ---: | ---: |"]
+  for run in runs:
+    last = run.records[-1]
+    start = next((r for r in run.records if run.tpt_start and r["epoch"] >= run.tpt_start), None)
+    if start is None:
+      lines.append(f"| {run.name} | not reached | - | {last['epoch']} | {100 * float(last['test_acc']):.2f} | - |")
+      continue
+    change = 100 * (float(last["test_acc"]) - float(start["test_acc"]))
+    lines.append(f"| {run.name} | {run.tpt_start} (measured at {start['epoch']}) | {100 * float(start['test_acc']):.2f} "
+                 f"| {last['epoch']} | {100 * float(last['test_acc']):.2f} | {change:+.2f} |")
+  return "\n".join(lines)
+
+
+def write_report(run_directories, out: str) -> pathlib.Path:
+  runs = [load_run(d) for d in run_directories]
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  figures = [(title, plot_figure(runs, stem, title, keys, log_scale, out)) for stem, title, keys, log_scale in FIGURES]
+  table = table1(runs)
+  (out / "table1.md").write_text(table + "\n")
+  parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), "",
+           "## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, ""]
+  for title, name in figures:
+    if name:
+      parts += [f"## {title}", "", f"![{title}]({name})", ""]
+  path = out / "report.md"
+  path.write_text("\n".join(parts))
+  return path
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description="Figures and Table 1 of the paper from nc_jax.train run directories.")
+  parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+  parser.add_argument("--out", required=True, help="output directory")
+  args = parser.parse_args(argv)
+  try:
+    path = write_report(args.runs, args.out)
+  except (FileNotFoundError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(f"wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

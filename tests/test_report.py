@@ -1,0 +1,66 @@
+"""nc_jax.report and experiments/grid.py on small real runs."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import grid
+from nc_jax import report
+from nc_jax.training import train_and_evaluate
+from tests.test_train import smoke_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("runs")
+  for lr in (0.05, 0.1):
+    config = smoke_config(num_epochs=8, measure_epochs=(1, 2, 4, 8), lr=lr, tpt_threshold=0.45,
+                          deepfool_samples=4)
+    train_and_evaluate(config, str(root / "default" / f"lr_{lr:.6g}"), log=lambda *a, **k: None)
+  return root
+
+
+def test_report_writes_every_figure_and_table1(two_runs, tmp_path):
+  runs = sorted(str(p) for p in (two_runs / "default").iterdir())
+  assert report.main([*runs, "--out", str(tmp_path)]) == 0
+  names = {p.name for p in tmp_path.iterdir()}
+  for stem, *_ in report.FIGURES:
+    assert f"{stem}.png" in names, stem
+  table = (tmp_path / "table1.md").read_text()
+  assert table.count("\n") == 4 and "mnist1d / mlp" in table
+  assert "![NC1" in (tmp_path / "report.md").read_text()
+
+
+def test_partial_run_is_plotted_and_missing_metrics_are_named(two_runs, tmp_path):
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  lines = (two_runs / "default" / "lr_0.05" / "metrics.jsonl").read_text().splitlines()[:2]
+  (partial / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  assert report.main([str(partial), "--out", str(tmp_path / "out")]) == 0
+  assert "not reached" in (tmp_path / "out" / "table1.md").read_text() or "| 2 |" in (tmp_path / "out" / "table1.md").read_text()
+  with pytest.raises(FileNotFoundError, match="has no metrics.jsonl"):
+    report.load_run(str(tmp_path / "nowhere"))
+
+
+def test_grid_selects_the_best_final_test_error_and_skips_finished(two_runs, capsys):
+  choices = grid.select(two_runs)
+  accuracies = {lr: json.loads((two_runs / "default" / f"lr_{lr}" / "metrics.jsonl").read_text().splitlines()[-1])
+                ["test_acc"] for lr in ("0.05", "0.1")}
+  best = max(accuracies, key=accuracies.get)
+  assert choices["default"]["lr"] == float(best)
+  code = grid.main(["run", "--root", str(two_runs), "--cells", str(REPO / "configs/default.py"),
+                    "--lrs", "0.05,0.1", "--variant", "smoke", "--", "--config.num_epochs=8",
+                    "--config.measure_epochs=1,2,4,8", "--config.tpt_threshold=0.45", "--config.deepfool_samples=4"])
+  assert code == 0 and capsys.readouterr().out.count("skip") == 2
+
+
+def test_grid_prints_the_paper_sweep_commands(capsys):
+  assert len(grid.SWEEP) == 25 and grid.SWEEP[0] == pytest.approx(1e-4) and grid.SWEEP[-1] == pytest.approx(0.25)
+  grid.main(["print", "--root", "/tmp/r", "--cells", "cifar10_resnet18", "--lr-indices", "0,24"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 and "configs/paper/cifar10_resnet18.py" in lines[0] and "--config.lr=0.25" in lines[1]
