@@ -75,8 +75,9 @@ def load_run(directory: str) -> Run:
   if not records:
     raise ValueError(f"{path} is empty: the run has not reached its first measurement yet")
   config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
-  name = f"{config.get('dataset', '?')} / {config.get('model', '?')} (lr {config.get('lr', '?')})" if config \
-      else directory.name
+  options = ", ".join(f"{k} {v}" for k, v in sorted((config.get("model_options") or {}).items()))
+  name = (f"{config.get('dataset', '?')} / {config.get('model', '?')}{f' ({options})' if options else ''}, "
+          f"lr {config.get('lr', '?')}") if config else directory.name
   return Run(name, directory, sorted(records, key=lambda r: r["epoch"]), config)
 
 

@@ -1,0 +1,23 @@
+"""Fashion-MNIST (real, offline: Debian's dataset-fashion-mnist) on a 3x1024 BatchNorm MLP, the paper's protocol.
+
+The largest paper-protocol run that fits in about an hour on a 2-core CPU: conv nets
+train at ~1k img/s there (BENCHMARKS.md), i.e. ~6 h for 350 epochs of a tiny CNN, so the
+paper's VGG/ResNet/DenseNet cells need an accelerator (configs/paper/fashion_mnist_*.py).
+
+    python -m nc_jax.train --config configs/fashion_mnist_mlp.py --workdir results/fashion_mnist/lr_0.0679
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import default  # noqa: E402  (configs/default.py: the same fields)
+
+
+def get_config(variant: str = ""):
+  config = default.get_config(variant)
+  config.dataset = "fashion_mnist"
+  config.data_source = "idx"
+  config.per_class = "paper"  # 6000 per class: all 60 000 training images
+  config.model_options.width = 32 if variant == "smoke" else 1024
+  return config
