@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import pathlib
 import platform
-import statistics
 import time
 
 import jax
@@ -30,11 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse.linalg
 
+import common
 from nc_jax.metrics import neural_collapse
 
 SIZES = {"small": [(50_000, 512, 10), (50_000, 512, 100)],
          "all": [(50_000, 512, 10), (50_000, 512, 100), (200_000, 2048, 1000)]}
-BENCHMARKS_MD = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 
 def make_data(num_samples, feature_dim, num_classes, seed=0):
@@ -47,17 +45,6 @@ def make_data(num_samples, feature_dim, num_classes, seed=0):
   weights = rng.normal(size=(num_classes, feature_dim)).astype(np.float32) / np.sqrt(feature_dim)
   bias = np.zeros(num_classes, np.float32)
   return features, labels, weights, bias
-
-
-def time_call(fn, repeats):
-  """Median wall time in seconds of ``fn()`` after one warm-up call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def numpy_float64(features, labels, num_classes, weights, bias):
@@ -118,9 +105,9 @@ def run_size(num_samples, feature_dim, num_classes, repeats):
   suite_svd = jax.jit(lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b))
   suite_gram = jax.jit(lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b, solver="gram"))
   row = {"size": (num_samples, feature_dim, num_classes)}
-  row["floor"] = time_call(lambda: floor_fn(h, w, b), repeats)
-  row["suite"] = time_call(lambda: suite_svd(h, y, w, b), repeats)
-  row["suite_gram"] = time_call(lambda: suite_gram(h, y, w, b), repeats)
+  row["floor"] = common.median_time(lambda: floor_fn(h, w, b), repeats)
+  row["suite"] = common.median_time(lambda: suite_svd(h, y, w, b), repeats)
+  row["suite_gram"] = common.median_time(lambda: suite_gram(h, y, w, b), repeats)
 
   start = time.perf_counter()
   numpy_float64(features, labels, num_classes, weights, bias)
@@ -169,13 +156,7 @@ def main():
             f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
             f"jax {jax.__version__}, numpy {np.__version__}; median of {args.repeats} runs after warm-up")
   table = format_table(rows, header)
-  print(table)
-  if not args.no_append:
-    with BENCHMARKS_MD.open("a") as f:
-      if f.tell() == 0:
-        f.write("# Benchmarks\n\nEach section is one run of a script under `benchmarks/`; ratios compare timings taken in that run.\n\n")
-      f.write(table + "\n\n")
-
+  common.report(table, append=not args.no_append)
 
 if __name__ == "__main__":
   main()

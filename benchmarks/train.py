@@ -20,35 +20,21 @@ Prints a markdown table and appends it to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import datetime
+import os
 import functools
-import pathlib
 import platform
-import statistics
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
+import common
 from nc_jax import models
 from nc_jax.data import device
 from nc_jax.training import evaluate as evaluate_lib, schedule, step as step_lib
 
-BENCHMARKS_MD = pathlib.Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 BATCH = 128
-
-
-def median_time(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def jax_rows(name, model, inputs, labels, repeats):
@@ -89,10 +75,10 @@ def jax_rows(name, model, inputs, labels, repeats):
 
   test_size = len(labels) // 6  # the paper's datasets have ~1 test image per 5-6 training images
   steps = len(labels) // BATCH
-  step_time = median_time(one_step, repeats * 10)
-  epoch_time = median_time(one_epoch, repeats)
-  stepwise_time = median_time(one_stepwise_epoch, repeats)
-  eval_time = median_time(one_evaluation, repeats)
+  step_time = common.median_time(one_step, repeats * 10)
+  epoch_time = common.median_time(one_epoch, repeats)
+  stepwise_time = common.median_time(one_stepwise_epoch, repeats)
+  eval_time = common.median_time(one_evaluation, repeats)
   best = min(epoch_time, stepwise_time)  # what epoch_loop="auto" picks on CPU (scan: MLP, steps: conv nets)
   return {"model": name, "jax_step": BATCH / step_time, "jax_epoch": steps * BATCH / epoch_time,
           "jax_stepwise": steps * BATCH / stepwise_time,
@@ -137,7 +123,7 @@ def torch_epoch_rate(kind, inputs, labels, repeats):
       optimizer.step()
 
   net.train()
-  return steps * BATCH / median_time(one_epoch, repeats)
+  return steps * BATCH / common.median_time(one_epoch, repeats)
 
 
 def main():
@@ -182,13 +168,7 @@ def main():
         f"{torch_cell} | {ratio_cell} | "
         f"{row['eval_ms']:.0f} | {row['epoch_ms']:.0f} | {row['eval_fraction']:.2f} |")
   table = "\n".join(lines)
-  print(table)
-  if not args.no_append:
-    with BENCHMARKS_MD.open("a") as f:
-      if f.tell() == 0:
-        f.write("# Benchmarks\n\nEach section is one run of a script under `benchmarks/`; ratios compare timings taken in that run.\n\n")
-      f.write(table + "\n\n")
-
+  common.report(table, append=not args.no_append)
 
 if __name__ == "__main__":
   main()

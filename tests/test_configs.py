@@ -49,3 +49,18 @@ def test_imagenet_smoke_says_streaming_is_not_supported(tmp_path):
   config = load_config(CONFIGS / "paper" / "imagenet2012_resnet152.py", "smoke")
   with pytest.raises(ValueError, match="not supported"):
     train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+
+
+def test_fashion_mnist_mlp_config_shares_the_schema():
+  default = load_config(CONFIGS / "default.py")
+  for variant in ("", "smoke"):
+    assert set(load_config(CONFIGS / "fashion_mnist_mlp.py", variant).keys()) == set(default.keys())
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/share/datasets/fashion-mnist").exists(),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_mnist_smoke_run_on_the_real_data(tmp_path):
+  config = load_config(CONFIGS / "fashion_mnist_mlp.py", "smoke")
+  config.num_epochs, config.measure_epochs, config.deepfool_samples = 2, (1, 2), 4
+  last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+  assert last["num_samples"] == 60_000 and last["train_acc"] > 0.7 and last["nc1"] > 0
