@@ -130,6 +130,8 @@ class ClassGeometry:
     inverse_sq_singular_values: (r,) 1/s_k^2, 0 for s_k below the numerical-rank cutoff.
     weights: (C, p) classifier W, or None.
     bias: (C,) classifier b, or None.
+    mean_distance_sq: (C, C) ||M_a - M_c||^2, for the NCC rule.
+    mean_logits: (C, C) W mu_a (row a = logits of class a's mean, no bias), or None.
   """
 
   counts: jax.Array
@@ -138,8 +140,10 @@ class ClassGeometry:
   centred_means: jax.Array
   basis: jax.Array
   inverse_sq_singular_values: jax.Array
+  mean_distance_sq: Optional[jax.Array] = None
   weights: Optional[jax.Array] = None
   bias: Optional[jax.Array] = None
+  mean_logits: Optional[jax.Array] = None
 
 
 def global_mean_of(means: jax.Array, counts: jax.Array, kind: str) -> jax.Array:
@@ -198,6 +202,8 @@ def finalize_class_means(
   centred = state.means - mu_global
   rank = min(feature_dim, num_classes - 1 if global_mean == "class_means" else num_classes)
   basis, inverse_sq = _factorise(centred, rank, solver, rcond)
+  mean_gram = matmul_highest(centred, centred.T)
+  mean_sq = jnp.diagonal(mean_gram)
   return ClassGeometry(
       counts=state.counts,
       means=state.means,
@@ -205,8 +211,10 @@ def finalize_class_means(
       centred_means=centred,
       basis=basis,
       inverse_sq_singular_values=inverse_sq,
+      mean_distance_sq=mean_sq[:, None] + mean_sq[None, :] - 2.0 * mean_gram,
       weights=weights,
       bias=bias,
+      mean_logits=None if weights is None else matmul_highest(state.means, weights.T.astype(state.means.dtype)),
   )
 
 
@@ -301,17 +309,14 @@ def update_deviations(
   whitened = matmul_highest(along_means, geometry.basis) * geometry.inverse_sq_singular_values
   projected_sq = jnp.sum(whitened**2, axis=-1)
 
-  mean_gram = matmul_highest(centred, centred.T)
-  mean_sq = jnp.diagonal(mean_gram)
-  between_sq = mean_sq[:, None] + mean_sq[None, :] - 2.0 * mean_gram  # ||M_a - M_c||^2
   own = jnp.take_along_axis(along_means, safe_labels[:, None], axis=1)
-  ncc_score = -2.0 * along_means + between_sq[safe_labels] + 2.0 * own  # ||h - mu_c||^2 - ||d||^2
+  ncc_score = -2.0 * along_means + geometry.mean_distance_sq[safe_labels] + 2.0 * own  # ||h - mu_c||^2 - ||d||^2
   ncc_decision = jnp.argmin(ncc_score, axis=-1)
 
   count_where = lambda condition: jnp.sum(valid & condition, dtype=jnp.int32)
   network_correct = mismatch = jnp.zeros((), jnp.int32)
   if has_weights:
-    logits = product[:, num_classes:] + matmul_highest(geometry.means, geometry.weights.T.astype(dtype))[safe_labels]
+    logits = product[:, num_classes:] + geometry.mean_logits[safe_labels]
     if ncc_use_bias and geometry.bias is not None:
       logits = logits + geometry.bias.astype(dtype)
     network_decision = jnp.argmax(logits, axis=-1)
