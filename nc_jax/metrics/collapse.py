@@ -94,12 +94,6 @@ def raise_if_invalid(metrics: Mapping[str, jax.Array]) -> None:
 # ----------------------------------------------------------------------------
 
 
-def _pair_mean(matrix: jax.Array) -> jax.Array:
-  num_classes = matrix.shape[0]
-  off_diagonal = ~jnp.eye(num_classes, dtype=bool)
-  return jnp.sum(jnp.where(off_diagonal, matrix, 0.0)) / (num_classes * (num_classes - 1))
-
-
 def _poison(metrics: dict, ok: jax.Array) -> dict:
   return {key: jnp.where(ok, value, jnp.nan) if jnp.issubdtype(value.dtype, jnp.floating) else value
           for key, value in metrics.items()}
@@ -144,25 +138,22 @@ def finalize_collapse(
   trace_within = jnp.sum(within_sq) / num_samples
   trace_between = jnp.sum(centred**2) / num_classes
 
-  correction_projected = streaming.matmul_highest(
-      streaming.matmul_highest(correction, geometry.centred_means.T), geometry.basis
+  correction_projected = geo.matmul_highest(
+      geo.matmul_highest(correction, geometry.centred_means.T), geometry.basis
   ) * geometry.inverse_sq_singular_values
   nc1_sum = jnp.sum(state.projected_sq) - jnp.sum(counts * jnp.sum(correction_projected**2, axis=-1))
   nc1 = jnp.maximum(nc1_sum, 0.0) / num_samples  # = Tr(Sigma_W Sigma_B^+) / C
   if not divide_nc1_by_classes:
     nc1 = nc1 * num_classes
 
-  mean_gram = streaming.matmul_highest(centred, centred.T)
-  mean_sq = jnp.diagonal(mean_gram)
-  distance_sq = mean_sq[:, None] + mean_sq[None, :] - 2.0 * mean_gram
-  off_diagonal = ~jnp.eye(num_classes, dtype=bool)
-  cdnv_pairs = (class_variance[:, None] + class_variance[None, :]) / (
-      2.0 * jnp.where(off_diagonal, distance_sq, 1.0))
+  distance_sq = geo.pairwise_distance_sq(centred)
+  distance_sq = jnp.where(jnp.eye(num_classes, dtype=bool), 1.0, distance_sq)  # diagonal unused
+  cdnv_pairs = (class_variance[:, None] + class_variance[None, :]) / (2.0 * distance_sq)
 
   metrics = {
       "nc1": nc1,
       "nc1_tirer": trace_within / trace_between,
-      "cdnv": _pair_mean(cdnv_pairs),
+      "cdnv": geo.off_diagonal_mean(cdnv_pairs),
       "trace_within": trace_within,
       "trace_between": trace_between,
       "equinorm_means": geo.equinorm(centred, std_ddof),

@@ -14,23 +14,45 @@ import jax.numpy as jnp
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def matmul_highest(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b at full float32 precision (TPUs otherwise use bfloat16 passes)."""
+  return jnp.matmul(a, b, precision=HIGHEST)
+
+
 def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a b^T at full float32 precision (TPUs otherwise use bfloat16 passes)."""
-  return jnp.matmul(a, b.T, precision=HIGHEST)
+  return matmul_highest(a, b.T)
 
 
 def _unit_rows(vectors: jax.Array) -> jax.Array:
   return vectors / jnp.linalg.norm(vectors, axis=-1, keepdims=True)
 
 
+def _off_diagonal(num_classes: int) -> jax.Array:
+  return ~jnp.eye(num_classes, dtype=bool)
+
+
+def off_diagonal_mean(matrix: jax.Array) -> jax.Array:
+  """Mean of the C(C-1) off-diagonal entries of a (C, C) matrix (the diagonal may hold anything)."""
+  num_classes = matrix.shape[0]
+  return jnp.sum(jnp.where(_off_diagonal(num_classes), matrix, 0.0)) / (num_classes * (num_classes - 1))
+
+
 def _off_diagonal_mean_std(matrix: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
   """Mean and std of the C(C-1) off-diagonal entries of a (C, C) matrix, two-pass."""
   num_classes = matrix.shape[0]
-  off_diagonal = ~jnp.eye(num_classes, dtype=bool)
-  num_pairs = num_classes * (num_classes - 1)
-  mean = jnp.sum(jnp.where(off_diagonal, matrix, 0.0)) / num_pairs
-  centred_sq = jnp.where(off_diagonal, (matrix - mean) ** 2, 0.0)
-  return mean, jnp.sqrt(jnp.sum(centred_sq) / (num_pairs - ddof))
+  mean = off_diagonal_mean(matrix)
+  centred_sq = jnp.where(_off_diagonal(num_classes), (matrix - mean) ** 2, 0.0)
+  return mean, jnp.sqrt(jnp.sum(centred_sq) / (num_classes * (num_classes - 1) - ddof))
+
+
+def pairwise_distance_sq(vectors: jax.Array) -> jax.Array:
+  """(C, C) ||v_a - v_c||^2 from the Gram matrix of ``vectors`` (C, p): no (C, C, p) intermediate.
+
+  Use centred vectors (e.g. M = mu - mu_G): a large common offset would cancel digits.
+  """
+  gram = _gram(vectors, vectors)
+  norms_sq = jnp.diagonal(gram)
+  return norms_sq[:, None] + norms_sq[None, :] - 2.0 * gram
 
 
 def cosines(vectors: jax.Array) -> jax.Array:
@@ -60,10 +82,7 @@ def max_angle(vectors: jax.Array) -> jax.Array:
 
   The notebook calls it "coherence"; 0 when every angle is the simplex's maximal one.
   """
-  num_classes = vectors.shape[0]
-  off_diagonal = ~jnp.eye(num_classes, dtype=bool)
-  gap = jnp.abs(cosines(vectors) + 1.0 / (num_classes - 1))
-  return jnp.sum(jnp.where(off_diagonal, gap, 0.0)) / (num_classes * (num_classes - 1))
+  return off_diagonal_mean(jnp.abs(cosines(vectors) + 1.0 / (vectors.shape[0] - 1)))
 
 
 def simplex_etf_gram(num_classes: int, dtype=jnp.float32) -> jax.Array:
@@ -102,8 +121,7 @@ def gnc2(vectors: jax.Array, ddof: int = 1) -> jax.Array:
   ||u_c - u_c'||^2 = 2 - 2 cos comes from the Gram, so near-duplicate
   directions (distance below ~1e-3) are resolved only to float32 accuracy.
   """
-  num_classes = vectors.shape[0]
-  off_diagonal = ~jnp.eye(num_classes, dtype=bool)
+  off_diagonal = _off_diagonal(vectors.shape[0])
   distance_sq = jnp.where(off_diagonal, jnp.maximum(2.0 - 2.0 * cosines(vectors), 0.0), 1.0)
   log_energy = -0.5 * jnp.log(distance_sq)
   return _off_diagonal_mean_std(log_energy, ddof)[1] ** 2

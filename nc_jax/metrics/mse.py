@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax.metrics import collapse
-from nc_jax.metrics.streaming import class_sums, float_dtype, matmul_highest, segment_ids
+from nc_jax.metrics.geometry import matmul_highest
+from nc_jax.metrics.streaming import class_sums, float_dtype, segment_ids
 
 
 def mse_decomposition(

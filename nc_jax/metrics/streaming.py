@@ -38,13 +38,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST
+from nc_jax.metrics.geometry import matmul_highest, pairwise_distance_sq
+
 GLOBAL_MEANS = ("class_means", "samples")
 SOLVERS = ("svd", "gram")
-
-
-def matmul_highest(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.matmul(a, b, precision=HIGHEST)
 
 
 def float_dtype(features: jax.Array):
@@ -202,8 +199,6 @@ def finalize_class_means(
   centred = state.means - mu_global
   rank = min(feature_dim, num_classes - 1 if global_mean == "class_means" else num_classes)
   basis, inverse_sq = _factorise(centred, rank, solver, rcond)
-  mean_gram = matmul_highest(centred, centred.T)
-  mean_sq = jnp.diagonal(mean_gram)
   return ClassGeometry(
       counts=state.counts,
       means=state.means,
@@ -211,7 +206,7 @@ def finalize_class_means(
       centred_means=centred,
       basis=basis,
       inverse_sq_singular_values=inverse_sq,
-      mean_distance_sq=mean_sq[:, None] + mean_sq[None, :] - 2.0 * mean_gram,
+      mean_distance_sq=pairwise_distance_sq(centred),
       weights=weights,
       bias=bias,
       mean_logits=None if weights is None else matmul_highest(state.means, weights.T.astype(state.means.dtype)),
