@@ -4,7 +4,10 @@ The largest paper-protocol run that fits in about an hour on a 2-core CPU: conv 
 train at ~1k img/s there (BENCHMARKS.md), i.e. ~6 h for 350 epochs of a tiny CNN, so the
 paper's VGG/ResNet/DenseNet cells need an accelerator (configs/paper/fashion_mnist_*.py).
 
-    python -m nc_jax.train --config configs/fashion_mnist_mlp.py --workdir results/fashion_mnist/lr_0.0679
+    python -m nc_jax.train --config configs/fashion_mnist_mlp.py --workdir results/fashion_mnist/fashion_mnist_mlp/lr_0.0679
+    python experiments/grid.py run --root results/fashion_mnist --cells configs/fashion_mnist_mlp.py \
+        --lrs 0.0184202,0.0679,0.13025    # the committed sweep (~30-55 min per lr on 2 CPU cores)
+    python experiments/grid.py report --root results/fashion_mnist
 """
 
 import pathlib

@@ -3,7 +3,8 @@
     python experiments/grid.py run    --root runs/ [--cells cifar10_resnet18,mnist_vgg11] [--lrs 0.0184,0.0679]
                                       [--lr-indices 12,15,18] [--epochs 350] [--variant smoke] [-- --config.X=Y ...]
     python experiments/grid.py print  --root runs/ ...        # the commands, one per line (for a cluster / TPU VMs)
-    python experiments/grid.py select --root runs/            # best final test error per cell -> selection.json
+    python experiments/grid.py select --root runs/            # best final test error per cell -> selection.json/.md
+    python experiments/grid.py report --root runs/            # select, then nc_jax.report on the chosen runs -> runs/report/
 
 Cells are config files: names under configs/paper/ (default: all 21), or paths such
 as configs/default.py. The sweep is the paper's 25 learning rates log-spaced on
@@ -19,6 +20,7 @@ import argparse
 import json
 import pathlib
 import shlex
+import os
 import subprocess
 import sys
 
@@ -26,6 +28,8 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = REPO / "configs" / "paper"
+# Workdirs are relative to the caller's directory; the package is found even when not installed.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 SWEEP = tuple(float(x) for x in np.logspace(np.log10(1e-4), np.log10(0.25), 25))
 
 
@@ -74,30 +78,45 @@ def finished(workdir: pathlib.Path) -> bool:
   return bool(lines) and lines[-1]["epoch"] >= json.loads(config.read_text())["num_epochs"]
 
 
+def _summary(run_dir: pathlib.Path) -> dict:
+  """The numbers a sweep is compared by, from a finished run's last measurement."""
+  last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+  tpt_start = last.get("tpt_start_epoch", -1)
+  return {"run": str(run_dir), "lr": float(run_dir.name[3:]), "final_test_acc": float(last["test_acc"]),
+          "final_train_acc": float(last["train_acc"]), "final_nc1": float(last["nc1"]),
+          "tpt_start_epoch": tpt_start if tpt_start and tpt_start > 0 else None}
+
+
 def select(root: pathlib.Path) -> dict:
-  """Per cell, the lr whose final test error is lowest (the paper's rule); writes selection.json/.md."""
+  """Per cell, the lr whose final test error is lowest (the paper's rule); writes selection.json/.md.
+
+  selection.json: {cell: {run, lr, final_test_acc, finished_runs, sweep: [summary per finished run]}};
+  selection.md: one row per finished run, the chosen one marked.
+  """
+  if not root.is_dir():
+    raise SystemExit(f"no run directory {root}: give the --root that `grid.py run` used")
   choices = {}
   for cell_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-    candidates = []
-    for run_dir in sorted(cell_dir.glob("lr_*")):
-      if finished(run_dir):
-        last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        candidates.append((1.0 - float(last["test_acc"]), run_dir.name, float(last["test_acc"])))
-    if candidates:
-      error, name, accuracy = min(candidates)
-      choices[cell_dir.name] = {"run": str(cell_dir / name), "lr": float(name[3:]), "final_test_acc": accuracy,
-                                "finished_runs": len(candidates)}
+    sweep = sorted((_summary(d) for d in cell_dir.glob("lr_*") if finished(d)), key=lambda s: s["lr"])
+    if sweep:
+      best = min(sweep, key=lambda s: (1.0 - s["final_test_acc"], s["lr"]))
+      choices[cell_dir.name] = {"run": best["run"], "lr": best["lr"], "final_test_acc": best["final_test_acc"],
+                                "finished_runs": len(sweep), "sweep": sweep}
   (root / "selection.json").write_text(json.dumps(choices, indent=2) + "\n")
-  lines = ["| cell | chosen lr | final test acc | finished runs |", "| --- | ---: | ---: | ---: |"]
-  lines += [f"| {cell} | {c['lr']:.6g} | {100 * c['final_test_acc']:.2f} | {c['finished_runs']} |"
-            for cell, c in choices.items()]
+  lines = ["| cell | lr | chosen | TPT start epoch | final train acc | final test acc | final NC1 |",
+           "| --- | ---: | :---: | ---: | ---: | ---: | ---: |"]
+  for cell, choice in choices.items():
+    for s in choice["sweep"]:
+      lines.append(f"| {cell} | {s['lr']:.6g} | {'yes' if s['run'] == choice['run'] else ''} "
+                   f"| {s['tpt_start_epoch'] or 'not reached'} | {100 * s['final_train_acc']:.2f} "
+                   f"| {100 * s['final_test_acc']:.2f} | {s['final_nc1']:.4g} |")
   (root / "selection.md").write_text("\n".join(lines) + "\n")
   return choices
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("action", choices=("run", "print", "select"))
+  parser.add_argument("action", choices=("run", "print", "select", "report"))
   parser.add_argument("--root", required=True)
   parser.add_argument("--cells", default="")
   parser.add_argument("--lrs", default="")
@@ -109,10 +128,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
   args.extra = extra
   root = pathlib.Path(args.root)
-  if args.action == "select":
+  if args.action in ("select", "report"):
     choices = select(root)
     print((root / "selection.md").read_text(), end="")
-    return 0 if choices else 1
+    if not choices:
+      print(f"no finished runs under {root}/CELL/lr_*", file=sys.stderr)
+      return 1
+    if args.action == "report":  # the paper's figures and Table 1 for the chosen lr of each cell
+      chosen = [choice["run"] for choice in choices.values()]
+      return subprocess.run([sys.executable, "-m", "nc_jax.report", *chosen, "--out", str(root / "report")],
+                            env=ENV).returncode
+    return 0
   failures = 0
   for cell, config, lr, workdir in runs(args):
     line = command(config, lr, workdir, args)
@@ -125,7 +151,7 @@ def main(argv=None) -> int:
     print(f"run  {cell} lr {lr:.6g} -> {workdir}", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     with (workdir / "train.log").open("a") as log:
-      result = subprocess.run(line, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+      result = subprocess.run(line, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
       failures += 1
       print(f"     failed with exit code {result.returncode}; see {workdir / 'train.log'}", flush=True)

@@ -57,6 +57,19 @@ def test_grid_selects_the_best_final_test_error_and_skips_finished(two_runs, cap
   assert code == 0 and capsys.readouterr().out.count("skip") == 2
 
 
+def test_grid_report_lists_the_sweep_and_reports_the_chosen_run(two_runs, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # workdirs and --root are relative to the caller, not to the repository
+  assert grid.main(["report", "--root", str(two_runs)]) == 0
+  rows = [l for l in (two_runs / "selection.md").read_text().splitlines() if l.startswith("| default")]
+  assert len(rows) == 2 and sum("| yes |" in row for row in rows) == 1
+  chosen = grid.select(two_runs)["default"]
+  assert [s["lr"] for s in chosen["sweep"]] == [0.05, 0.1]
+  table = (two_runs / "report" / "table1.md").read_text()
+  assert table.count("\n") == 3 and f"lr {chosen['lr']:g}" in table  # header, rule, the chosen run only
+  with pytest.raises(SystemExit, match="no run directory"):
+    grid.select(tmp_path / "missing")
+
+
 def test_grid_prints_the_paper_sweep_commands(capsys):
   assert len(grid.SWEEP) == 25 and grid.SWEEP[0] == pytest.approx(1e-4) and grid.SWEEP[-1] == pytest.approx(0.25)
   grid.main(["print", "--root", "/tmp/r", "--cells", "cifar10_resnet18", "--lr-indices", "0,24"])
