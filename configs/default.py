@@ -35,7 +35,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.measure_epochs = ()  # () = the notebook's schedule, rescaled to num_epochs
-  config.tpt_threshold = 0.999  # TPT starts at the first epoch with training accuracy >= this
+  # TPT starts at the first epoch whose training accuracy, accumulated in train mode over that
+  # epoch's batches (free; no extra pass), is >= this; that epoch is also measured.
+  config.tpt_threshold = 0.999
   config.eval_batch_size = 1024
   config.per_layer_nc = False
   config.deepfool_samples = 100  # DeepFool robustness on this many fixed test inputs per measurement (0 = off)

@@ -70,6 +70,27 @@ def command(config, lr, workdir, args) -> list[str]:
   return line + list(args.extra)
 
 
+def requested_config(line: list[str]) -> dict:
+  """The config a command line asks for, resolved as nc_jax.train resolves it and writes it to config.json."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["grid", "--config", line[line.index("--config") + 1], *(a for a in line if a.startswith("--config."))]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  return json.loads(values.config.to_json_best_effort())
+
+
+def changed_keys(workdir: pathlib.Path, requested: dict) -> list[str]:
+  """Config keys where the run already in ``workdir`` differs from the requested one ([] if none there)."""
+  path = workdir / "config.json"
+  if not path.exists():
+    return []
+  previous = json.loads(path.read_text())
+  return sorted(k for k in set(previous) | set(requested) if previous.get(k) != requested.get(k))
+
+
 def finished(workdir: pathlib.Path) -> bool:
   metrics, config = workdir / "metrics.jsonl", workdir / "config.json"
   if not (metrics.exists() and config.exists()):
@@ -79,10 +100,12 @@ def finished(workdir: pathlib.Path) -> bool:
 
 
 def _summary(run_dir: pathlib.Path) -> dict:
-  """The numbers a sweep is compared by, from a finished run's last measurement."""
+  """The numbers a sweep is compared by, from a finished run's config and last measurement."""
   last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+  config = json.loads((run_dir / "config.json").read_text())
   tpt_start = last.get("tpt_start_epoch", -1)
-  return {"run": str(run_dir), "lr": float(run_dir.name[3:]), "final_test_acc": float(last["test_acc"]),
+  return {"run": str(run_dir), "lr": float(config["lr"]), "num_epochs": int(config["num_epochs"]),
+          "final_test_acc": float(last["test_acc"]),
           "final_train_acc": float(last["train_acc"]), "final_nc1": float(last["nc1"]),
           "tpt_start_epoch": tpt_start if tpt_start and tpt_start > 0 else None}
 
@@ -90,14 +113,17 @@ def _summary(run_dir: pathlib.Path) -> dict:
 def select(root: pathlib.Path) -> dict:
   """Per cell, the lr whose final test error is lowest (the paper's rule); writes selection.json/.md.
 
-  selection.json: {cell: {run, lr, final_test_acc, finished_runs, sweep: [summary per finished run]}};
-  selection.md: one row per finished run, the chosen one marked.
+  Only runs of the cell's longest protocol compete (a smoke run never beats a full one).
+  selection.json: {cell: {run, lr, final_test_acc, finished_runs, sweep: [summary per such run]}};
+  selection.md: one row per such run, the chosen one marked.
   """
   if not root.is_dir():
     raise SystemExit(f"no run directory {root}: give the --root that `grid.py run` used")
   choices = {}
   for cell_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-    sweep = sorted((_summary(d) for d in cell_dir.glob("lr_*") if finished(d)), key=lambda s: s["lr"])
+    sweep = [_summary(d) for d in cell_dir.glob("lr_*") if finished(d)]
+    longest = max((s["num_epochs"] for s in sweep), default=0)
+    sweep = sorted((s for s in sweep if s["num_epochs"] == longest), key=lambda s: s["lr"])
     if sweep:
       best = min(sweep, key=lambda s: (1.0 - s["final_test_acc"], s["lr"]))
       choices[cell_dir.name] = {"run": best["run"], "lr": best["lr"], "final_test_acc": best["final_test_acc"],
@@ -144,6 +170,12 @@ def main(argv=None) -> int:
     line = command(config, lr, workdir, args)
     if args.action == "print":
       print(shlex.join(line))
+      continue
+    changed = changed_keys(workdir, requested_config(line))
+    if changed:  # never skipped as finished, never overwritten: the user decides
+      failures += 1
+      print(f"     {workdir} holds a run with a different config ({', '.join(changed)}); "
+            "use another --root, or delete that run", flush=True)
       continue
     if finished(workdir):
       print(f"skip {cell} lr {lr:.6g}: finished", flush=True)

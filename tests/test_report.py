@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import pytest
 
@@ -55,6 +56,25 @@ def test_grid_selects_the_best_final_test_error_and_skips_finished(two_runs, cap
                     "--lrs", "0.05,0.1", "--variant", "smoke", "--", "--config.num_epochs=8",
                     "--config.measure_epochs=1,2,4,8", "--config.tpt_threshold=0.45", "--config.deepfool_samples=4"])
   assert code == 0 and capsys.readouterr().out.count("skip") == 2
+  before = (two_runs / "default" / "lr_0.05" / "metrics.jsonl").read_text()
+  code = grid.main(["run", "--root", str(two_runs), "--cells", str(REPO / "configs/default.py"),
+                    "--lrs", "0.05", "--variant", "smoke", "--", "--config.num_epochs=9",
+                    "--config.measure_epochs=1,2,4,8", "--config.tpt_threshold=0.45", "--config.deepfool_samples=4"])
+  out = capsys.readouterr().out
+  assert code == 1 and "different config (num_epochs)" in out and "skip" not in out
+  assert (two_runs / "default" / "lr_0.05" / "metrics.jsonl").read_text() == before
+
+
+def test_grid_selection_ignores_shorter_runs(two_runs, tmp_path):
+  root = tmp_path / "root"
+  shutil.copytree(two_runs / "default", root / "default")
+  short = root / "default" / "lr_0.2"  # a 4-epoch run with a perfect test score must not win
+  short.mkdir()
+  config = json.loads((root / "default" / "lr_0.05" / "config.json").read_text())
+  (short / "config.json").write_text(json.dumps({**config, "lr": 0.2, "num_epochs": 4}))
+  (short / "metrics.jsonl").write_text(json.dumps({"epoch": 4, "test_acc": 1.0, "train_acc": 1.0, "nc1": 0.1}) + "\n")
+  choice = grid.select(root)["default"]
+  assert choice["lr"] in (0.05, 0.1) and choice["finished_runs"] == 2
 
 
 def test_grid_report_lists_the_sweep_and_reports_the_chosen_run(two_runs, tmp_path, monkeypatch):

@@ -121,6 +121,14 @@ class TestTrainAndEvaluate:
     expected = next(r["epoch"] for r in records if r["epoch_acc"] >= 0.45)
     assert records[-1]["tpt_start_epoch"] == expected
     assert json.loads((tmp_path / "tpt.json").read_text())["tpt_start_epoch"] == expected
+    assert 1 < expected < 6  # else the next check shows nothing
+
+    # Measured at the TPT start even when the schedule skips that epoch (Table 1 reads it there).
+    sparse = smoke_config(num_epochs=6, measure_epochs=(1,), tpt_threshold=0.45)
+    train_and_evaluate(sparse, str(tmp_path / "sparse"), log=lambda *a, **k: None)
+    sparse_records = read_metrics(tmp_path / "sparse")
+    assert [r["epoch"] for r in sparse_records] == [1, expected, 6]
+    assert sparse_records[1]["test_acc"] == records[expected - 1]["test_acc"]
 
   def test_eight_devices_give_the_one_device_run(self, tmp_path):
     assert jax.device_count() == 8
