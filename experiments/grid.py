@@ -10,8 +10,10 @@ Cells are config files: names under configs/paper/ (default: all 21), or paths s
 as configs/default.py. The sweep is the paper's 25 learning rates log-spaced on
 [1e-4, 0.25]; --lr-indices picks some of them, --lrs gives values directly.
 ``run`` goes through the runs one after another, skipping finished ones and
-resuming interrupted ones (rerunning nc_jax.train in the same workdir resumes it).
-Only the CLI is launched: nothing here imports the trainer.
+resuming interrupted ones (rerunning nc_jax.train in the same workdir resumes it);
+a workdir whose config.json differs from the requested config is reported and left
+alone. Only the CLI is launched: nothing here imports the trainer (configs are
+resolved with ml_collections, as the CLI resolves them, to compare).
 """
 
 from __future__ import annotations
