@@ -3,8 +3,9 @@
 Reads each run's metrics.jsonl (and config.json for its name); never imports the
 trainer. Writes one PNG per figure (one panel per run, epochs on the x-axis, the
 TPT start as a dashed line), table1.md (test accuracy at the TPT start and at
-the last epoch) and report.md showing them together. Partial runs are plotted as
-far as they go.
+the last epoch) and report.md showing them together, with every figure's
+quantity at the first measurement, the TPT start and the last measurement.
+Partial runs are plotted as far as they go.
 """
 
 from __future__ import annotations
@@ -129,6 +130,36 @@ def table1(runs: list[Run]) -> str:
   return "\n".join(lines)
 
 
+# (metrics key, column header, format) for the key-epochs table.
+KEY_COLUMNS = (
+    ("train_acc", "train acc", "{:.2%}"), ("test_acc", "test acc", "{:.2%}"), ("nc1", "NC1", "{:.3g}"),
+    ("equinorm_means", "equinorm M", "{:.3f}"), ("equinorm_weights", "equinorm W", "{:.3f}"),
+    ("equiangular_means", "equiangular M", "{:.3f}"), ("max_angle_means", "max-angle M", "{:.3f}"),
+    ("etf_deviation_means", "ETF dev. M", "{:.3f}"), ("self_duality", "self-duality", "{:.3f}"),
+    ("ncc_mismatch", "NCC mismatch", "{:.4f}"), ("deepfool_robustness", "DeepFool", "{:.4f}"),
+)
+
+
+def key_epochs(runs: list[Run]) -> str:
+  """Every figure's quantity at the first measurement, the first one in TPT, and the last one, per run."""
+  columns = [c for c in KEY_COLUMNS if any(c[0] in r for run in runs for r in run.records)]
+  lines = ["| run | epoch | " + " | ".join(header for _, header, _ in columns) + " |",
+           "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
+  for run in runs:
+    tpt = next((r for r in run.records if run.tpt_start and r["epoch"] >= run.tpt_start), None)
+    rows = [("first", run.records[0])]
+    if tpt is not None:
+      rows.append(("TPT start" if tpt["epoch"] == run.tpt_start else f"first in TPT, from {run.tpt_start}", tpt))
+    rows.append(("last", run.records[-1]))
+    for label, record in rows:
+      cells = []
+      for key, _, form in columns:
+        value = _number(record.get(key))
+        cells.append("-" if value is None else form.format(value))
+      lines.append(f"| {run.name} | {record['epoch']} ({label}) | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def write_report(run_directories, out: str) -> pathlib.Path:
   runs = [load_run(d) for d in run_directories]
   out = pathlib.Path(out)
@@ -137,7 +168,8 @@ def write_report(run_directories, out: str) -> pathlib.Path:
   table = table1(runs)
   (out / "table1.md").write_text(table + "\n")
   parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), "",
-           "## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, ""]
+           "## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, "",
+           "## Key epochs: first measurement, TPT start, last measurement", "", key_epochs(runs), ""]
   for title, name in figures:
     if name:
       parts += [f"## {title}", "", f"![{title}]({name})", ""]

@@ -35,6 +35,16 @@ def test_report_writes_every_figure_and_table1(two_runs, tmp_path):
   assert "![NC1" in (tmp_path / "report.md").read_text()
 
 
+def test_key_epochs_table_quotes_the_first_tpt_and_last_records(two_runs):
+  run = report.load_run(str(two_runs / "default" / "lr_0.05"))
+  rows = [l for l in report.key_epochs([run]).splitlines()[2:]]
+  first, last = run.records[0], run.records[-1]
+  assert run.tpt_start and len(rows) == 3
+  assert rows[0].split(" | ")[1] == f"{first['epoch']} (first)" and rows[-1].split(" | ")[1] == f"{last['epoch']} (last)"
+  assert f"| {float(last['nc1']):.3g} |" in rows[-1] and f"| {float(first['test_acc']):.2%} |" in rows[0]
+  assert f"{run.tpt_start} (TPT start)" in rows[1]  # the loop measures the TPT start epoch itself
+
+
 def test_partial_run_is_plotted_and_missing_metrics_are_named(two_runs, tmp_path):
   partial = tmp_path / "partial"
   partial.mkdir()
