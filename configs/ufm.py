@@ -14,7 +14,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.num_classes = 10
   config.n_per_class = 20
-  config.feature_dim = 32  # >= num_classes, so the simplex ETF fits
+  config.feature_dim = 32  # >= num_classes - 1, so the simplex ETF fits
   config.lambda_w = 5e-3
   config.lambda_h = 5e-3
   config.use_bias = False

@@ -76,8 +76,13 @@ def minimise(config):
 
 
 def run(config, workdir: str) -> dict:
-  if config.feature_dim < config.num_classes:
-    raise ValueError(f"feature_dim {config.feature_dim} < num_classes {config.num_classes}: no simplex ETF fits")
+  if config.feature_dim < config.num_classes - 1:
+    raise ValueError(f"feature_dim {config.feature_dim} < num_classes - 1 = {config.num_classes - 1}: "
+                     "no simplex ETF fits")
+  expected = closed_form(config.num_classes, config.n_per_class, config.lambda_w, config.lambda_h)
+  if expected["w_norm_sq"] == 0.0:
+    raise ValueError(f"lambda_w {config.lambda_w} and lambda_h {config.lambda_h} are so large that the global "
+                     "minimiser is W = H = 0 (closed form): nothing collapses; lower them")
   with _float64():
     params, labels, grad_norm, iterations, value = minimise(config)
     weights, features = np.asarray(params["weights"]), np.asarray(params["features"])
@@ -86,7 +91,6 @@ def run(config, workdir: str) -> dict:
   row_norms = np.linalg.norm(weights, axis=1)
   measured = {"w_norm_sq": float(np.mean(row_norms**2)),
               "h_over_w": float(np.mean(np.linalg.norm(features, axis=1) / row_norms[np.asarray(labels)]))}
-  expected = closed_form(config.num_classes, config.n_per_class, config.lambda_w, config.lambda_h)
   result = {
       "num_classes": config.num_classes, "n_per_class": config.n_per_class, "feature_dim": config.feature_dim,
       "lambda_w": config.lambda_w, "lambda_h": config.lambda_h, "use_bias": config.use_bias,

@@ -28,3 +28,16 @@ def test_small_ufm_matches_the_closed_form_within_one_percent(tmp_path, use_bias
   saved = json.loads((tmp_path / "ufm.json").read_text())
   for key in ("num_classes", "n_per_class", "lambda_w", "lambda_h", "w_norm_sq", "h_over_w"):
     assert key in saved
+
+
+def test_ufm_in_the_smallest_space_an_etf_fits_and_clear_errors(tmp_path):
+  config = ufm_config.get_config("smoke")
+  config.feature_dim = config.num_classes - 1  # K vectors of a simplex ETF span K - 1 dimensions
+  result = ufm.run(config, str(tmp_path))
+  assert result["w_norm_sq_relative_error"] < 0.01 and result["etf_deviation_weights"] < 1e-3
+  config.feature_dim = config.num_classes - 2
+  with pytest.raises(ValueError, match="no simplex ETF fits"):
+    ufm.run(config, str(tmp_path / "narrow"))
+  config.num_classes, config.n_per_class, config.feature_dim, config.lambda_w, config.lambda_h = 10, 20, 16, 1.0, 1e-3
+  with pytest.raises(ValueError, match="W = H = 0"):
+    ufm.run(config, str(tmp_path / "trivial"))
