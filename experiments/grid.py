@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
-import os
 import subprocess
 import sys
 
@@ -84,12 +84,12 @@ def requested_config(line: list[str]) -> dict:
   return json.loads(values.config.to_json_best_effort())
 
 
-def changed_keys(workdir: pathlib.Path, requested: dict) -> list[str]:
-  """Config keys where the run already in ``workdir`` differs from the requested one ([] if none there)."""
+def changed_keys(workdir: pathlib.Path, line: list[str]) -> list[str]:
+  """Config keys where the run already in ``workdir`` differs from the one ``line`` asks for ([] if none there)."""
   path = workdir / "config.json"
   if not path.exists():
     return []
-  previous = json.loads(path.read_text())
+  previous, requested = json.loads(path.read_text()), requested_config(line)
   return sorted(k for k in set(previous) | set(requested) if previous.get(k) != requested.get(k))
 
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     if args.action == "print":
       print(shlex.join(line))
       continue
-    changed = changed_keys(workdir, requested_config(line))
+    changed = changed_keys(workdir, line)
     if changed:  # never skipped as finished, never overwritten: the user decides
       failures += 1
       print(f"     {workdir} holds a run with a different config ({', '.join(changed)}); "

@@ -52,6 +52,11 @@ class Run:
     positive = [s for s in starts if s and s > 0]
     return positive[-1] if positive else None
 
+  @property
+  def first_in_tpt(self) -> Optional[dict]:
+    """The first measurement at or after the TPT start (the TPT start itself for runs that measure it)."""
+    return next((r for r in self.records if self.tpt_start and r["epoch"] >= self.tpt_start), None)
+
   def series(self, key):
     points = [(r["epoch"], _number(r.get("train_acc"), invert=True) if key == "train_error" else _number(r.get(key)))
               for r in self.records]
@@ -120,7 +125,7 @@ def table1(runs: list[Run]) -> str:
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
   for run in runs:
     last = run.records[-1]
-    start = next((r for r in run.records if run.tpt_start and r["epoch"] >= run.tpt_start), None)
+    start = run.first_in_tpt
     if start is None:
       lines.append(f"| {run.name} | not reached | - | {last['epoch']} | {100 * float(last['test_acc']):.2f} | - |")
       continue
@@ -146,7 +151,7 @@ def key_epochs(runs: list[Run]) -> str:
   lines = ["| run | epoch | " + " | ".join(header for _, header, _ in columns) + " |",
            "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
   for run in runs:
-    tpt = next((r for r in run.records if run.tpt_start and r["epoch"] >= run.tpt_start), None)
+    tpt = run.first_in_tpt
     rows = [("first", run.records[0])]
     if tpt is not None:
       rows.append(("TPT start" if tpt["epoch"] == run.tpt_start else f"first in TPT, from {run.tpt_start}", tpt))
