@@ -10,17 +10,20 @@ paper's VGG/ResNet/DenseNet cells need an accelerator (configs/paper/fashion_mni
     python experiments/grid.py report --root results/fashion_mnist
 """
 
-import pathlib
-import sys
+import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import default  # noqa: E402  (configs/default.py: the same fields)
+from nc_jax import schema
 
 
-def get_config(variant: str = ""):
-  config = default.get_config(variant)
-  config.dataset = "fashion_mnist"
-  config.data_source = "idx"
+def get_config(variant: str = "") -> ml_collections.ConfigDict:
+  config = schema.base_config(dataset="fashion_mnist", data_source="idx", model="mlp",
+                              model_options={"width": 1024, "depth": 3})
   config.per_class = "paper"  # 6000 per class: all 60 000 training images
-  config.model_options.width = 32 if variant == "smoke" else 1024
+  if variant == "smoke":  # configs/default.py's smoke run, on this data
+    config.num_epochs = 6
+    config.model_options.width = 32
+    config.measure_epochs = (1, 3, 6)
+    config.deepfool_samples = 8
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/fashion_mnist_mlp.py; choose '' or 'smoke'")
   return config

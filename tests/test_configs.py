@@ -6,7 +6,8 @@ import pathlib
 import pytest
 import tensorflow_datasets as tfds
 
-from nc_jax.training import protocol, train_and_evaluate
+from nc_jax import schema
+from nc_jax.training import train_and_evaluate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -22,8 +23,8 @@ PAPER_FILES = sorted((CONFIGS / "paper").glob("*.py"))
 
 
 def test_one_config_per_cell_of_the_grid():
-  assert len(protocol.cells()) == 21
-  assert sorted(p.stem for p in PAPER_FILES) == sorted(f"{d}_{n}" for d, n in protocol.cells())
+  assert len(schema.cells()) == 21
+  assert sorted(p.stem for p in PAPER_FILES) == sorted(f"{d}_{n}" for d, n in schema.cells())
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
@@ -51,10 +52,14 @@ def test_imagenet_smoke_says_streaming_is_not_supported(tmp_path):
     train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
 
 
-def test_fashion_mnist_mlp_config_shares_the_schema():
-  default = load_config(CONFIGS / "default.py")
+def test_fashion_mnist_mlp_is_the_default_job_on_other_data():
   for variant in ("", "smoke"):
-    assert set(load_config(CONFIGS / "fashion_mnist_mlp.py", variant).keys()) == set(default.keys())
+    default, fashion = (load_config(CONFIGS / name, variant).to_dict()
+                        for name in ("default.py", "fashion_mnist_mlp.py"))
+    assert (fashion["dataset"], fashion["data_source"]) == ("fashion_mnist", "idx")
+    assert fashion["model_options"]["width"] == (32 if variant else 1024)
+    fashion["model_options"]["width"] = default["model_options"]["width"]
+    assert {**fashion, "dataset": default["dataset"], "data_source": default["data_source"]} == default
 
 
 @pytest.mark.skipif(not pathlib.Path("/usr/share/datasets/fashion-mnist").exists(),

@@ -3,7 +3,7 @@
     python -m nc_jax.train --config configs/paper/cifar100_densenet250.py --workdir DIR
 """
 
-from nc_jax.training.protocol import paper_config
+from nc_jax.schema import paper_config
 
 
 def get_config(variant: str = ""):

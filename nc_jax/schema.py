@@ -1,0 +1,477 @@
+"""The one config schema: every key of a training config, what it means, its default, and the checks on its value.
+
+``base_config`` declares every key (commented below, in one place) at the paper's protocol values;
+configs/default.py, configs/fashion_mnist_mlp.py and the paper's 21 cells (configs/paper/*.py, through
+``paper_config``) are built from it. ``model_options`` holds every constructor option of the configured model,
+so each one can be set on the command line (``--config.model_options.fixed_etf=True``,
+``--config.model_options.block_sizes="(1,1,1)"``); ml_collections refuses keys a config does not declare.
+
+The trainer calls ``validate(config)`` before it writes anything and ``validate_sizes(config, ...)`` once the
+data are loaded (still before writing). A refused value raises ``ConfigError`` with one line that names the key,
+says what is wrong and what to set instead, e.g. ``config.num_epochs = -3: must be an integer >= 1``.
+
+Light: imports ml_collections and the standard library only (no JAX), so launchers and tests can build and check
+configs in milliseconds. The name tables below copy what nc_jax.data, nc_jax.models and nc_jax.training define;
+tests/test_schema.py keeps them equal.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+
+class ConfigError(ValueError):
+  """A config value the trainer cannot use; the message is one line: the key, what is wrong, what to set."""
+
+
+# ----------------------------------------------------------------- names the code knows
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "stl10", "imagenet2012", "mnist1d",
+            "synthetic")  # nc_jax.data.DATASETS
+GENERATED_DATASETS = ("mnist1d", "synthetic")  # made offline; data_source is not used for them
+IDX_DATASETS = ("mnist", "fashion_mnist")  # the ones data_source='idx' (MNIST-format files) can read
+DATA_SOURCES = ("tfds", "idx", "generated")  # nc_jax.data.SOURCES
+STANDARDIZATIONS = ("global", "channel", "pixel", "none")  # nc_jax.data.preprocess.STANDARDIZATIONS
+LOSSES = ("cross_entropy", "mse")  # nc_jax.training.step.LOSSES
+COMPUTE_DTYPES = ("float32", "bfloat16")
+EPOCH_LOOPS = ("auto", "scan", "steps")
+STEMS = ("small", "imagenet")  # nc_jax.models.resnet.STEMS; VGG and DenseNet take the same two
+
+# ------------------------------------------------------------- every model and its options
+# Each model's constructor options (its flax dataclass fields but num_classes and dtype, which the trainer sets)
+# at the model's own defaults: the class defaults, overridden by the name's functools.partial.
+_POOL = "M"  # nc_jax.models.vgg.POOL: a 2x2 max-pool in a VGG layer list
+_VGG_LAYERS = {  # nc_jax.models.vgg.CONFIGS
+    11: (64, _POOL, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
+    13: (64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
+    16: (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, _POOL, 512, 512, 512, _POOL, 512, 512, 512, _POOL),
+    19: (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, 256, _POOL, 512, 512, 512, 512, _POOL,
+         512, 512, 512, 512, _POOL),
+}
+_VGG = {"stem": "small", "classifier_width": None, "width_multiplier": 1.0, "fixed_etf": False}
+_RESNET = {"stem": "small", "width": 64, "fixed_etf": False}
+_DENSENET_SMALL = {"stem": "small", "fixed_etf": False}
+_DENSENET_BC = {"bottleneck": True, "compression": 0.5}
+MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "mlp": {"width": 512, "depth": 3, "batch_norm": True, "fixed_etf": False},
+    "cnn": {"channels": (32, 64, 128), "width": 128, "fixed_etf": False},
+    **{f"vgg{depth}": {"config": layers, **_VGG} for depth, layers in _VGG_LAYERS.items()},
+    "resnet18": {"stage_sizes": (2, 2, 2, 2), **_RESNET},
+    "resnet34": {"stage_sizes": (3, 4, 6, 3), **_RESNET},
+    "resnet50": {"stage_sizes": (3, 4, 6, 3), **_RESNET},
+    "resnet101": {"stage_sizes": (3, 4, 23, 3), **_RESNET},
+    "resnet152": {"stage_sizes": (3, 8, 36, 3), **_RESNET},
+    "densenet40": {"block_sizes": (12, 12, 12), "growth_rate": 12, "bottleneck": False, "compression": 1.0,
+                   "init_features": 16, "stem": "small", "fixed_etf": False},
+    "densenet250": {"block_sizes": (41, 41, 41), "growth_rate": 24, **_DENSENET_BC, "init_features": 48,
+                    "stem": "small", "fixed_etf": False},
+    "densenet121": {"block_sizes": (6, 12, 24, 16), "growth_rate": 32, **_DENSENET_BC, "init_features": 64,
+                    "stem": "imagenet", "fixed_etf": False},
+    "densenet201": {"block_sizes": (6, 12, 48, 32), "growth_rate": 32, **_DENSENET_BC, "init_features": 64,
+                    "stem": "imagenet", "fixed_etf": False},
+}
+MODELS = tuple(MODEL_OPTIONS)  # nc_jax.models.NAMES
+# Constructor fields a config cannot hold: ResNet's block class (BasicBlock or Bottleneck) is picked by the name.
+FIXED_BY_NAME = ("block_cls",)
+# Options whose default None means "the model decides" (VGG: 512 wide with the small stem, 4096 with imagenet's);
+# declared as ml_collections placeholders of this type, so the command line can still set them.
+OPTIONAL_OPTIONS = {"classifier_width": int}
+_OPTION_MINIMUM = {"depth": 0}  # every other integer option (and tuple entry) must be >= 1
+
+# --------------------------------------------------------------------- the paper's grid
+# PAPER.md, "depths" (an unconfirmed recollection of the paper's table).
+NETS = {
+    "mnist": ("vgg11", "resnet18", "densenet40"),
+    "svhn_cropped": ("vgg11", "resnet18", "densenet40"),
+    "fashion_mnist": ("vgg11", "resnet18", "densenet250"),
+    "cifar10": ("vgg13", "resnet18", "densenet40"),
+    "cifar100": ("vgg13", "resnet50", "densenet250"),
+    "stl10": ("vgg13", "resnet50", "densenet250"),
+    "imagenet2012": ("vgg19", "resnet152", "densenet201"),
+}
+# Learning rates known to be the sweep's pick (PAPER.md); other cells default to the notebook's.
+KNOWN_LR = {("mnist", "resnet18"): 0.0679, ("cifar10", "resnet18"): 0.13025, ("cifar100", "resnet50"): 0.18045}
+NOTEBOOK_LR = 0.0679
+SMOKE_OPTIONS = {"vgg": {"classifier_width": 8, "width_multiplier": 1 / 16}, "resnet": {"width": 4},
+                 "densenet": {"growth_rate": 2}}
+
+
+def cells() -> list[tuple[str, str]]:
+  """The paper's 21 (dataset, net) cells, in PAPER.md's order."""
+  return [(dataset, net) for dataset, nets in NETS.items() for net in nets]
+
+
+# ------------------------------------------------------------------------- building
+def model_options_for(model: str, values: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+  """Every constructor option of ``model`` at the model's default, overridden by ``values``."""
+  if model not in MODEL_OPTIONS:
+    raise ConfigError(f"config.model = {model!r}: unknown model; choose one of {', '.join(MODELS)}")
+  values = dict(values or {})
+  for name, value in values.items():
+    if name not in MODEL_OPTIONS[model]:
+      raise ConfigError(f"config.model_options.{name} = {value!r}: not an option of {model}; "
+                        f"its options are {', '.join(MODEL_OPTIONS[model])}")
+  options = {}
+  for name, default in MODEL_OPTIONS[model].items():
+    value = values.get(name, default)
+    options[name] = config_dict.placeholder(OPTIONAL_OPTIONS[name]) if value is None else value
+  return ml_collections.ConfigDict(options)
+
+
+def base_config(*, dataset: str, data_source: str, model: str,
+                model_options: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+  """Every key of a training config at the paper's protocol values, for one dataset and model.
+
+  ``model_options`` override the model's defaults; every option of the model is declared either way.
+  """
+  options = model_options_for(model, model_options)
+  config = ml_collections.ConfigDict()
+  # --- data (nc_jax.data.load)
+  config.dataset = dataset  # one of DATASETS
+  config.data_source = data_source  # "tfds" (prepared ArrayRecord data), "idx" (MNIST-format files), "generated"
+  config.data_dir = ""  # tfds data_dir or IDX folder; "" = the source's default
+  config.per_class = "paper"  # int, "paper" (the paper's counts; smallest class for generated data) or None
+  #   (every example, unbalanced); from the command line as strings: --config.per_class=500 or =None
+  config.standardization = "global"  # "global" (the notebook's one mean/std), "channel", "pixel" or "none"
+  config.data_seed = 0  # seed of the balanced subsample (and of synthetic data)
+
+  # --- model (nc_jax.models.create)
+  config.model = model  # one of MODELS
+  config.model_options = options  # every constructor option of the model (MODEL_OPTIONS), overridable
+  config.compute_dtype = "float32"  # or "bfloat16" (params and BatchNorm statistics stay float32)
+
+  # --- optimisation: SGD with momentum, coupled weight decay, step decay (nc_jax.training.schedule)
+  config.loss = "cross_entropy"  # or "mse" (one-hot targets, mean over B x C as torch's MSELoss)
+  config.num_epochs = 350
+  config.batch_size = 128  # global, split over the devices: a multiple of their number
+  config.lr = NOTEBOOK_LR
+  config.momentum = 0.9
+  config.weight_decay = 5e-4
+  config.lr_decay_factor = 0.1  # lr is multiplied by this after each of lr_decay_epochs (> 1 raises it)
+  config.lr_decay_epochs = ()  # () = the paper's (num_epochs // 3, 2 * num_epochs // 3)
+  config.seed = 0  # init, batch order and the DeepFool inputs
+
+  # --- measurement (nc_jax.training.evaluate)
+  config.measure_epochs = ()  # () = the notebook's schedule, rescaled to num_epochs
+  # TPT starts at the first epoch whose training accuracy, accumulated in train mode over that
+  # epoch's batches (free; no extra pass), is >= this; that epoch is also measured.
+  config.tpt_threshold = 0.999
+  config.eval_batch_size = 1024  # batch of the eval-mode passes over train and test sets; a multiple of the devices
+  config.per_layer_nc = False  # also NC1 and NCC accuracy of every stage
+  config.deepfool_samples = 100  # DeepFool robustness on this many fixed test inputs per measurement (0 = off)
+
+  # --- checkpoints: at every measurement, at the last epoch, on SIGTERM, and on this cadence (whichever first)
+  config.keep_checkpoints = 3  # the newest this many are kept
+  config.checkpoint_every_epochs = 10  # epochs since the last checkpoint (0 disables this trigger)
+  config.checkpoint_every_seconds = 600.0  # wall seconds since the last checkpoint (0 disables this trigger)
+  # "DIR" or "DIR:EPOCH": when --workdir has no checkpoint of its own, start from that workdir's checkpoint of EPOCH
+  # (without it, its latest good one); "" = start afresh.
+  config.resume_from = ""
+
+  # --- devices
+  config.num_devices = 0  # 0 = every device of every process; n = the first n (tests)
+  config.epoch_loop = "auto"  # "scan" (one lax.scan per epoch), "steps" (host loop; auto on CPU for conv nets)
+  return config
+
+
+def paper_config(dataset: str, net: str, variant: str = "") -> ml_collections.ConfigDict:
+  """The paper's protocol for one cell; ``variant='smoke'`` is a seconds-long CPU run of the same code."""
+  if (dataset, net) not in cells():
+    raise ValueError(f"({dataset!r}, {net!r}) is not a cell of the paper's grid; cells: {cells()}")
+  imagenet = dataset == "imagenet2012"
+  stem = {} if net.startswith("densenet") else {"stem": "imagenet" if imagenet else "small"}  # DenseNets: by name
+  source = "idx" if dataset == "fashion_mnist" else "tfds"  # Fashion-MNIST: offline Debian files
+  config = base_config(dataset=dataset, data_source=source, model=net, model_options=stem)
+  config.num_epochs = 300 if imagenet else 350
+  config.lr = KNOWN_LR.get((dataset, net), NOTEBOOK_LR)
+  config.weight_decay = 1e-4 if imagenet else 5e-4
+  config.tpt_threshold = 0.996 if imagenet else 0.999
+  if variant == "smoke":
+    config.num_epochs = 2
+    config.per_class = None
+    config.batch_size = 8
+    config.eval_batch_size = 16
+    config.measure_epochs = (1, 2)
+    config.deepfool_samples = 4
+    family = next(f for f in SMOKE_OPTIONS if net.startswith(f))
+    config.model_options.update(SMOKE_OPTIONS[family])
+    if family == "densenet":
+      config.model_options.block_sizes = (1,) * (4 if imagenet else 3)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
+  return config
+
+
+# ----------------------------------------------------------------------- validation
+_REFERENCE = base_config(dataset="mnist1d", data_source="generated", model="mlp")  # the keys and their defaults
+_KEYS = tuple(_REFERENCE.keys())
+_MAX_SEED = 2**63 - 1  # jax.random.PRNGKey takes a C long
+
+
+def _fail(key: str, value: Any, requirement: str):
+  raise ConfigError(f"config.{key} = {value!r}: {requirement}")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(key: str, value, minimum: int, maximum: Optional[int] = None, note: str = "") -> None:
+  bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+  if not _is_int(value) or value < minimum or (maximum is not None and value > maximum):
+    _fail(key, value, f"must be an integer {bound}{note}")
+
+
+def _real(key: str, value, low: float, high: float = math.inf, *, low_open: bool = False,
+          high_open: bool = False, note: str = "") -> None:
+  """A finite number within the bounds; ints count (a config file may write lr = 1)."""
+  if high == math.inf:
+    bound = f"> {low:g}" if low_open else f">= {low:g}"
+  else:
+    bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+  ok = (_is_real(value) and math.isfinite(value) and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high))
+  if not ok:
+    _fail(key, value, f"must be a finite number {bound}{note}")
+
+
+def _choice(key: str, value, choices: tuple[str, ...], note: str = "") -> None:
+  if not isinstance(value, str) or value not in choices:
+    _fail(key, value, f"must be one of {', '.join(repr(c) for c in choices)}{note}")
+
+
+def _boolean(key: str, value) -> None:
+  if not isinstance(value, bool):
+    _fail(key, value, "must be True or False")
+
+
+def _string(key: str, value, note: str = "") -> None:
+  if not isinstance(value, str):
+    _fail(key, value, f"must be a string{note}")
+
+
+def _epochs(key: str, value, num_epochs: int, *, ascending: bool, meaning: str) -> None:
+  order = "strictly increasing " if ascending else ""
+  requirement = f"must be a tuple of {order}integers in [1, num_epochs={num_epochs}], or () for {meaning}"
+  if not isinstance(value, (tuple, list)) or not all(_is_int(e) and 1 <= e <= num_epochs for e in value):
+    _fail(key, value, requirement)
+  if ascending and any(a >= b for a, b in zip(value, value[1:])):
+    _fail(key, value, requirement)
+
+
+def _per_class(value) -> None:
+  """As nc_jax.training.loop reads it: None, 'paper', an int, or those spelled as strings (the command line's)."""
+  if value is None or value == "paper":
+    return
+  if isinstance(value, str) and value.lower() == "none":
+    return
+  if isinstance(value, str) and value.isdigit():
+    value_int = int(value)
+  else:
+    value_int = value if _is_int(value) else None
+  if value_int is None or value_int < 1:
+    _fail("per_class", value, "must be an integer >= 1 (examples per class), 'paper' (the paper's counts) or None "
+          "(every example, unbalanced)")
+
+
+def _resume_from(value) -> None:
+  _string("resume_from", value, ": '' (off), 'DIR' or 'DIR:EPOCH'")
+  if ":" not in value:
+    return
+  directory, _, epoch = value.rpartition(":")
+  if not directory or not epoch.isdigit() or int(epoch) < 1:
+    _fail("resume_from", value, "must be '' (off), 'DIR' (its latest good checkpoint) or 'DIR:EPOCH' with EPOCH an "
+          "integer >= 1 (a workdir whose name holds ':' cannot be named here: link it under another name)")
+
+
+def _option(model: str, name: str, value, default) -> None:
+  key = f"model_options.{name}"
+  minimum = _OPTION_MINIMUM.get(name, 1)
+  if name in OPTIONAL_OPTIONS:
+    if value is not None:
+      _integer(key, value, minimum, note=f", or None ({model} decides)")
+  elif isinstance(default, bool):
+    _boolean(key, value)
+  elif isinstance(default, int):
+    _integer(key, value, minimum)
+  elif isinstance(default, float):
+    _real(key, value, 0.0, low_open=True)
+  elif name == "stem":
+    _choice(key, value, STEMS)
+  elif isinstance(default, str):
+    _string(key, value)
+  elif name == "config":  # VGG's layer list
+    if (not isinstance(value, (tuple, list)) or not value
+        or not all(e == _POOL or (_is_int(e) and e >= 1) for e in value)):
+      _fail(key, value, f"must be a non-empty tuple of conv widths (integers >= 1) and {_POOL!r} (a max-pool), "
+            f"e.g. --config.{key}=\"(64,'M',128,'M')\"")
+  elif isinstance(default, tuple):
+    if not isinstance(value, (tuple, list)) or not value or not all(_is_int(e) and e >= minimum for e in value):
+      _fail(key, value, f"must be a non-empty tuple of integers >= {minimum}, e.g. --config.{key}=\"{default}\"")
+  else:  # a default of a kind the checks above do not know: the table and this function are out of step
+    raise TypeError(f"nc_jax.schema has no check for option {name!r} = {default!r}")
+  if name == "compression" and value > 1:
+    _fail(key, value, "must be in (0, 1] (the fraction of channels a DenseNet transition keeps)")
+
+
+def _model_options(model: str, options) -> None:
+  if not isinstance(options, Mapping) and not isinstance(options, ml_collections.ConfigDict):
+    _fail("model_options", options, f"must be a ConfigDict of {model}'s options (nc_jax.schema.model_options_for({model!r}))")
+  declared = MODEL_OPTIONS[model]
+  for name in options.keys():
+    if name not in declared:
+      _fail(f"model_options.{name}", options[name],
+            f"not an option of {model} (its options: {', '.join(declared)}); model_options come with the config "
+            f"file's model, so for another model use a config file of it or nc_jax.schema.model_options_for({model!r})")
+  for name, default in declared.items():
+    if name not in options.keys():
+      raise ConfigError(f"config.model_options.{name} is missing: declare every option of {model} "
+                        f"(build model_options with nc_jax.schema.model_options_for({model!r}, ...))")
+    _option(model, name, options[name], default)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line: key, what is wrong, the fix) for the first value the trainer cannot use.
+
+  Checks every key's type and range, the choices (dataset, source, model and its options, loss, ...), the
+  epochs lists against num_epochs, and that the config has exactly the keys of ``base_config``. Checks that
+  need the data (sizes) are ``validate_sizes``'s.
+  """
+  keys = list(config.keys())
+  for key in keys:
+    if key not in _KEYS:
+      close = difflib.get_close_matches(key, _KEYS, n=1)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      _fail(key, config[key], f"not a config key; {hint}the keys are nc_jax.schema.base_config's")
+  for key in _KEYS:
+    if key not in keys:
+      default = _REFERENCE[key] if key != "model_options" else "nc_jax.schema.model_options_for(model)"
+      raise ConfigError(f"config.{key} is missing: add it (default: config.{key} = {default!r}); "
+                        "nc_jax.schema.base_config declares every key")
+  c = {key: config[key] for key in keys}
+
+  # data
+  _choice("dataset", c["dataset"], DATASETS)
+  _choice("data_source", c["data_source"], DATA_SOURCES)
+  if c["dataset"] not in GENERATED_DATASETS and c["data_source"] == "generated":
+    _fail("data_source", c["data_source"], f"only {' and '.join(GENERATED_DATASETS)} are generated; for "
+          f"{c['dataset']} choose 'tfds'" + (" or 'idx'" if c["dataset"] in IDX_DATASETS else ""))
+  if c["dataset"] not in GENERATED_DATASETS and c["data_source"] == "idx" and c["dataset"] not in IDX_DATASETS:
+    _fail("data_source", c["data_source"], f"'idx' reads MNIST-format files ({', '.join(IDX_DATASETS)}); "
+          f"for {c['dataset']} choose 'tfds'")
+  _string("data_dir", c["data_dir"], " ('' = the source's default folder)")
+  _per_class(c["per_class"])
+  _choice("standardization", c["standardization"], STANDARDIZATIONS)
+  _integer("data_seed", c["data_seed"], 0, _MAX_SEED)
+
+  # model
+  _choice("model", c["model"], MODELS)
+  _model_options(c["model"], c["model_options"])
+  _choice("compute_dtype", c["compute_dtype"], COMPUTE_DTYPES)
+
+  # optimisation
+  _choice("loss", c["loss"], LOSSES)
+  _integer("num_epochs", c["num_epochs"], 1)
+  _integer("batch_size", c["batch_size"], 1)
+  _real("lr", c["lr"], 0.0, low_open=True)
+  _real("momentum", c["momentum"], 0.0, 1.0, high_open=True)
+  _real("weight_decay", c["weight_decay"], 0.0)
+  _real("lr_decay_factor", c["lr_decay_factor"], 0.0, low_open=True, note=" (0.1 = the paper's; 1 = no decay)")
+  _epochs("lr_decay_epochs", c["lr_decay_epochs"], c["num_epochs"], ascending=True,
+          meaning="the paper's (num_epochs // 3, 2 * num_epochs // 3)")
+  _integer("seed", c["seed"], 0, _MAX_SEED)
+
+  # measurement
+  _epochs("measure_epochs", c["measure_epochs"], c["num_epochs"], ascending=False,
+          meaning="the notebook's schedule")
+  _real("tpt_threshold", c["tpt_threshold"], 0.0, 1.0, low_open=True, note=" (a training accuracy)")
+  _integer("eval_batch_size", c["eval_batch_size"], 1)
+  _boolean("per_layer_nc", c["per_layer_nc"])
+  _integer("deepfool_samples", c["deepfool_samples"], 0, note=" (0 = off)")
+
+  # checkpoints
+  _integer("keep_checkpoints", c["keep_checkpoints"], 1)
+  _integer("checkpoint_every_epochs", c["checkpoint_every_epochs"], 0, note=" (0 = no epoch cadence)")
+  _real("checkpoint_every_seconds", c["checkpoint_every_seconds"], 0.0, note=" (0 = no time cadence)")
+  _resume_from(c["resume_from"])
+
+  # devices
+  _integer("num_devices", c["num_devices"], 0, note=" (0 = every device)")
+  _choice("epoch_loop", c["epoch_loop"], EPOCH_LOOPS)
+
+
+def validate_sizes(config: ml_collections.ConfigDict, *, num_train: int, num_test: int, num_devices: int) -> None:
+  """Raises ConfigError for sizes that do not fit the loaded data and the mesh (after ``validate``).
+
+  num_train / num_test: examples in the (balanced) training set and the test set; num_devices: the mesh's size.
+  Training batches (batch_size) and eval batches (eval_batch_size; the last one is padded, so N need not divide)
+  are split along the mesh, so both must be multiples of the device count.
+  """
+  if config.num_devices and config.num_devices != num_devices:
+    _fail("num_devices", config.num_devices, f"only {num_devices} devices are visible; set 0 (all) or at most "
+          f"{num_devices}")
+
+  def multiple(key: str, value: int) -> None:
+    if value % num_devices:
+      lower, upper = value // num_devices * num_devices, -(-value // num_devices) * num_devices
+      choices = f"{lower} or {upper}" if lower else f"{upper}"
+      _fail(key, value, f"must be a multiple of the {num_devices} devices it is split over, e.g. {choices}")
+
+  multiple("batch_size", config.batch_size)
+  if config.batch_size > num_train:
+    largest = num_train // num_devices * num_devices
+    _fail("batch_size", config.batch_size, f"the training set has only {num_train} examples; " + (
+        f"choose at most {largest} (or more per_class)" if largest else
+        f"that is fewer than the {num_devices} devices: use more per_class or fewer num_devices"))
+  multiple("eval_batch_size", config.eval_batch_size)
+  if config.deepfool_samples > num_test:
+    _fail("deepfool_samples", config.deepfool_samples, f"the test set has only {num_test} examples; choose at most "
+          f"{num_test} (0 = off)")
+
+
+# ------------------------------------------------------------------- older run directories
+# Keys that say how a run is kept, not what it computes: changing them between a run and its rerun leaves the
+# results as they are (a launcher comparing a workdir's config.json with a new command may ignore them).
+OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_every_seconds", "resume_from")
+
+
+def fill_defaults(values: Mapping[str, Any]) -> dict:
+  """A config as JSON-ready values (e.g. an older run's config.json) with every key it lacks at its default.
+
+  Top-level keys come from ``base_config``; model options the dict lacks, at its model's defaults (for a known
+  model). Values it has are kept as they are.
+  """
+  filled = dict(values)
+  for key, default in json.loads(_REFERENCE.to_json()).items():
+    filled.setdefault(key, default)
+  if filled["model"] in MODEL_OPTIONS and isinstance(filled["model_options"], Mapping):
+    defaults = json.loads(model_options_for(filled["model"]).to_json())
+    filled["model_options"] = {**defaults, **filled["model_options"]}
+  return filled
+
+
+def changed_keys(previous: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+  """Top-level keys whose values differ in a way that changes a run's results.
+
+  ``previous`` (e.g. an older config.json) is read with today's defaults for the keys
+  it lacks; ``OPERATIONAL_KEYS`` (checkpointing, resume_from) never count.
+  """
+  previous = fill_defaults(previous) if "model" in previous and "model_options" in previous else dict(previous)
+  return sorted(k for k in set(previous) | set(requested)
+                if k not in OPERATIONAL_KEYS and previous.get(k) != requested.get(k))
+
+
+__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "KNOWN_LR", "LOSSES",
+           "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "STANDARDIZATIONS", "STEMS",
+           "base_config", "cells", "changed_keys", "fill_defaults", "model_options_for", "paper_config", "validate", "validate_sizes"]
