@@ -29,6 +29,9 @@ import sys
 import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # nc_jax.records (no JAX), also when not installed
+from nc_jax import records, schema  # noqa: E402
+
 PAPER_CONFIGS = REPO / "configs" / "paper"
 # Workdirs are relative to the caller's directory; the package is found even when not installed.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -47,10 +50,22 @@ def cell_config(cell: str) -> pathlib.Path:
 
 
 def learning_rates(args) -> list[float]:
-  if args.lrs:
-    return [float(x) for x in args.lrs.split(",")]
-  if args.lr_indices:
-    return [SWEEP[int(i)] for i in args.lr_indices.split(",")]
+  """--lrs values, or --lr-indices into the 25-value sweep, or the whole sweep; SystemExit (one line) if bad."""
+  try:
+    if args.lrs:
+      values = [float(x) for x in args.lrs.split(",")]
+      if not all(0 < v < float("inf") for v in values):
+        raise ValueError
+      return values
+    if args.lr_indices:
+      indices = [int(i) for i in args.lr_indices.split(",")]
+      if not all(0 <= i < len(SWEEP) for i in indices):
+        raise ValueError
+      return [SWEEP[i] for i in indices]
+  except ValueError:
+    given = f"--lrs {args.lrs}" if args.lrs else f"--lr-indices {args.lr_indices}"
+    raise SystemExit(f"error: {given}: give comma-separated positive numbers for --lrs, or indices in "
+                     f"0..{len(SWEEP) - 1} of the paper's sweep for --lr-indices") from None
   return list(SWEEP)
 
 
@@ -86,30 +101,29 @@ def requested_config(line: list[str]) -> dict:
 
 def changed_keys(workdir: pathlib.Path, line: list[str]) -> list[str]:
   """Config keys where the run already in ``workdir`` differs from the one ``line`` asks for ([] if none there)."""
-  path = workdir / "config.json"
-  if not path.exists():
+  previous = records.read_config(workdir)
+  if not previous:
     return []
-  previous, requested = json.loads(path.read_text()), requested_config(line)
-  return sorted(k for k in set(previous) | set(requested) if previous.get(k) != requested.get(k))
+  return schema.changed_keys(previous, requested_config(line))
 
 
 def finished(workdir: pathlib.Path) -> bool:
-  metrics, config = workdir / "metrics.jsonl", workdir / "config.json"
-  if not (metrics.exists() and config.exists()):
+  """True for a run whose records reach its num_epochs; a run whose records cannot be read is not finished."""
+  try:
+    return records.finished(workdir)
+  except records.RecordsError as error:
+    print(f"     {error}", file=sys.stderr, flush=True)
     return False
-  lines = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()]
-  return bool(lines) and lines[-1]["epoch"] >= json.loads(config.read_text())["num_epochs"]
 
 
 def _summary(run_dir: pathlib.Path) -> dict:
   """The numbers a sweep is compared by, from a finished run's config and last measurement."""
-  last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-  config = json.loads((run_dir / "config.json").read_text())
-  tpt_start = last.get("tpt_start_epoch", -1)
+  run = records.read(run_dir)
+  last, config = run[-1], records.read_config(run_dir)
   return {"run": str(run_dir), "lr": float(config["lr"]), "num_epochs": int(config["num_epochs"]),
           "final_test_acc": float(last["test_acc"]),
           "final_train_acc": float(last["train_acc"]), "final_nc1": float(last["nc1"]),
-          "tpt_start_epoch": tpt_start if tpt_start and tpt_start > 0 else None}
+          "tpt_start_epoch": records.tpt_start(run)}
 
 
 def select(root: pathlib.Path) -> dict:

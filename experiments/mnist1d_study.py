@@ -12,22 +12,22 @@ the NC2/NC3/NC4 numbers at the end, and test accuracy at the TPT start and the e
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # nc_jax.records (no JAX), also when not installed
+from nc_jax import records  # noqa: E402
 DEFAULT_SHAPES = "128x3,512x3,2048x3,512x1,512x2,512x4"
 
 
 def summary_row(run_dir: pathlib.Path, width: int, depth: int) -> str:
-  records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-  first, last = records[0], records[-1]
-  tpt = last.get("tpt_start_epoch", -1)
-  at_tpt = next((r for r in records if tpt > 0 and r["epoch"] >= tpt), None)
+  run = records.read(run_dir)
+  first, last = run[0], run[-1]
+  tpt, at_tpt = records.tpt_start(run), records.first_in_tpt(run)
   tpt_acc = f"{100 * at_tpt['test_acc']:.1f}" if at_tpt else "-"
-  return (f"| {width} | {depth} | {tpt if tpt > 0 else 'not reached'} | {first['nc1']:.3g} | {last['nc1']:.3g} | "
+  return (f"| {width} | {depth} | {tpt or 'not reached'} | {first['nc1']:.3g} | {last['nc1']:.3g} | "
           f"{first['nc1'] / last['nc1']:.0f}x | {last['equinorm_means']:.3f} | {last['equiangular_means']:.3f} | "
           f"{last['self_duality']:.3f} | {last['ncc_mismatch']:.4f} | {tpt_acc} | {100 * last['test_acc']:.1f} |")
 

@@ -23,6 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nc_jax import records as records_lib, schema  # noqa: E402
+
 # (file stem, title, [(metrics key, label)], log scale) in the paper's order.
 FIGURES = (
     ("fig1_train_error", "Training error", [("train_error", "train error")], True),
@@ -48,14 +50,12 @@ class Run:
 
   @property
   def tpt_start(self) -> Optional[int]:
-    starts = [r.get("tpt_start_epoch", -1) for r in self.records]
-    positive = [s for s in starts if s and s > 0]
-    return positive[-1] if positive else None
+    return records_lib.tpt_start(self.records)
 
   @property
   def first_in_tpt(self) -> Optional[dict]:
     """The first measurement at or after the TPT start (the TPT start itself for runs that measure it)."""
-    return next((r for r in self.records if self.tpt_start and r["epoch"] >= self.tpt_start), None)
+    return records_lib.first_in_tpt(self.records)
 
   def series(self, key):
     points = [(r["epoch"], _number(r.get("train_acc"), invert=True) if key == "train_error" else _number(r.get(key)))
@@ -63,28 +63,31 @@ class Run:
     return [(e, v) for e, v in points if v is not None]
 
 
-def _number(value, invert=False):
-  if value is None:
-    return None
-  value = float(value)  # "nan"/"inf" strings from the writer parse too
-  if invert:
-    value = 1.0 - value
-  return value if math.isfinite(value) else None
+_number = records_lib.number
+
+
+def _named_options(config: dict) -> dict:
+  """The model options worth a run's name: width and depth, and any other option off its default."""
+  options = config.get("model_options") or {}
+  model = config.get("model")
+  defaults = json.loads(schema.model_options_for(model).to_json()) if model in schema.MODEL_OPTIONS else {}
+  return {k: v for k, v in options.items() if k in ("width", "depth") or k not in defaults or defaults[k] != v}
 
 
 def load_run(directory: str) -> Run:
+  """A run directory's records (through nc_jax.records: a torn last line is dropped with a warning) and config."""
   directory = pathlib.Path(directory)
-  path = directory / "metrics.jsonl"
-  if not path.exists():
+  if not (directory / records_lib.METRICS_FILE).exists():
     raise FileNotFoundError(f"{directory} has no metrics.jsonl: is it a run directory of python -m nc_jax.train?")
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = records_lib.read(directory)
   if not records:
-    raise ValueError(f"{path} is empty: the run has not reached its first measurement yet")
-  config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").exists() else {}
-  options = ", ".join(f"{k} {v}" for k, v in sorted((config.get("model_options") or {}).items()))
+    raise ValueError(f"{directory / records_lib.METRICS_FILE} is empty: the run has not reached its first "
+                     "measurement yet")
+  config = records_lib.read_config(directory)
+  options = ", ".join(f"{k} {v}" for k, v in sorted(_named_options(config).items()))
   name = (f"{config.get('dataset', '?')} / {config.get('model', '?')}{f' ({options})' if options else ''}, "
           f"lr {config.get('lr', '?')}") if config else directory.name
-  return Run(name, directory, sorted(records, key=lambda r: r["epoch"]), config)
+  return Run(name, directory, records, config)
 
 
 def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, out: pathlib.Path) -> Optional[str]:

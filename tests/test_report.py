@@ -105,3 +105,26 @@ def test_grid_prints_the_paper_sweep_commands(capsys):
   grid.main(["print", "--root", "/tmp/r", "--cells", "cifar10_resnet18", "--lr-indices", "0,24"])
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2 and "configs/paper/cifar10_resnet18.py" in lines[0] and "--config.lr=0.25" in lines[1]
+
+
+@pytest.mark.parametrize("arguments", [["--lr-indices", "99"], ["--lrs", "abc"], ["--lrs", "-0.1"]])
+def test_grid_bad_learning_rates_are_one_line(arguments):
+  with pytest.raises(SystemExit, match="^error: --lr.*comma-separated positive numbers"):
+    grid.main(["print", "--root", "/tmp/r", "--cells", "cifar10_resnet18", *arguments])
+
+
+def test_a_torn_run_is_reported_as_far_as_it_goes_and_a_broken_one_does_not_stop_the_grid(two_runs, tmp_path, capsys):
+  root = tmp_path / "root"
+  shutil.copytree(two_runs / "default", root / "default")
+  torn = root / "default" / "lr_0.05" / "metrics.jsonl"
+  whole = report.load_run(torn.parent).records
+  torn.write_text(torn.read_text() + '{"epoch": 9, "nc1"')  # a write cut short
+  assert report.load_run(torn.parent).records == whole and whole[-1]["epoch"] == 8
+  assert "torn last line" in capsys.readouterr().err
+  broken = root / "default" / "lr_0.1" / "metrics.jsonl"
+  lines = broken.read_text().splitlines(keepends=True)
+  broken.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+  choice = grid.select(root)["default"]  # the broken run is named and left out; the others still compete
+  assert choice["lr"] == 0.05 and choice["finished_runs"] == 1
+  assert "lr_0.1/metrics.jsonl, line 2: not a JSON record" in capsys.readouterr().err
+  assert report.main([str(broken.parent), "--out", str(tmp_path / "out")]) == 1
