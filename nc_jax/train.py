@@ -2,14 +2,20 @@
 
 Trains a net into the terminal phase, measuring Neural Collapse in-graph; writes
 config.json, metrics.jsonl, tpt.json and checkpoints/ to DIR. Rerunning the same
-command resumes from the latest checkpoint. Multi-host: pass --coordinator_address,
---num_processes and --process_id (detected automatically on TPU VMs and SLURM).
+command resumes from the latest good checkpoint. ``--resume_from OTHER[:EPOCH]``
+starts DIR from another run's checkpoint (e.g. with a lower lr after a
+divergence). Multi-host: pass --coordinator_address, --num_processes and
+--process_id (detected automatically on TPU VMs and SLURM).
+
+Exit codes: 0 done, 1 refused or failed (one line on stderr saying why and what
+to do), 2 bad command line, 130 SIGINT / 143 SIGTERM after checkpointing.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -20,11 +26,48 @@ DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (get_config), optionally FILE:variant.")
 flags.DEFINE_string("workdir", "workdirs/default", "Where config.json, metrics.jsonl and checkpoints/ go.")
 flags.DEFINE_bool("overwrite", False, "Discard a previous run with a different config in --workdir.")
+flags.DEFINE_string("resume_from", None, "OTHER_WORKDIR[:EPOCH]: start from that run's checkpoint (latest good "
+                    "one without EPOCH) when --workdir has none; sets config.resume_from.")
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectives backend for multi-process CPU runs.")
 FLAGS = flags.FLAGS
+
+
+def _fail(message: str, code: int = 1) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _one_line(error: BaseException) -> str:
+  """An exception's message as one line: the last line of an embedded traceback, else all lines joined."""
+  text = str(error).strip()
+  if "Traceback (most recent call last)" in text:
+    return text.splitlines()[-1].strip()
+  return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with each mistake (missing config file, unknown key, bad value) as one line."""
+  try:
+    remaining = FLAGS(argv)
+    FLAGS.config.get("model")  # config_flags defers a failed load to the first use: fail here instead
+    return remaining
+  except flags.Error as error:
+    message = _one_line(error)
+  except (AttributeError, KeyError) as error:  # ml_collections: an override of an undeclared key
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")  # a KeyError's repr inside an AttributeError
+    lines = [line.strip().strip("'\"").strip() for line in text.splitlines() if line.strip().strip("'\"")]
+    name = lines[0] if lines else "?"
+    key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=")[0].split(".")),
+               f"--config.{name}")
+    hint = " ".join(lines[1:]).strip() or "see the config file (and nc_jax/schema.py) for the keys it declares"
+    message = f"{key}: no such config key; {hint}"
+  except Exception as error:  # noqa: BLE001  (a config file that does not load: missing, or raising)
+    reason = next((line.strip() for line in str(error).splitlines() if "Errno" in line), _one_line(error))
+    message = f"cannot load the config: {reason}"
+  _fail(message, 2)
 
 
 def _cluster_detected() -> bool:
@@ -39,7 +82,7 @@ def _initialize_distributed() -> None:
 
   if FLAGS.coordinator_address or FLAGS.num_processes:
     if None in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
-      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+      _fail("--coordinator_address, --num_processes and --process_id go together", 2)
     if jax.config.jax_platforms in (None, "", "cpu") and FLAGS.cpu_collectives:
       jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -47,22 +90,84 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _quiet_closed_event_loops(hook):
+  """An unraisable-exception hook that drops "Event loop is closed" (orbax's threads after a failed save)."""
+  def quiet(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+      hook(unraisable)
+  return quiet
+
+
+def _os_error(error: BaseException):
+  """The OSError behind an exception (orbax wraps them), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def rerun_command(argv: list[str], *, workdir: str, resume_from: str, lr: float) -> str:
+  """``argv`` as a command with another --workdir, --resume_from and --config.lr (the advice after a divergence)."""
+  replaced = ("--workdir", "--resume_from", "--config.lr", "--overwrite", "--nooverwrite", "--config.resume_from")
+  kept, skip = [], False
+  for argument in argv[1:]:
+    if skip:
+      skip = False
+      continue
+    name = argument.split("=")[0]
+    if name in replaced:
+      skip = "=" not in argument and name not in ("--overwrite", "--nooverwrite")
+      continue
+    kept.append(argument)
+  return shlex.join([sys.executable, "-m", "nc_jax.train", *kept, "--workdir", workdir, "--resume_from",
+                     resume_from, f"--config.lr={lr:.3g}"])
+
+
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    _fail(f"unexpected arguments {argv[1:]}", 2)
+  # orbax logs every save at INFO, and a failed background save at ERROR from several threads, with tracebacks;
+  # every failure reaches main() as an exception and is reported there, in one line.
+  logging.set_verbosity(logging.FATAL)
+  sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
   _initialize_distributed()
-  from nc_jax.training import Preempted, train_and_evaluate
+  from nc_jax import records, schema
+  from nc_jax.training import Diverged, Preempted, train_and_evaluate
+  from nc_jax.training.workdir import WorkdirError
 
+  config = FLAGS.config
+  if FLAGS.resume_from is not None:
+    config.resume_from = FLAGS.resume_from
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    train_and_evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except Preempted as stopped:
     print(stopped, flush=True)
-    sys.exit(143)
-  except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as error:
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(130 if stopped.signal_name == "SIGINT" else 143)
+  except KeyboardInterrupt:
+    _fail("interrupted twice; stopped without a final checkpoint. Rerun the command to resume from the last one", 130)
+  except Diverged as diverged:
+    if diverged.last_good_epoch is None:
+      _fail(str(diverged))
+    new_workdir = f"{FLAGS.workdir.rstrip('/')}_lr{diverged.lr / 10:.3g}"
+    command = rerun_command(sys.argv, workdir=new_workdir, resume_from=f"{FLAGS.workdir}:{diverged.last_good_epoch}",
+                            lr=diverged.lr / 10)
+    _fail(f"training loss is {diverged.loss} at epoch {diverged.epoch}; stopped. The last good checkpoint is epoch "
+          f"{diverged.last_good_epoch}; to go on from it with a 10x lower lr: {command}")
+  except (schema.ConfigError, WorkdirError, records.RecordsError) as error:
+    _fail(str(error))
+  except Exception as error:  # noqa: BLE001  (one line for the user; the traceback helps nobody here)
+    os_error = _os_error(error)
+    if os_error is not None:
+      where = f" ({os_error.filename})" if os_error.filename else ""
+      _fail(f"{_one_line(os_error) if os_error.strerror is None else os_error.strerror}{where}; nothing already "
+            "written is lost: free space or fix permissions, then rerun the same command to resume")
+    if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
+      _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    raise
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

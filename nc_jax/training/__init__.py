@@ -1,5 +1,5 @@
-"""nc_jax.training: the pure train step, in-graph evaluation, checkpoints and the training loop."""
+"""nc_jax.training: the pure train step, in-graph evaluation, checkpoints, the run directory and the loop."""
 
-from nc_jax.training.loop import Preempted, train_and_evaluate
+from nc_jax.training.loop import Diverged, Preempted, train_and_evaluate
 
-__all__ = ["Preempted", "train_and_evaluate"]
+__all__ = ["Diverged", "Preempted", "train_and_evaluate"]

@@ -1,65 +1,116 @@
 """train_and_evaluate: train into the terminal phase and measure Neural Collapse as it happens.
 
-Banner sections: workdir -> mesh -> data -> model and optimiser -> state ->
-resume -> jitted steps -> loop (epoch, evaluation, checkpoint).
+Banner sections: config -> mesh -> data -> workdir (lock, config.json) -> model
+and optimiser -> state -> resume -> jitted steps -> loop (epoch, evaluation,
+checkpoint). Everything that can be refused (config values, sizes, the workdir)
+is checked before anything is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import pathlib
-import shutil
 import signal
+import sys
 import time
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nc_jax import data, models
+from nc_jax import data, models, records as records_lib, schema
 from nc_jax.data import device
-from nc_jax.metrics import raise_if_invalid
-from nc_jax.training import checkpoints, evaluate as evaluate_lib, schedule, step as step_lib, writer as writer_lib
+from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
+from nc_jax.training import checkpoints, evaluate as evaluate_lib, schedule, step as step_lib
+from nc_jax.training import workdir as workdir_lib
 
 SUMMARY_KEYS = ("nc1", "equinorm_means", "equiangular_means", "self_duality", "ncc_mismatch")
+# Config keys that change what a run does around its compiled functions, not the functions themselves.
+RUN_ONLY_KEYS = ("measure_epochs", "checkpoint_every_epochs", "checkpoint_every_seconds", "keep_checkpoints",
+                 "resume_from", "tpt_threshold", "deepfool_samples", "data_dir")
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; the state was checkpointed at the end of ``epoch``."""
+  """SIGTERM or SIGINT arrived; the state was checkpointed at the end of ``epoch``."""
 
-  def __init__(self, epoch: int):
-    super().__init__(f"stopped by SIGTERM after epoch {epoch}; checkpoint saved, rerun the command to resume")
-    self.epoch = epoch
+  def __init__(self, epoch: int, signal_name: str = "SIGTERM"):
+    super().__init__(f"stopped by {signal_name} after epoch {epoch}; checkpoint saved, rerun the command to resume")
+    self.epoch, self.signal_name = epoch, signal_name
+
+
+class Diverged(FloatingPointError):
+  """The training loss (or the state) became non-finite; ``last_good_epoch`` is the newest checkpoint or None."""
+
+  def __init__(self, epoch: int, loss: float, workdir: pathlib.Path, last_good_epoch: Optional[int], lr: float):
+    self.epoch, self.loss, self.workdir, self.last_good_epoch, self.lr = epoch, loss, workdir, last_good_epoch, lr
+    if last_good_epoch is None:
+      advice = ("no checkpoint was written before it; lower --config.lr and rerun (this workdir holds no "
+                "result, so the changed config is accepted)")
+    else:
+      advice = (f"the last good checkpoint is epoch {last_good_epoch}; go on from it with a lower lr in a new "
+                f"workdir: --workdir {workdir}_lr{lr / 10:.3g} --resume_from {workdir}:{last_good_epoch} "
+                f"--config.lr={lr / 10:.3g}")
+    super().__init__(f"training loss is {loss} at epoch {epoch}; stopping. {advice}")
+
+
+class Program(NamedTuple):
+  """What a config compiles to: the model, its lr schedule, and the jitted functions of a run."""
+
+  model: Any
+  learning_rate: Any
+  init: Any
+  abstract_state: Any
+  train_epoch: Any
+  evaluate: Any
+  all_finite: Any
+
+
+@functools.lru_cache(maxsize=4)
+def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps_per_epoch: int) -> Program:
+  """Builds (and caches, so reruns in one process reuse the compiled code) a config's model and functions."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  model = models.create(config.model, num_classes, dtype=jnp.dtype(config.compute_dtype),
+                        **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model_options.items()})
+  decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
+  learning_rate = schedule.learning_rate(config.lr, steps_per_epoch, decay_after, config.lr_decay_factor)
+  tx = schedule.sgd(learning_rate, config.momentum, config.weight_decay)
+  loss_fn = step_lib.loss_function(config.loss)
+  replicated = device.replicated(mesh)
+  init = jax.jit(functools.partial(step_lib.create_state, model, tx, input_shape, config.seed),
+                 out_shardings=replicated)
+  abstract_state = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), jax.eval_shape(init))
+  epoch_loop = config.epoch_loop
+  if epoch_loop == "auto":
+    epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
+  if epoch_loop == "scan":
+    train_epoch = jax.jit(functools.partial(
+        step_lib.train_epoch, model=model, tx=tx, loss_fn=loss_fn, batch_size=config.batch_size,
+        seed=config.seed, mesh=mesh), donate_argnums=0)
+  else:
+    train_epoch = functools.partial(
+        step_lib.stepwise_epoch,
+        draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
+                                               batch_size=config.batch_size, mesh=mesh)),
+        step=jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn),
+                     donate_argnums=0))
+  evaluate = jax.jit(functools.partial(
+      evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
+      batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc))
+  all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
+      tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
+  return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite)
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
-
-
-def _prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-  """Writes config.json; refuses a workdir that holds a run with another config unless ``overwrite``."""
-  resolved = _config_dict(config)
-  config_path = workdir / "config.json"
-  if config_path.exists():
-    previous = json.loads(config_path.read_text())
-    if previous != resolved and not overwrite:
-      changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
-      details = ", ".join(f"{k}: {previous.get(k)!r} -> {resolved.get(k)!r}" for k in changed)
-      raise ValueError(f"workdir {workdir} holds a run with a different config ({details}); "
-                       "use another --workdir, or --overwrite to discard that run")
-    if previous != resolved and jax.process_index() == 0:
-      for stale in ("checkpoints", "metrics.jsonl", "tpt.json"):
-        path = workdir / stale
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    temporary = config_path.with_suffix(".json.tmp")  # atomic: other processes may be reading it
-    temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-    temporary.replace(config_path)
 
 
 def _load_dataset(config) -> data.Dataset:
@@ -70,106 +121,185 @@ def _load_dataset(config) -> data.Dataset:
                    per_class=per_class, standardization=config.standardization, seed=config.data_seed)
 
 
-def _dtype(name: str):
+def _resume_source(spec: str) -> tuple[pathlib.Path, Optional[int]]:
+  directory, _, epoch = spec.rpartition(":") if ":" in spec and spec.rpartition(":")[2].isdigit() else (spec, "", "")
+  return pathlib.Path(directory).absolute(), int(epoch) if epoch else None
+
+
+def _agree(stop_requested: bool, checkpoint_due: bool) -> tuple[bool, bool]:
+  """Multi-process runs act together: stop if any process was signalled; checkpoint when process 0's clock says."""
+  if jax.process_count() == 1:
+    return stop_requested, checkpoint_due
+  from jax.experimental import multihost_utils
+  votes = np.asarray(multihost_utils.process_allgather(np.array([stop_requested, checkpoint_due], np.int32)))
+  return bool(votes[:, 0].any()), bool(votes[0, 1])
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: dict):
+  """SIGTERM and SIGINT ask the loop to checkpoint and stop after the current epoch; a second one aborts."""
+  def handler(signum, frame):
+    if stop["signal"] is not None:  # asked twice: stop now
+      raise KeyboardInterrupt
+    stop["signal"] = STOP_SIGNALS[signum]
+
+  previous = {}
   try:
-    return jnp.dtype(name)
-  except TypeError:
-    raise ValueError(f"unknown compute_dtype {name!r}; use float32 or bfloat16") from None
+    for signum in STOP_SIGNALS:
+      previous[signum] = signal.signal(signum, handler)
+  except ValueError:  # not the main thread: signals stay as they are
+    pass
+  try:
+    yield
+  finally:
+    for signum, old in previous.items():
+      signal.signal(signum, old)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
                        log=print) -> Optional[dict]:
   """Runs (or resumes) the config's training in ``workdir``; returns the last evaluation's metrics."""
-  # ---------------------------------------------------------------- workdir
+  # ----------------------------------------------------------------- config
+  schema.validate(config)
   workdir = pathlib.Path(workdir).absolute()
-  _prepare_workdir(workdir, config, overwrite)
-  writer = writer_lib.MetricsWriter(workdir / "metrics.jsonl")
+  workdir_lib.check_usable(workdir)
   is_main = jax.process_index() == 0
   log = log if is_main else (lambda *args, **kwargs: None)
 
   # ------------------------------------------------------------------- mesh
-  mesh = device.data_mesh(jax.devices()[: config.num_devices] if config.get("num_devices") else None)
-  if config.batch_size % mesh.size:
-    raise ValueError(f"batch_size {config.batch_size} must be a multiple of the {mesh.size} devices")
+  if config.num_devices and jax.process_count() > 1:
+    raise schema.ConfigError(f"config.num_devices = {config.num_devices}: must be 0 (every device) in a "
+                             f"multi-process run ({jax.process_count()} processes)")
+  mesh = device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
 
   # ------------------------------------------------------------------- data
   dataset = _load_dataset(config)
+  schema.validate_sizes(config, num_train=len(dataset.train_labels), num_test=len(dataset.test_labels),
+                        num_devices=mesh.size)
   num_classes = dataset.num_classes
+  steps_per_epoch = len(dataset.train_labels) // config.batch_size
+
+  # ----------------------------------- model, optimiser, state, jitted steps
+  # Built (abstractly) before anything is written, so a model the data cannot feed is refused first.
+  compiled_keys = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
+  program = _program(json.dumps(compiled_keys, sort_keys=True), mesh, num_classes, dataset.input_shape,
+                     steps_per_epoch)
+
+  # ---------------------------------------------------------------- workdir
+  lock = workdir_lib.Lock(workdir) if is_main else contextlib.nullcontext()
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+  with lock:
+    if is_main:
+      workdir_lib.write_config(workdir, _config_dict(config), overwrite=overwrite, log=log)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("nc_jax: workdir ready")
+    return _train(config, workdir, mesh, dataset, program, num_classes, steps_per_epoch, is_main, log)
+
+
+def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: int, steps_per_epoch: int,
+           is_main: bool, log) -> Optional[dict]:
+  metrics_path = workdir / records_lib.METRICS_FILE
+  records = records_lib.read(metrics_path, repair=is_main)
   train_inputs, train_labels, test_inputs, test_labels = (
       device.put_replicated(x, mesh) for x in
       (dataset.train_inputs, dataset.train_labels, dataset.test_inputs, dataset.test_labels))
   deepfool_inputs = None
-  if config.get("deepfool_samples"):
+  if config.deepfool_samples:
     chosen = np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples, replace=False)
     deepfool_inputs = device.put_replicated(dataset.test_inputs[np.sort(chosen)], mesh)
-  steps_per_epoch = len(dataset.train_labels) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {config.batch_size} exceeds the {len(dataset.train_labels)} training examples")
 
-  # ------------------------------------------------- model and optimiser
-  model = models.create(config.model, num_classes, dtype=_dtype(config.compute_dtype),
-                        **dict(config.model_options))
-  decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
-  learning_rate = schedule.learning_rate(config.lr, steps_per_epoch, decay_after, config.lr_decay_factor)
-  tx = schedule.sgd(learning_rate, config.momentum, config.weight_decay)
-  loss_fn = step_lib.loss_function(config.loss)
-  measure = set(schedule.measurement_epochs(config.num_epochs, config.measure_epochs))
-
-  # ------------------------------------------------------------------ state
-  replicated = device.replicated(mesh)
-  init = jax.jit(functools.partial(step_lib.create_state, model, tx, dataset.input_shape, config.seed),
-                 out_shardings=replicated)
-  abstract_state = jax.eval_shape(init)
+  abstract_state = program.abstract_state
 
   # ----------------------------------------------------------------- resume
   ckpt = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-  restored = ckpt.restore_latest(jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract_state))
-  if restored is None:
-    start_epoch, state, meta = 0, init(), {"tpt_start_epoch": None, "elapsed": 0.0}
-    writer.keep_until(0)
-  else:
-    start_epoch, state, meta = restored
-    writer.keep_until(start_epoch)
-    log(f"resumed from the checkpoint of epoch {start_epoch} in {ckpt.directory}")
+  try:
+    restored = ckpt.restore_latest(abstract_state)
+    resumed_elsewhere = restored is None and bool(config.resume_from)
+    if resumed_elsewhere:
+      restored = _restore_other(config.resume_from, abstract_state)
+      log(f"starting from epoch {restored[0]} of {config.resume_from}, with its "
+          f"{len(restored[2].get('records', []))} measurements so far")
+    elif restored is not None:
+      log(f"resumed from the checkpoint of epoch {restored[0]} in {ckpt.directory}")
+    if restored is None:
+      if records:
+        raise workdir_lib.WorkdirError(
+            f"{metrics_path} holds {len(records)} measurements (up to epoch {records[-1]['epoch']}) but there is no "
+            f"checkpoint to resume from in {ckpt.directory}; rerun with --overwrite to start again "
+            "(the measurements are deleted), or use another --workdir")
+      start_epoch, state, meta = 0, program.init(), {"tpt_start_epoch": None, "elapsed": 0.0, "records": []}
+    else:
+      start_epoch, state, meta = restored
+      meta.setdefault("records", [r for r in records if r["epoch"] <= start_epoch])
+      records = _reconcile(metrics_path, records, meta["records"], start_epoch, is_main,
+                           log if not resumed_elsewhere else lambda *a, **k: None)
+    return _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, program, num_classes,
+                 steps_per_epoch, dataset, (train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs),
+                 is_main, log)
+  finally:
+    ckpt.close(quiet=sys.exc_info()[0] is not None)
+
+
+def _restore_other(spec: str, abstract_state):
+  directory, epoch = _resume_source(spec)
+  if not (directory / "checkpoints").is_dir():
+    raise workdir_lib.WorkdirError(f"--resume_from {spec}: {directory / 'checkpoints'} does not exist")
+  other = checkpoints.Checkpoints(directory / "checkpoints", read_only=True)
+  try:
+    if epoch is not None and epoch not in other.epochs():
+      raise workdir_lib.WorkdirError(f"--resume_from {spec}: no checkpoint of epoch {epoch} there; "
+                                     f"it has epochs {other.epochs()}")
+    try:
+      restored = other.restore_latest(abstract_state, before=epoch)
+    except ValueError as error:
+      raise workdir_lib.WorkdirError(f"--resume_from {spec}: its state does not fit this config's model "
+                                     f"({str(error).splitlines()[0]})") from None
+  finally:
+    other.close()
+  if restored is None or (epoch is not None and restored[0] != epoch):
+    raise workdir_lib.WorkdirError(f"--resume_from {spec}: no good checkpoint there"
+                                   + ("" if epoch is None else f" of epoch {epoch}")
+                                   + " (damaged, or its model differs from this config's)")
+  return restored
+
+
+def _reconcile(path: pathlib.Path, on_disk: list, in_checkpoint: list, start_epoch: int, is_main: bool, log) -> list:
+  """The records up to the resumed epoch, from the checkpoint's copy when the file lost some."""
+  kept = [r for r in on_disk if r["epoch"] <= start_epoch]
+  backup = [r for r in in_checkpoint if r["epoch"] <= start_epoch]
+  if [r["epoch"] for r in kept] != [r["epoch"] for r in backup]:
+    if len(backup) > len(kept):
+      log(f"WARNING: {path} lacked {len(backup) - len(kept)} of the {len(backup)} measurements up to epoch "
+          f"{start_epoch}; restored them from the checkpoint")
+    kept = backup
+  if is_main and kept != on_disk:
+    records_lib.rewrite(path, kept)  # later records are re-measured, bit for bit, as training passes them
+  return kept
+
+
+def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, program, num_classes, steps_per_epoch,
+          dataset, arrays, is_main, log) -> Optional[dict]:
+  train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs = arrays
   if start_epoch >= config.num_epochs:
     log(f"already trained for {config.num_epochs} epochs; nothing to do")
-    ckpt.close()
-    records = writer.read()
     return records[-1] if records else None
-
-  # ------------------------------------------------------------ jitted steps
-  epoch_loop = config.get("epoch_loop", "auto")
-  if epoch_loop == "auto":
-    epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
-  if epoch_loop == "scan":
-    train_epoch = jax.jit(functools.partial(
-        step_lib.train_epoch, model=model, tx=tx, loss_fn=loss_fn, batch_size=config.batch_size,
-        seed=config.seed, mesh=mesh), donate_argnums=0)
-  elif epoch_loop == "steps":
-    train_epoch = functools.partial(
-        step_lib.stepwise_epoch,
-        draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
-                                               batch_size=config.batch_size, mesh=mesh)),
-        step=jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn),
-                     donate_argnums=0))
-  else:
-    raise ValueError(f"unknown epoch_loop {epoch_loop!r}; choose 'auto', 'scan' or 'steps'")
-  evaluate = jax.jit(functools.partial(
-      evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
-      batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc))
+  train_epoch, evaluate, all_finite, learning_rate = (program.train_epoch, program.evaluate, program.all_finite,
+                                                      program.learning_rate)
+  measure = set(schedule.measurement_epochs(config.num_epochs, config.measure_epochs))
 
   # ------------------------------------------------------------------- loop
-  stop = {"requested": False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True)) if is_main else None
+  stop = {"signal": None}
   log(f"{config.model} on {config.dataset}: {len(dataset.train_labels)} train / {len(dataset.test_labels)} test, "
       f"{num_classes} classes, {steps_per_epoch} steps/epoch, {mesh.size} device(s), "
       f"epochs {start_epoch + 1}..{config.num_epochs}")
-  last = None
+  last = records[-1] if records else None
   started = time.perf_counter()
   elapsed_before = float(meta.get("elapsed", 0.0))
+  last_saved_epoch, last_saved_time = start_epoch, time.monotonic()
   epoch_seconds = []
-  try:
+  with _stop_on_signals(stop):
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       tic = time.perf_counter()
       state, totals = train_epoch(state, train_inputs, train_labels, epoch)
@@ -178,46 +308,72 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       epoch_seconds.append(seconds)
       count = int(totals["count"])
       epoch_loss, epoch_acc = float(totals["loss"]) / count, float(totals["correct"]) / count
-      if not math.isfinite(epoch_loss):
-        raise FloatingPointError(
-            f"training loss is {epoch_loss} at epoch {epoch}; stopping. The last good checkpoint "
-            f"(epoch {ckpt.manager.latest_step()}) is kept in {ckpt.directory}; lower config.lr and resume")
+      lr = float(learning_rate(int(state.step) - 1))
+      if not math.isfinite(epoch_loss) or not bool(all_finite(state)):
+        ckpt.wait()
+        raise Diverged(epoch, epoch_loss, workdir, ckpt.latest_epoch(), lr)
       tpt_starts_now = meta["tpt_start_epoch"] is None and epoch_acc >= config.tpt_threshold
       if tpt_starts_now:
         meta["tpt_start_epoch"] = epoch
         if is_main:
-          (workdir / "tpt.json").write_text(json.dumps({"tpt_start_epoch": epoch, "threshold": config.tpt_threshold}))
+          _write_json(workdir / "tpt.json", {"tpt_start_epoch": epoch, "threshold": config.tpt_threshold})
       images_per_sec = count / seconds
       typical = float(np.median(epoch_seconds[1:] or epoch_seconds))
       eta = typical * (config.num_epochs - epoch)
-      log(f"epoch {epoch:4d}  loss {epoch_loss:.4f}  acc {epoch_acc:.4f}  lr {float(learning_rate(int(state.step) - 1)):.2e}  "
+      log(f"epoch {epoch:4d}  loss {epoch_loss:.4f}  acc {epoch_acc:.4f}  lr {lr:.2e}  "
           f"{images_per_sec:,.0f} img/s  eta {eta:,.0f}s")
 
       # Also measured at the TPT start, so Table 1's "test accuracy when TPT begins" is that epoch's.
       measure_now = epoch in measure or epoch == config.num_epochs or tpt_starts_now
-      if measure_now or stop["requested"]:
-        wall = elapsed_before + time.perf_counter() - started
-        if measure_now:
-          result = jax.device_get(evaluate(state, train_inputs, train_labels, test_inputs, test_labels,
-                                           deepfool_inputs))
-          raise_if_invalid(result)
-          last = {"epoch": epoch, "step": int(state.step), "lr": float(learning_rate(int(state.step) - 1)),
-                  "epoch_loss": epoch_loss, "epoch_acc": epoch_acc, **result,
-                  "tpt_start_epoch": meta["tpt_start_epoch"] or -1, "wall_time": wall,
-                  "images_per_sec": images_per_sec}
-          writer.write(last)
-          log("  NC " + "  ".join(f"{k} {float(result[k]):.3e}" for k in SUMMARY_KEYS)
-              + f"  test_acc {float(result['test_acc']):.4f}")
-        ckpt.save(epoch, state, {**meta, "elapsed": wall})
-      if stop["requested"]:
+      wall = elapsed_before + time.perf_counter() - started
+      if measure_now:
+        result = jax.device_get(evaluate(state, train_inputs, train_labels, test_inputs, test_labels,
+                                         deepfool_inputs))
+        raise_if_invalid(result, allow_degenerate=True)  # bad labels or data raise; degenerate geometry is logged
+        degenerate = {k: int(result[k]) for k in DEGENERACY_KEYS if int(result.get(k, 0)) > 0}
+        if degenerate:
+          log(f"WARNING: epoch {epoch}: degenerate geometry {degenerate}; the metrics it affects are NaN")
+        last = {"epoch": epoch, "step": int(state.step), "lr": lr, "epoch_loss": epoch_loss, "epoch_acc": epoch_acc,
+                **{k: records_lib.plain(v) for k, v in result.items()},
+                "tpt_start_epoch": meta["tpt_start_epoch"] or -1, "wall_time": wall,
+                "images_per_sec": images_per_sec}
+        records.append(last)
+        log("  NC " + "  ".join(f"{k} {float(result[k]):.3e}" for k in SUMMARY_KEYS)
+            + f"  test_acc {float(result['test_acc']):.4f}")
+      every_epochs, every_seconds = config.checkpoint_every_epochs, config.checkpoint_every_seconds
+      cadence_due = ((every_epochs and epoch - last_saved_epoch >= every_epochs)
+                     or (every_seconds and time.monotonic() - last_saved_time >= every_seconds))
+      stopping, cadence_due = _agree(stop["signal"] is not None, bool(cadence_due))
+      if measure_now or cadence_due or stopping or epoch == config.num_epochs:
+        ckpt.save(epoch, state, {**meta, "elapsed": wall, "records": records})
+        last_saved_epoch, last_saved_time = epoch, time.monotonic()
+      if measure_now:
+        # A record is appended only once its checkpoint is on disk (the checkpoint carries it too), so
+        # records without a checkpoint mean the checkpoints were removed, never that a save failed.
         ckpt.wait()
-        raise Preempted(epoch)
-  finally:
-    ckpt.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+        if is_main:
+          _append_record(workdir / records_lib.METRICS_FILE, records, log)
+      if stopping:
+        ckpt.wait()
+        raise Preempted(epoch, stop["signal"] or "a signal to another process")
   return last
 
 
-__all__ = ["Preempted", "train_and_evaluate"]
+def _append_record(path: pathlib.Path, records: list, log) -> None:
+  """Appends records[-1]; if the file lost earlier records meanwhile (deleted, truncated), rewrites them all."""
+  on_disk = records_lib.read(path, repair=True)
+  if [r["epoch"] for r in on_disk] == [r["epoch"] for r in records[:-1]]:
+    records_lib.append(path, records[-1])
+  else:
+    log(f"WARNING: {path} held {len(on_disk)} of the run's {len(records) - 1} earlier measurements (removed or "
+        "changed while the run went on); rewrote it from the run's own copy")
+    records_lib.rewrite(path, records)
 
+
+def _write_json(path: pathlib.Path, value: dict) -> None:
+  temporary = path.with_name(path.name + ".tmp")
+  temporary.write_text(json.dumps(value) + "\n")
+  os.replace(temporary, path)
+
+
+__all__ = ["Diverged", "Preempted", "train_and_evaluate"]

@@ -1,0 +1,377 @@
+"""Runs that survive: damaged checkpoints, bit flips, torn or lost records, a second run, signals, a full disk.
+
+Every fault ends the same way: the rerun of the same command finishes with the
+records (and final state) of an uninterrupted run, bit for bit. Runs are the
+default config's smoke variant (a width-32 MLP on MNIST-1D, seconds per run).
+"""
+
+import json
+import os
+import pathlib
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default as default_config
+from nc_jax import records, schema
+from nc_jax.training import Diverged, Preempted, checkpoints, train_and_evaluate
+from nc_jax.training import workdir as workdir_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NOISE = ("wall_time", "images_per_sec")  # the only fields that may differ between runs
+QUIET = dict(log=lambda *a, **k: None)
+
+
+def smoke(**overrides):
+  config = default_config.get_config("smoke")
+  config.update({**dict(num_epochs=12, measure_epochs=(1, 3, 6, 12), checkpoint_every_epochs=2,
+                        deepfool_samples=0), **overrides})
+  return config
+
+
+def comparable(run):
+  return [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(run)]
+
+
+def saved_epochs(run):
+  return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def stop_after(config, workdir, epoch, signum=signal.SIGINT):
+  """Runs until ``epoch``, where a real signal (sent to this process) makes the loop checkpoint and stop."""
+  def log(line, *args, **kwargs):
+    if isinstance(line, str) and line.startswith(f"epoch {epoch:4d}"):
+      os.kill(os.getpid(), signum)
+
+  with pytest.raises(Preempted, match=f"after epoch {epoch}"):
+    train_and_evaluate(config, str(workdir), log=log)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """An uninterrupted run: what every recovery must reproduce."""
+  workdir = tmp_path_factory.mktemp("straight")
+  train_and_evaluate(smoke(), str(workdir), **QUIET)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+  """A run stopped by SIGINT after epoch 9: checkpoints 6 (measured), 8 (cadence) and 9 (the stop)."""
+  workdir = tmp_path_factory.mktemp("stopped") / "run"
+  stop_after(smoke(), workdir, 9)
+  assert saved_epochs(workdir) == [6, 8, 9]
+  assert not list(workdir.rglob("*tmp*")), "a stop leaves no temporary directory"
+  return workdir
+
+
+def copy_of(run, tmp_path):
+  target = tmp_path / "run"
+  shutil.copytree(run, target)
+  return target
+
+
+def final_state(run):
+  """The last checkpoint's arrays (host numpy), read through the verifying restore."""
+  manager = checkpoints.Checkpoints(run / "checkpoints", read_only=True)
+  try:
+    epoch = manager.latest_epoch()
+    restored = manager.manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                      meta=ocp.args.JsonRestore()))
+    return epoch, jax.tree_util.tree_leaves(jax.device_get(restored["state"]))
+  finally:
+    manager.close()
+
+
+def assert_same_run(run, straight):
+  assert comparable(run) == comparable(straight)
+  (epoch, leaves), (straight_epoch, straight_leaves) = final_state(run), final_state(straight)
+  assert epoch == straight_epoch == 12
+  for a, b in zip(leaves, straight_leaves):
+    np.testing.assert_array_equal(a, b)
+
+
+def data_files(step):
+  """The array data files of a checkpoint (OCDBT keeps them in d/ folders; which copy is read is orbax's business)."""
+  return [p for p in (step / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def damage_garbage_metadata(step):
+  for path in step.rglob("*"):
+    if path.is_file() and ("METADATA" in path.name or path.name == "metadata"):
+      path.write_bytes(b"\x00garbage{{")
+
+
+def damage_truncate(step):
+  for path in data_files(step):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def damage_empty(step):
+  for path in data_files(step):
+    path.write_bytes(b"")
+
+
+def damage_delete_state(step):
+  shutil.rmtree(step / "state")
+
+
+@pytest.mark.parametrize("damage", [damage_garbage_metadata, damage_truncate, damage_empty, damage_delete_state],
+                         ids=lambda f: f.__name__[7:])
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_on(damage, stopped, straight, tmp_path, capsys):
+  run = copy_of(stopped, tmp_path)
+  damage(run / "checkpoints" / "9")
+  train_and_evaluate(smoke(), str(run), **QUIET)
+  assert "checkpoints/9 is damaged" in capsys.readouterr().err
+  assert [p.name.split("-")[0] for p in (run / "checkpoints" / "corrupt").iterdir()] == ["9"]
+  assert_same_run(run, straight)
+  train_and_evaluate(smoke(), str(run), **QUIET)  # and a rerun of the finished run changes nothing
+  assert_same_run(run, straight)
+
+
+@pytest.mark.parametrize("where", [0.1, 0.5, 0.9, -1])
+def test_a_flipped_bit_in_the_newest_checkpoint_never_reaches_the_results(where, stopped, straight, tmp_path, capsys):
+  run = copy_of(stopped, tmp_path)
+  for path in data_files(run / "checkpoints" / "9"):
+    content = bytearray(path.read_bytes())
+    offset = len(content) - 1 if where == -1 else int(where * len(content))
+    content[offset] ^= 0x10
+    path.write_bytes(bytes(content))
+  train_and_evaluate(smoke(), str(run), **QUIET)
+  err = capsys.readouterr().err
+  assert "checkpoints/9 is damaged" in err  # the state file has no slack: every bit is content
+  assert_same_run(run, straight)
+
+
+def test_checksum_covers_the_meta_too(stopped, straight, tmp_path, capsys):
+  run = copy_of(stopped, tmp_path)
+  meta = run / "checkpoints" / "9" / "meta" / "metadata"
+  meta.write_text(meta.read_text().replace('"tpt_start_epoch": null', '"tpt_start_epoch": 2'))
+  train_and_evaluate(smoke(), str(run), **QUIET)
+  assert "sha256" in capsys.readouterr().err
+  assert_same_run(run, straight)
+
+
+def test_torn_last_record_is_dropped_and_rewritten(stopped, straight, tmp_path, capsys):
+  run = copy_of(stopped, tmp_path)
+  with (run / "metrics.jsonl").open("a") as f:
+    f.write('{"epoch": 12, "nc1": 0.12')  # a write cut by a full disk
+  train_and_evaluate(smoke(), str(run), **QUIET)
+  assert "torn last line" in capsys.readouterr().err
+  assert_same_run(run, straight)
+
+
+def test_deleted_records_come_back_from_the_checkpoint(stopped, straight, tmp_path, capsys):
+  run = copy_of(stopped, tmp_path)
+  (run / "metrics.jsonl").unlink()
+  train_and_evaluate(smoke(), str(run), log=print)
+  assert "restored them from the checkpoint" in capsys.readouterr().out
+  assert_same_run(run, straight)
+
+
+def test_records_deleted_while_the_run_goes_on_are_rewritten(straight, tmp_path, capsys):
+  def log(line, *args, **kwargs):
+    if isinstance(line, str) and line.startswith("epoch    5"):
+      (tmp_path / "run" / "metrics.jsonl").unlink()
+    print(line)
+
+  train_and_evaluate(smoke(), str(tmp_path / "run"), log=log)
+  assert "rewrote it from the run's own copy" in capsys.readouterr().out
+  assert comparable(tmp_path / "run") == comparable(straight)
+
+
+def test_the_advice_after_a_divergence_is_a_command_that_runs():
+  from nc_jax import train
+  argv = ["nc_jax/train.py", "--config", "configs/default.py", "--workdir", "runs/a", "--config.lr=0.5", "--overwrite",
+          "--config.num_epochs=10"]
+  command = train.rerun_command(argv, workdir="runs/a_lr0.05", resume_from="runs/a:40", lr=0.05)
+  assert command.endswith("-m nc_jax.train --config configs/default.py --config.num_epochs=10 --workdir runs/a_lr0.05 "
+                          "--resume_from runs/a:40 --config.lr=0.05")
+
+
+def test_a_run_whose_checkpoints_are_gone_is_refused_not_erased(straight, tmp_path):
+  run = copy_of(straight, tmp_path)
+  shutil.rmtree(run / "checkpoints")
+  before = (run / "metrics.jsonl").read_text()
+  with pytest.raises(workdir_lib.WorkdirError, match="no checkpoint to resume from.*--overwrite"):
+    train_and_evaluate(smoke(), str(run), **QUIET)
+  assert (run / "metrics.jsonl").read_text() == before
+
+
+def test_a_second_run_on_the_same_workdir_is_refused(tmp_path):
+  with workdir_lib.Lock(tmp_path):
+    with pytest.raises(workdir_lib.WorkdirError, match="in use by another run"):
+      train_and_evaluate(smoke(), str(tmp_path), **QUIET)
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_checkpoint_cadence_is_independent_of_measurement(tmp_path):
+  train_and_evaluate(smoke(measure_epochs=(5,), checkpoint_every_epochs=4, keep_checkpoints=5), str(tmp_path), **QUIET)
+  assert saved_epochs(tmp_path) == [4, 5, 9, 12]  # every 4 epochs since the last save, the measurement, the end
+  config = smoke(measure_epochs=(12,), checkpoint_every_epochs=0, checkpoint_every_seconds=1e-9, keep_checkpoints=5)
+  train_and_evaluate(config, str(tmp_path / "seconds"), **QUIET)
+  assert saved_epochs(tmp_path / "seconds") == [8, 9, 10, 11, 12]  # every epoch, the last 5 kept
+
+
+def test_resume_from_another_run_with_a_lower_lr(stopped, tmp_path):
+  config = smoke(lr=0.01, resume_from=f"{stopped}:6")
+  last = train_and_evaluate(config, str(tmp_path / "lower"), **QUIET)
+  run = records.read(tmp_path / "lower")
+  assert [r["epoch"] for r in run] == [1, 3, 6, 12] and last["epoch"] == 12
+  assert comparable(tmp_path / "lower")[:3] == comparable(stopped)[:3]  # the history up to epoch 6
+  assert json.loads((tmp_path / "lower" / "config.json").read_text())["resume_from"] == f"{stopped}:6"
+  with pytest.raises(ValueError, match="no checkpoint of epoch 7"):
+    train_and_evaluate(smoke(resume_from=f"{stopped}:7"), str(tmp_path / "bad"), **QUIET)
+  wider = smoke(resume_from=str(stopped))
+  wider.model_options.width = 64
+  with pytest.raises(ValueError, match="does not fit this config's model|no good checkpoint"):
+    train_and_evaluate(wider, str(tmp_path / "wider"), **QUIET)
+
+
+def test_divergence_names_the_last_good_checkpoint_and_a_command_that_works(tmp_path):
+  diverging = smoke(measure_epochs=(1, 2), checkpoint_every_epochs=1, lr_decay_epochs=(2,), lr_decay_factor=1e6)
+  with pytest.raises(Diverged) as error:
+    train_and_evaluate(diverging, str(tmp_path / "run"), **QUIET)
+  good = error.value.last_good_epoch
+  assert good is not None and good == error.value.epoch - 1
+  assert f"--resume_from {tmp_path / 'run'}:{good}" in str(error.value)
+  # Following the advice works: a new workdir from the last good checkpoint, without the lr jump.
+  healthy = smoke(measure_epochs=(1, 2), resume_from=f"{tmp_path / 'run'}:{good}")
+  assert train_and_evaluate(healthy, str(tmp_path / "run_lower"), **QUIET)["epoch"] == 12
+
+  with pytest.raises(Diverged, match="no checkpoint was written before it") as error:
+    train_and_evaluate(smoke(lr=1e4), str(tmp_path / "huge"), **QUIET)
+  assert error.value.last_good_epoch is None
+  # ... and the advice (lower lr, same workdir) is accepted: nothing was measured there yet.
+  assert train_and_evaluate(smoke(), str(tmp_path / "huge"), **QUIET)["epoch"] == 12
+
+
+def test_a_refused_value_writes_nothing(tmp_path):
+  with pytest.raises(schema.ConfigError, match="num_epochs"):
+    train_and_evaluate(smoke(num_epochs=-3), str(tmp_path / "run"), **QUIET)
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(schema.ConfigError, match="deepfool_samples"):
+    train_and_evaluate(smoke(deepfool_samples=10**6), str(tmp_path / "run"), **QUIET)
+  assert not (tmp_path / "run").exists()
+  assert train_and_evaluate(smoke(num_epochs=1, measure_epochs=(1,)), str(tmp_path / "run"), **QUIET)["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------
+# The command line, in subprocesses.
+# ---------------------------------------------------------------------------
+
+
+def cli(workdir, *arguments, limit_file_bytes=None, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
+             "--workdir", str(workdir), *arguments]
+  limit = None if limit_file_bytes is None else (
+      lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes)))
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                        preexec_fn=limit)
+
+
+def one_line_error(result):
+  lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize("arguments,expected", [
+    (["--config", "/nonexistent/config.py"], "cannot load the config"),
+    (["--config.no_such_key=3"], "no_such_key"),
+    (["--config.num_epochs=abc"], "num_epochs"),
+    (["--config.num_epochs=-3"], "num_epochs"),
+    (["--config.batch_size=0"], "batch_size"),
+    (["--config.eval_batch_size=0"], "eval_batch_size"),
+    (["--config.deepfool_samples=100000"], "deepfool_samples"),
+    (["--config.keep_checkpoints=0"], "keep_checkpoints"),
+    (["--config.lr=-1"], "lr"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_command_lines_are_one_line_and_write_nothing(arguments, expected, tmp_path):
+  line = one_line_error(cli(tmp_path / "run", *arguments))
+  assert expected in line
+  assert not (tmp_path / "run").exists()
+
+
+def test_model_options_can_be_set_from_the_command_line(tmp_path):
+  result = cli(tmp_path / "run", "--config.model_options.fixed_etf=True", "--config.num_epochs=1",
+               "--config.measure_epochs=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["model_options"]["fixed_etf"] is True
+
+
+def test_workdir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("x")
+  assert "is a file" in one_line_error(cli(tmp_path / "file"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signals_checkpoint_and_exit_cleanly(signum, code, tmp_path):
+  arguments = ["--config.num_epochs=40", "--config.measure_epochs=40", "--config.model_options.width=256"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  env.pop("XLA_FLAGS", None)
+  process = subprocess.Popen(
+      [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"), "--workdir",
+       str(tmp_path), *arguments], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in process.stdout:  # wait until training is under way
+    if line.startswith("epoch    3"):
+      break
+  process.send_signal(signum)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode == code, output
+  stopped = saved_epochs(tmp_path)
+  assert 3 <= stopped[-1] < 40 and "checkpoint saved" in output
+  assert not [p for p in tmp_path.rglob("*") if "tmp" in p.name], "no temporary files are left"
+  result = cli(tmp_path, *arguments)
+  assert f"resumed from the checkpoint of epoch {stopped[-1]}" in result.stdout
+  assert records.read(tmp_path)[-1]["epoch"] == 40
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_rerun_recovers(tmp_path):
+  arguments = ["--config.num_epochs=12", "--config.measure_epochs=1,3,6,12", "--config.checkpoint_every_epochs=2",
+               "--config.deepfool_samples=0"]
+  assert cli(tmp_path / "straight", *arguments).returncode == 0
+  run = tmp_path / "full"
+  failed = cli(run, *arguments, limit_file_bytes=6_000)  # ulimit -f: every file stops at 6 kB
+  line = one_line_error(failed)
+  assert "rerun the same command to resume" in line
+  result = cli(run, *arguments)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert comparable(run) == comparable(tmp_path / "straight")
+
+
+@pytest.mark.slow
+def test_kill_9_with_the_newest_checkpoint_damaged_then_rerun(tmp_path):
+  arguments = ["--config.num_epochs=30", "--config.measure_epochs=10,20,30", "--config.checkpoint_every_epochs=3",
+               "--config.model_options.width=256", "--config.deepfool_samples=0"]
+  assert cli(tmp_path / "straight", *arguments).returncode == 0
+  run = tmp_path / "killed"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  env.pop("XLA_FLAGS", None)
+  process = subprocess.Popen(
+      [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"), "--workdir",
+       str(run), *arguments], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  for line in process.stdout:
+    if line.startswith("epoch   16"):  # checkpoints 12 and 15 are on disk (or being written)
+      break
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  newest = saved_epochs(run)[-1]
+  assert newest < 30, "the run finished before it could be killed; make it longer"
+  damage_truncate(run / "checkpoints" / str(newest))
+  result = cli(run, *arguments)
+  assert result.returncode == 0 and "is damaged" in result.stderr, result.stderr[-2000:]
+  assert comparable(run) == comparable(tmp_path / "straight")
