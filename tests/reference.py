@@ -14,7 +14,13 @@ def class_means(features, labels, num_classes):
   return np.stack([features[labels == c].mean(axis=0) for c in range(num_classes)])
 
 
-def reference_metrics(features, labels, num_classes, weights=None, bias=None):
+def reference_metrics(features, labels, num_classes, weights=None, bias=None, pinv_rcond=None):
+  """Every metric of nc_jax.metrics.neural_collapse, in float64.
+
+  Sigma_B^+ keeps the top min(p, C-1) eigen-directions (the notebook); with
+  ``pinv_rcond`` only those of them with eigenvalue > pinv_rcond * the largest
+  (for means of rank below C-1, where the notebook's rule would invert a zero).
+  """
   h = np.asarray(features, np.float64)
   y = np.asarray(labels)
   C = num_classes
@@ -32,6 +38,8 @@ def reference_metrics(features, labels, num_classes, weights=None, bias=None):
 
   evals, evecs = np.linalg.eigh(sigma_b)
   order = np.argsort(evals)[::-1][: min(p, C - 1)]
+  if pinv_rcond is not None:
+    order = [k for k in order if evals[k] > pinv_rcond * evals.max()]
   sigma_b_pinv = sum(np.outer(evecs[:, k], evecs[:, k]) / evals[k] for k in order)
   out = {
       "nc1": np.trace(sigma_w @ sigma_b_pinv) / C,

@@ -293,7 +293,7 @@ class TestBadInput:
     got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 4, weights, bias)
     assert int(got[key]) >= 1
     for name, value in got.items():
-      if name not in metrics.DIAGNOSTIC_KEYS and name != "num_samples":
+      if name not in metrics.DIAGNOSTIC_KEYS + metrics.DEGENERACY_KEYS and name != "num_samples":
         assert np.isnan(float(value)), name
     with pytest.raises(ValueError, match=key[4:].replace("_", " ")):
       metrics.raise_if_invalid(got)
@@ -339,3 +339,241 @@ class TestMSEDecomposition:
     assert abs(float(got["lperp"])) < 1e-6
     total = float(got["lnc1"] + got["lnc23"] + got["lperp"])
     assert total == pytest.approx(float(got["mse_loss"]), rel=1e-4)
+
+
+SCALE_FREE_KEYS = ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "equiangular_means", "max_angle_means",
+                   "etf_deviation_means", "gnc2_means", "ncc_accuracy") + FLOAT_KEYS_WEIGHTS
+UNIT_KEYS = ("trace_within", "trace_between")  # in the features' units squared
+
+
+@functools.lru_cache(maxsize=None)
+def scale_sweep_data():
+  """(features in float64, labels, W, b) and the float32 suite at 10^0 (jitted once for every k)."""
+  features, labels, weights, bias = gaussian_classes(240, 16, 5, seed=17, offset=2.0)
+  suite = jax.jit(neural_collapse, static_argnums=2)
+  base = jax.device_get(suite(features, labels, 5, weights, bias))
+  return features.astype(np.float64), labels, weights, bias, suite, base
+
+
+class TestScaleInvariance:
+
+  @pytest.mark.parametrize("k", range(-30, 31))
+  def test_features_times_ten_to_the_k(self, k):
+    features64, labels, weights, bias, suite, base = scale_sweep_data()
+    features = (features64 * 10.0**k).astype(np.float32)
+    got = jax.device_get(suite(features, labels, 5, weights, bias))
+    want = reference.reference_metrics(features, labels, 5, weights, bias)
+    for key in metrics.DIAGNOSTIC_KEYS + metrics.DEGENERACY_KEYS:
+      assert int(got[key]) == 0, (key, int(got[key]))  # finite input is never counted as non-finite
+    for key in SCALE_FREE_KEYS:
+      np.testing.assert_allclose(float(got[key]), float(base[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+      np.testing.assert_allclose(float(got[key]), want[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    for key in UNIT_KEYS:  # honestly inf above float32's range, ~0 below it
+      np.testing.assert_allclose(float(got[key]), np.float32(want[key]), rtol=2e-4, atol=2e-38, err_msg=key)
+    for key in ("accuracy", "ncc_mismatch"):  # the network's own decision: the bias matters more as h shrinks
+      assert float(got[key]) == pytest.approx(want[key], abs=1.5 / 240), key
+
+  @pytest.mark.parametrize("k", [-20, 20])
+  def test_streamed_batches_at_extreme_scales_give_the_in_memory_result(self, k):
+    features64, labels, weights, bias, _, base = scale_sweep_data()
+    features = (features64 * 10.0**k).astype(np.float32)
+    batches = (features.reshape(8, 30, 16), labels.reshape(8, 30))
+
+    @jax.jit
+    def two_passes(batches):
+      def pass_one(state, batch):
+        return streaming.update_class_means(state, *batch), None
+      means, _ = jax.lax.scan(pass_one, streaming.init_class_means(5, 16), batches)
+      geometry = streaming.finalize_class_means(means, weights, bias)
+      def pass_two(state, batch):
+        return streaming.update_deviations(state, geometry, *batch), None
+      state, _ = jax.lax.scan(pass_two, streaming.init_deviations(geometry), batches)
+      return metrics.finalize_collapse(state, geometry)
+
+    streamed = two_passes(batches)
+    whole = neural_collapse(features, labels, 5, weights, bias)
+    for key in whole:
+      np.testing.assert_allclose(float(streamed[key]), float(whole[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+    for key in SCALE_FREE_KEYS:
+      np.testing.assert_allclose(float(streamed[key]), float(base[key]), rtol=1e-5, atol=1e-7, err_msg=key)
+
+  def test_merged_pass_one_keeps_the_largest_magnitude(self):
+    features, labels, _, _ = gaussian_classes(200, 6, 4, seed=18)
+    features[150:] *= np.float32(1e25)
+    init = streaming.init_class_means(4, 6)
+    halves = [streaming.update_class_means(init, features[:150], labels[:150]),
+              streaming.update_class_means(init, features[150:], labels[150:])]
+    whole = streaming.update_class_means(init, features, labels)
+    assert float(streaming.merge_class_means(*halves).max_abs) == float(whole.max_abs) == np.abs(features).max()
+
+  @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+  def test_finite_rows_far_above_every_class_mean_are_not_non_finite(self):
+    # Every class mean is exactly 0; class 0's rows (+-2^63 in each of 8 entries) have
+    # ||h - mu||^2 = 6.8e38, beyond float32, yet Tr Sigma_W = 1.4e38 is representable.
+    patterns = np.concatenate([np.eye(8), -np.eye(8)]).astype(np.float32)
+    features = np.concatenate([np.repeat(np.float32(2.0**63) * np.array([[1.0], [-1.0]], np.float32), 8, axis=0)
+                               * np.ones((16, 8), np.float32)] + [patterns] * 4)
+    labels = np.repeat(np.arange(5), 16).astype(np.int32)
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 5)
+    want = reference.reference_metrics(features, labels, 5)
+    assert int(got["num_nonfinite_rows"]) == 0
+    np.testing.assert_allclose(float(got["trace_within"]), want["trace_within"], rtol=1e-6)
+    assert int(got["num_degenerate_means"]) == 5 and np.isnan(float(got["nc1"]))
+
+
+def exact_classes(means, reps=1):
+  """Features whose class means are exactly ``means`` (C, p) in float32: mean +- e_j / 2."""
+  num_classes, dim = means.shape
+  offsets = np.concatenate([np.eye(dim), -np.eye(dim)]) / 2
+  features = np.concatenate([means[c] + offsets for c in range(num_classes)] * reps).astype(np.float32)
+  labels = np.tile(np.repeat(np.arange(num_classes), 2 * dim), reps).astype(np.int32)
+  return features, labels
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+class TestDegenerateGeometry:
+
+  MEAN_KEYS = ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "equiangular_means", "max_angle_means",
+               "etf_deviation_means", "gnc2_means", "ncc_accuracy", "self_duality", "unc3", "ncc_mismatch")
+
+  def test_identical_class_means_give_nan_and_are_flagged_not_perfect_collapse(self):
+    rng = np.random.default_rng(19)
+    shared = rng.normal(size=(40, 12)).astype(np.float32) + 5.0  # every class holds the same 40 vectors
+    features, labels = np.tile(shared, (4, 1)), np.repeat(np.arange(4), 40).astype(np.int32)
+    weights, bias = rng.normal(size=(4, 12)).astype(np.float32), np.zeros(4, np.float32)
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 4, weights, bias)
+    want = reference.reference_metrics(features, labels, 4, weights, bias)
+    assert int(got["num_degenerate_means"]) == 4 and int(got["num_coincident_means"]) == 6
+    for key in self.MEAN_KEYS:
+      assert np.isnan(float(got[key])), key
+    np.testing.assert_allclose(float(got["trace_within"]), want["trace_within"], rtol=1e-5)
+    assert float(got["trace_between"]) < 1e-10 * want["trace_within"]
+    assert float(got["accuracy"]) == pytest.approx(want["accuracy"])  # the network's decision is still defined
+    with pytest.raises(ValueError, match="degenerate means: 4"):
+      metrics.raise_if_invalid(got)
+    metrics.raise_if_invalid(got, allow_degenerate=True)
+
+  def test_all_identical_features(self):
+    features, labels, weights, bias = gaussian_classes(100, 6, 4, seed=20)
+    got = jax.jit(neural_collapse, static_argnums=2)(np.full_like(features, 3.0), labels, 4, weights, bias)
+    assert int(got["num_degenerate_means"]) == 4
+    for key in self.MEAN_KEYS:
+      assert np.isnan(float(got[key])), key
+    assert float(got["trace_between"]) == 0.0 and float(got["trace_within"]) < 1e-12
+    assert 0.0 <= float(got["accuracy"]) <= 1.0
+    with pytest.raises(ValueError, match="degenerate geometry"):
+      metrics.raise_if_invalid(got)
+
+  def test_a_class_mean_at_the_global_mean_has_no_direction(self):
+    a, b = np.array([2.0, 0.0, 1.0, 0.0, 3.0]), np.array([0.0, 1.0, -1.0, 2.0, 0.0])
+    means = np.stack([a, b, -(a + b), np.zeros(5)])  # mu_G = 0 = mu_3
+    features, labels = exact_classes(means, reps=3)
+    weights = (means + np.random.default_rng(21).normal(size=means.shape)).astype(np.float32)
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 4, weights, np.zeros(4, np.float32))
+    want = reference.reference_metrics(features, labels, 4, weights, np.zeros(4), pinv_rcond=1e-9)
+    assert int(got["num_degenerate_means"]) == 1 and int(got["num_coincident_means"]) == 0
+    for key in ("equiangular_means", "max_angle_means", "gnc2_means", "unc3"):
+      assert np.isnan(float(got[key])), key
+    for key in ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "etf_deviation_means", "self_duality",
+                "ncc_accuracy", "ncc_mismatch", "accuracy"):
+      assert float(got[key]) == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+  def test_zero_weight_row_has_no_direction(self):
+    features, labels, weights, bias = gaussian_classes(200, 8, 4, seed=22)
+    weights[2] = 0.0
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 4, weights, bias)
+    want = reference.reference_metrics(features, labels, 4, weights, bias)
+    assert int(got["num_zero_weight_rows"]) == 1 and int(got["num_nonfinite_weights"]) == 0
+    for key in ("equiangular_weights", "max_angle_weights", "unc3"):
+      assert np.isnan(float(got[key])), key
+    for key in ("equinorm_weights", "etf_deviation_weights", "self_duality", "nc1", "accuracy", "ncc_mismatch"):
+      assert float(got[key]) == pytest.approx(want[key], rel=2e-4, abs=1.5 / 200), key
+    with pytest.raises(ValueError, match="zero weight rows: 1"):
+      metrics.raise_if_invalid(got)
+
+
+class TestNonfiniteWeights:
+
+  WEIGHT_KEYS = FLOAT_KEYS_WEIGHTS + ("ncc_mismatch", "accuracy")
+
+  @pytest.mark.parametrize("where", ["weights", "bias"])
+  def test_nan_weights_poison_only_what_depends_on_them(self, where):
+    features, labels, weights, bias = gaussian_classes(300, 8, 5, seed=23)
+    test_features, test_labels, _, _ = gaussian_classes(100, 8, 5, seed=24)
+    if where == "weights":
+      weights[1, 3] = np.nan
+    else:
+      bias[4] = np.inf
+    suite = jax.jit(neural_collapse, static_argnums=2)
+    got = suite(features, labels, 5, weights, bias, test_features=test_features, test_labels=test_labels)
+    without = suite(features, labels, 5, test_features=test_features, test_labels=test_labels)
+    assert int(got["num_nonfinite_weights"]) == 1 and int(got["num_nonfinite_weights_test"]) == 1
+    for key in self.WEIGHT_KEYS + ("ncc_mismatch_test", "accuracy_test"):
+      assert np.isnan(float(got[key])), key
+    for key in without:  # NC1, NC2 of the means, ... untouched (up to the matmul's summation order)
+      np.testing.assert_allclose(float(got[key]), float(without[key]), rtol=1e-6, atol=1e-7, err_msg=key)
+    with pytest.raises(ValueError, match="nonfinite weights: 1"):
+      metrics.raise_if_invalid(got, allow_degenerate=True)
+    with pytest.raises(ValueError, match="weights contain NaN or inf|bias contain NaN or inf"):
+      metrics.validate_inputs(features, labels, 5, weights=weights, bias=bias)
+
+
+class TestRaiseIfInvalid:
+
+  def test_test_set_diagnostics_are_checked(self):
+    features, labels, weights, bias = gaussian_classes(200, 6, 4, seed=25)
+    test_features, test_labels, _, _ = gaussian_classes(80, 6, 4, seed=26)
+    test_features[7, 1] = np.nan
+    got = jax.jit(neural_collapse, static_argnums=2)(features, labels, 4, weights, bias,
+                                                     test_features=test_features, test_labels=test_labels)
+    assert int(got["num_nonfinite_rows"]) == 0 and int(got["num_nonfinite_rows_test"]) == 1
+    assert np.isnan(float(got["nc1_test"])) and np.isfinite(float(got["nc1"]))
+    with pytest.raises(ValueError, match="nonfinite rows test: 1"):
+      metrics.raise_if_invalid(got, allow_degenerate=True)
+
+  def test_one_nan_row_counts_once_and_prefixed_keys_are_checked(self):
+    features, labels, _, _ = gaussian_classes(200, 6, 4, seed=27)
+    features[3, 0] = np.inf
+    got = neural_collapse(features, labels, 4)
+    assert int(got["num_nonfinite_rows"]) == 1  # not every row of its class
+    with pytest.raises(ValueError, match="layer/conv: nonfinite rows: 1"):
+      metrics.raise_if_invalid({f"layer/conv/{key}": value for key, value in got.items()})
+
+  def test_key_tuples_are_exported(self):
+    assert set(metrics.DIAGNOSTIC_KEYS) == {"num_invalid_labels", "num_empty_classes", "num_nonfinite_rows",
+                                            "num_nonfinite_weights"}
+    assert set(metrics.DEGENERACY_KEYS) == {"num_degenerate_means", "num_coincident_means", "num_zero_weight_rows"}
+    features, labels, weights, bias = gaussian_classes(100, 6, 4, seed=28)
+    got = neural_collapse(features, labels, 4, weights, bias)
+    assert set(metrics.DIAGNOSTIC_KEYS + metrics.DEGENERACY_KEYS) <= set(got)
+
+
+class TestInputKinds:
+
+  @pytest.mark.parametrize("args,match", [
+      ((np.zeros((10, 0), np.float32), np.zeros(10, np.int32), 3), "p = 0"),
+      ((None, np.zeros(10, np.int32), 3), "features must be an array of shape \\(N, p\\), got None"),
+      (("features.npy", np.zeros(10, np.int32), 3), "features must be an array of shape \\(N, p\\), got a str"),
+      ((np.zeros((10, 2), np.float32), "labels", 3), "labels must be an array of shape \\(N,\\), got a str"),
+      (([["a", "b"]] * 10, np.zeros(10, np.int32), 3), "features must be numbers"),
+      (([[1.0, 2.0], [3.0]], np.zeros(2, np.int32), 3), "features must be numbers"),
+      ((np.zeros((10, 2), np.float32), np.zeros(10, np.int32), 3, {"w": 1}), "weights must be an array"),
+  ])
+  def test_bad_kinds_are_one_line_errors(self, args, match):
+    with pytest.raises(ValueError, match=match) as error:
+      neural_collapse(*args)
+    assert "\n" not in str(error.value)
+
+  def test_python_lists_are_accepted(self):
+    features, labels, weights, bias = gaussian_classes(60, 4, 3, seed=29)
+    want = neural_collapse(features, labels, 3, weights, bias)
+    got = neural_collapse(features.tolist(), labels.tolist(), 3, weights.tolist(), bias.tolist())
+    jitted = jax.jit(neural_collapse, static_argnums=2)(features.tolist(), labels.tolist(), 3)
+    for key in want:
+      assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-7), key
+    assert float(jitted["nc1"]) == pytest.approx(float(want["nc1"]), rel=1e-6)
+
+  def test_validate_inputs_refuses_p_zero(self):
+    with pytest.raises(ValueError, match="p = 0"):
+      metrics.validate_inputs(np.zeros((4, 0), np.float32), np.zeros(4, np.int32), 2)

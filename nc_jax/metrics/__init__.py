@@ -12,6 +12,7 @@ for data that does not fit in memory), ``mse`` (the MSE-loss decomposition).
 
 from nc_jax.metrics import geometry, streaming
 from nc_jax.metrics.collapse import (
+    DEGENERACY_KEYS,
     DIAGNOSTIC_KEYS,
     check_shapes,
     class_geometry,
@@ -29,6 +30,7 @@ from nc_jax.metrics.streaming import ClassGeometry, ClassMeansState, DeviationSt
 __all__ = [
     "ClassGeometry",
     "ClassMeansState",
+    "DEGENERACY_KEYS",
     "DIAGNOSTIC_KEYS",
     "DeviationState",
     "check_shapes",

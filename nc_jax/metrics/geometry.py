@@ -119,12 +119,14 @@ def gnc2(vectors: jax.Array, ddof: int = 1) -> jax.Array:
   Hyperspherical uniformity by the logarithmic energy: small when the normalised
   means spread evenly, which is what remains of the ETF when C - 1 > p.
   ||u_c - u_c'||^2 = 2 - 2 cos comes from the Gram, so near-duplicate
-  directions (distance below ~1e-3) are resolved only to float32 accuracy.
+  directions (distance below ~1e-3) are resolved only to float32 accuracy, and
+  two directions that coincide in float32 give an infinite log energy: +inf.
   """
   off_diagonal = _off_diagonal(vectors.shape[0])
   distance_sq = jnp.where(off_diagonal, jnp.maximum(2.0 - 2.0 * cosines(vectors), 0.0), 1.0)
   log_energy = -0.5 * jnp.log(distance_sq)
-  return _off_diagonal_mean_std(log_energy, ddof)[1] ** 2
+  variance = _off_diagonal_mean_std(log_energy, ddof)[1] ** 2
+  return jnp.where(jnp.any(distance_sq == 0.0), jnp.inf, variance)
 
 
 def unc3(weights: jax.Array, centred_means: jax.Array, ddof: int = 1) -> jax.Array:

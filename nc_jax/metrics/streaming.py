@@ -24,6 +24,19 @@ as the within-class spread. Deviations d_i from those means are exact
 mu_c + delta_c and sum ||d - delta||^2 = sum ||d||^2 - n ||delta||^2 (the
 "corrected two-pass" algorithm of Chan, Golub & LeVeque).
 
+Scale. NC1, NC2, NC3, CDNV and the NCC rule do not change when every feature is
+multiplied by the same positive number, but float32 squares overflow above
+~1.8e19 and flush to zero below ~1e-19. So pass 1 also keeps the largest finite
+|h_ij| it has seen (merged by max), and ``finalize_class_means`` picks the
+exponent e with max |h_ij| 2^-e in [0.5, 1). Pass 2 works on h 2^-e: a power of
+two, so the scaled numbers are exactly the unscaled ones wherever those did not
+over- or underflow, and ordinary data gives bit-identical results. The logits
+W h + b are compared in their own exact power-of-two units (``logit_weights``,
+``logit_bias``), so the network's decision never changes. Class means stay in
+the features' units in pass 1 (its sums switch to scaled units only for a batch
+whose sum could overflow); everything in ``ClassGeometry`` and ``DeviationState``
+is in the scaled units.
+
 All state is a pytree of arrays with static shapes, so every function works
 inside ``jax.jit`` and ``lax.scan``, and on inputs sharded along N. ``merge_*``
 combines the states of disjoint data (other hosts, other chunks) exactly.
@@ -49,6 +62,37 @@ def float_dtype(features: jax.Array):
   return jax.dtypes.canonicalize_dtype(jnp.promote_types(features.dtype, jnp.float32))
 
 
+def scale_exponent(max_abs: jax.Array) -> jax.Array:
+  """The int32 e with max_abs * 2^-e in [0.5, 1); 0 when max_abs is 0 or not finite.
+
+  Clipped to the normal range (float32: -126 <= e <= 126), so 2^-e is an exact,
+  normal float and multiplying by it loses nothing.
+  """
+  info = jnp.finfo(max_abs.dtype)
+  _, exponent = jnp.frexp(max_abs)
+  exponent = jnp.where(jnp.isfinite(max_abs) & (max_abs > 0), exponent, 0)
+  return jnp.clip(exponent, info.minexp, info.maxexp - 2).astype(jnp.int32)
+
+
+def power_of_two(exponent: jax.Array, dtype) -> jax.Array:
+  """2^exponent as a ``dtype`` scalar, exact for exponents in the normal range."""
+  return jnp.ldexp(jnp.ones((), dtype), exponent)
+
+
+def max_finite_abs(values: jax.Array) -> jax.Array:
+  """max |v_ij| over the finite entries of ``values`` (any shape), 0 if there are none."""
+  magnitude = jnp.abs(values)
+  return jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0.0), initial=0.0)
+
+
+def unit_scaled(vectors: jax.Array) -> jax.Array:
+  """``vectors`` times the power of two that brings max |v_ij| into [0.5, 1) (NaN and inf stay).
+
+  For the scale-invariant geometry of classifier rows: exact, and no square can overflow.
+  """
+  return vectors * power_of_two(-scale_exponent(max_finite_abs(vectors)), vectors.dtype)
+
+
 def segment_ids(labels: jax.Array, num_classes: int, mask: Optional[jax.Array] = None) -> jax.Array:
   """Labels (N,) with masked and out-of-range entries set to C, which ``class_sums`` drops."""
   valid = (labels >= 0) & (labels < num_classes)
@@ -71,25 +115,75 @@ def class_sums(values: jax.Array, ids: jax.Array, num_classes: int) -> jax.Array
 
 @flax.struct.dataclass
 class ClassMeansState:
-  """Pass-1 state. counts (C,) int32; means (C, p) float (0 for classes not yet seen)."""
+  """Pass-1 state, in the features' own units.
+
+  Attributes:
+    counts: (C,) int32 samples per class.
+    means: (C, p) class means (0 for classes not yet seen).
+    max_abs: () the largest |h_ij| of the finite unmasked rows (0 before any, or when
+      not tracked): with the means, it sets the scale of pass 2.
+  """
 
   counts: jax.Array
   means: jax.Array
+  max_abs: jax.Array
 
 
 def init_class_means(num_classes: int, feature_dim: int, dtype=jnp.float32) -> ClassMeansState:
   return ClassMeansState(
       counts=jnp.zeros((num_classes,), jnp.int32),
       means=jnp.zeros((num_classes, feature_dim), dtype),
+      max_abs=jnp.zeros((), dtype),
   )
 
 
 def merge_class_means(a: ClassMeansState, b: ClassMeansState) -> ClassMeansState:
-  """Means of the union of two disjoint sets: mu = mu_a + (n_b / n)(mu_b - mu_a)."""
+  """Means of the union of two disjoint sets: mu = mu_a + (n_b / n)(mu_b - mu_a); max_abs = max."""
   counts = a.counts + b.counts
   weight_b = b.counts / jnp.maximum(counts, 1)
   means = a.means + weight_b[:, None].astype(a.means.dtype) * (b.means - a.means)
-  return ClassMeansState(counts=counts, means=means)
+  return ClassMeansState(counts=counts, means=means, max_abs=jnp.maximum(a.max_abs, b.max_abs))
+
+
+def max_abs_of_rows(features: jax.Array, ids: jax.Array, num_classes: int) -> jax.Array:
+  """max |h_ij| over the rows of ``features`` (B, p) with ids < C and no NaN or inf (0 if none)."""
+  if features.size == 0:
+    return jnp.zeros((), features.dtype)
+  row_max = jnp.max(jnp.abs(features), axis=-1)  # NaN or inf iff the row holds one
+  return jnp.max(jnp.where((ids < num_classes) & jnp.isfinite(row_max), row_max, 0.0))
+
+
+def _batch_max_abs(features: jax.Array, ids: jax.Array, num_classes: int, masked: bool) -> jax.Array:
+  """``max_abs_of_rows``, by one reduction over the whole batch where that is exact.
+
+  Without a mask the plain max is right whenever it is finite (rows with
+  out-of-range labels then count too; they poison the result anyway); the
+  row-wise form runs only otherwise (``lax.cond``).
+  """
+  if masked or features.size == 0:
+    return max_abs_of_rows(features, ids, num_classes)
+  whole = jnp.max(jnp.abs(features))
+  return jax.lax.cond(jnp.isfinite(whole), lambda: whole, lambda: max_abs_of_rows(features, ids, num_classes))
+
+
+def _batch_means(features: jax.Array, ids: jax.Array, counts: jax.Array) -> jax.Array:
+  """(C, p) class means of a batch (B, p), exact as long as every mean is representable.
+
+  Raw sums overflow once B max|h| passes the float range (~3.4e38 in float32);
+  only then (``lax.cond``, so ordinary batches pay nothing) the sums are taken
+  again of h 2^-e and the means scaled back by 2^e.
+  """
+  num_classes = counts.shape[0]
+  dtype = features.dtype
+  per_sample = jnp.maximum(counts, 1)[:, None].astype(dtype)
+  means = class_sums(features, ids, num_classes) / per_sample
+
+  def rescaled():
+    exponent = scale_exponent(max_abs_of_rows(features, ids, num_classes))
+    sums = class_sums(features * power_of_two(-exponent, dtype), ids, num_classes)
+    return jnp.ldexp(sums / per_sample, exponent)
+
+  return jax.lax.cond(jnp.any(jnp.isinf(means)), rescaled, lambda: means)
 
 
 def update_class_means(
@@ -97,14 +191,24 @@ def update_class_means(
     features: jax.Array,
     labels: jax.Array,
     mask: Optional[jax.Array] = None,
+    *,
+    track_max_abs: bool = True,
 ) -> ClassMeansState:
-  """Folds a batch (features (B, p), labels (B,), optional mask (B,) bool) into the means."""
+  """Folds a batch (features (B, p), labels (B,), optional mask (B,) bool) into the means.
+
+  ``track_max_abs=False`` skips the max |h_ij| reduction (one more read of the
+  batch); the scale then comes from the largest |class mean|, which suffices
+  unless a row is ~1e18 times larger than every class mean (``neural_collapse``
+  detects that case and measures again; a stream cannot).
+  """
   num_classes = state.counts.shape[0]
+  features = features.astype(state.means.dtype)
   ids = segment_ids(labels, num_classes, mask)
+  max_abs = (_batch_max_abs(features, ids, num_classes, masked=mask is not None) if track_max_abs
+             else jnp.zeros((), features.dtype))
   batch_counts = class_sums(jnp.ones(labels.shape, jnp.int32), ids, num_classes)
-  batch_sums = class_sums(features.astype(state.means.dtype), ids, num_classes)
-  batch_means = batch_sums / jnp.maximum(batch_counts, 1)[:, None].astype(batch_sums.dtype)
-  batch = ClassMeansState(counts=batch_counts, means=batch_means)
+  batch_means = _batch_means(features, ids, batch_counts)
+  batch = ClassMeansState(counts=batch_counts, means=batch_means, max_abs=max_abs)
   return merge_class_means(state, batch)
 
 
@@ -117,18 +221,24 @@ def update_class_means(
 class ClassGeometry:
   """Class means and their factorisation, the reference pass 2 measures against.
 
+  Lengths are in scaled units: a feature h enters pass 2 as h 2^-e, e = ``exponent``.
+
   Attributes:
-    counts: (C,) int32 samples per class.
-    means: (C, p) class means mu_c.
-    global_mean: (p,) mu_G (mean of class means, or of samples; see ``global_mean``).
-    centred_means: (C, p) M = mu - mu_G, the paper's M-dot transposed.
+    counts: (C,) int32 samples per class (pass 1).
+    means: (C, p) class means mu_c 2^-e.
+    global_mean: (p,) mu_G 2^-e (mean of class means, or of samples; see ``global_mean``).
+    centred_means: (C, p) M = (mu - mu_G) 2^-e, the paper's M-dot transposed.
     basis: (C, r) U, left singular vectors of M, r = min(p, C-1) (min(p, C) when
       mu_G is the sample mean, where M need not have rank C-1).
     inverse_sq_singular_values: (r,) 1/s_k^2, 0 for s_k below the numerical-rank cutoff.
-    weights: (C, p) classifier W, or None.
-    bias: (C,) classifier b, or None.
+    exponent: () int32 e: pass 2's unit is 2^e (by default, max |h_ij| 2^-e in [0.5, 1)).
     mean_distance_sq: (C, C) ||M_a - M_c||^2, for the NCC rule.
-    mean_logits: (C, C) W mu_a (row a = logits of class a's mean, no bias), or None.
+    weights: (C, p) classifier W as given, or None.
+    bias: (C,) classifier b as given, or None.
+    logit_weights: (C, p) W 2^-L, and logit_bias: (C,) b 2^-(e+L), with L chosen so that
+      W (h 2^-e) 2^-L + b 2^-(e+L) = (W h + b) 2^-(e+L) has entries of at most ~1: the
+      network's logits in exact power-of-two units, so their argmax is the network's.
+    mean_logits: (C, C) logit_weights mu_a 2^-e (row a: class a's mean, no bias), or None.
   """
 
   counts: jax.Array
@@ -137,9 +247,12 @@ class ClassGeometry:
   centred_means: jax.Array
   basis: jax.Array
   inverse_sq_singular_values: jax.Array
+  exponent: jax.Array
   mean_distance_sq: Optional[jax.Array] = None
   weights: Optional[jax.Array] = None
   bias: Optional[jax.Array] = None
+  logit_weights: Optional[jax.Array] = None
+  logit_bias: Optional[jax.Array] = None
   mean_logits: Optional[jax.Array] = None
 
 
@@ -184,6 +297,22 @@ def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional
   return basis, inverse_sq
 
 
+def _logit_units(weights: jax.Array, bias: Optional[jax.Array], exponent: jax.Array):
+  """(W 2^-L, b 2^-(e+L)) with L = max(exponent of p max|W|, exponent of max|b| 2^-e).
+
+  Pass 2 feeds h 2^-e with |h 2^-e| < 1, so |W h 2^-e| <= p max|W| and both parts
+  of the logits stay below ~1 after 2^-L: nothing overflows, and since every term
+  carries the same power of two, the argmax is that of W h + b.
+  """
+  dtype = weights.dtype
+  feature_dim = weights.shape[1]
+  bias = jnp.zeros(weights.shape[:1], dtype) if bias is None else bias.astype(dtype)
+  weights_exponent = scale_exponent(max_finite_abs(weights)) + math.ceil(math.log2(max(feature_dim, 1)))
+  bias_exponent = scale_exponent(max_finite_abs(bias)) - exponent
+  logit_exponent = jnp.maximum(weights_exponent, bias_exponent)
+  return jnp.ldexp(weights, -logit_exponent), jnp.ldexp(bias, -(exponent + logit_exponent))
+
+
 def finalize_class_means(
     state: ClassMeansState,
     weights: Optional[jax.Array] = None,
@@ -192,24 +321,38 @@ def finalize_class_means(
     global_mean: str = "class_means",
     solver: str = "svd",
     rcond: Optional[float] = None,
+    exponent: Optional[jax.Array] = None,
 ) -> ClassGeometry:
-  """Centres the pass-1 means and factorises them; the reference for pass 2."""
+  """Scales the pass-1 means by 2^-e, centres and factorises them; the reference for pass 2.
+
+  e (``exponent``) defaults to the power of two of max(max_abs, max |mu_cj|).
+  """
   num_classes, feature_dim = state.means.shape
-  mu_global = global_mean_of(state.means, state.counts, global_mean)
-  centred = state.means - mu_global
+  if exponent is None:
+    exponent = scale_exponent(jnp.maximum(state.max_abs, max_finite_abs(state.means)))
+  means = state.means * power_of_two(-exponent, state.means.dtype)
+  mu_global = global_mean_of(means, state.counts, global_mean)
+  centred = means - mu_global
   rank = min(feature_dim, num_classes - 1 if global_mean == "class_means" else num_classes)
   basis, inverse_sq = _factorise(centred, rank, solver, rcond)
+  logit_weights = logit_bias = mean_logits = None
+  if weights is not None:
+    logit_weights, logit_bias = _logit_units(weights.astype(means.dtype), bias, exponent)
+    mean_logits = matmul_highest(means, logit_weights.T)
   return ClassGeometry(
       counts=state.counts,
-      means=state.means,
+      means=means,
       global_mean=mu_global,
       centred_means=centred,
       basis=basis,
       inverse_sq_singular_values=inverse_sq,
+      exponent=exponent,
       mean_distance_sq=pairwise_distance_sq(centred),
       weights=weights,
       bias=bias,
-      mean_logits=None if weights is None else matmul_highest(state.means, weights.T.astype(state.means.dtype)),
+      logit_weights=logit_weights,
+      logit_bias=logit_bias,
+      mean_logits=mean_logits,
   )
 
 
@@ -220,7 +363,7 @@ def finalize_class_means(
 
 @flax.struct.dataclass
 class DeviationState:
-  """Pass-2 state; d_i = h_i - mu_{y_i} with the pass-1 means. All per class (C,...).
+  """Pass-2 state; d_i = (h_i - mu_{y_i}) 2^-e with the pass-1 means. All per class (C,...).
 
   Attributes:
     counts: (C,) int32 valid samples.
@@ -231,8 +374,10 @@ class DeviationState:
     ncc_correct: () int32, #{argmin_c ||h - mu_c|| == y}.
     mismatch: () int32, #{network decision != NCC decision} (0 without W).
     invalid_labels: () int32, unmasked labels outside [0, C).
-    nonfinite_rows: () int32, unmasked rows with a NaN or inf feature (or whose
-      squared deviation overflows float32).
+    nonfinite_rows: () int32, unmasked rows holding a NaN or inf. Features of pass 1's
+      data are below 1 in pass 2's units, so none of its finite rows is ever counted;
+      only a held-out row ~1e18 times larger than every pass-1 feature could overflow
+      and count.
   """
 
   counts: jax.Array
@@ -268,6 +413,11 @@ def merge_deviations(a: DeviationState, b: DeviationState) -> DeviationState:
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
+def scale_features(features: jax.Array, exponent: jax.Array, dtype) -> jax.Array:
+  """h 2^-e (B, p), pass 2's units: exact, and below 1 in magnitude for the data of pass 1."""
+  return features.astype(dtype) * power_of_two(-exponent, dtype)
+
+
 def update_deviations(
     state: DeviationState,
     geometry: ClassGeometry,
@@ -279,11 +429,12 @@ def update_deviations(
 ) -> DeviationState:
   """Folds a batch (features (B, p), labels (B,), optional mask (B,)) into pass 2.
 
-  One product D [M^T | W^T] (B x p times p x 2C) serves everything:
+  One product D [M^T | W'^T] (B x p times p x 2C) serves everything, with the
+  deviations D in scaled units (``scale_features``) and W' = ``logit_weights``:
     NC1 summand  ||S^-2 U^T (M d_i)||^2;
     NCC distance ||h_i - mu_c||^2 = ||d_i||^2 + 2 (M d_i)_{y_i} - 2 (M d_i)_c + ||M_{y_i} - M_c||^2,
       all centred, so no cancellation against a large common offset;
-    logits       W h_i + b = W d_i + (W mu_{y_i}) + b  (bias dropped if not ``ncc_use_bias``).
+    logits       (W h_i + b) 2^-(e+L) = W' d_i + (W' mu_{y_i}) + b'  (b' dropped if not ``ncc_use_bias``).
   """
   num_classes = geometry.means.shape[0]
   dtype = geometry.means.dtype
@@ -293,11 +444,12 @@ def update_deviations(
   ids = segment_ids(labels, num_classes, mask)
   safe_labels = jnp.where(in_range, labels, 0)
 
-  deviations = features.astype(dtype) - geometry.means[safe_labels]
-  deviation_sq = jnp.sum(deviations**2, axis=-1)  # NaN/inf here iff the row has one (or overflows)
+  reference = jnp.where(jnp.isfinite(geometry.means), geometry.means, 0.0)  # a NaN row's class: still count the rest
+  deviations = scale_features(features, geometry.exponent, dtype) - reference[safe_labels]
+  deviation_sq = jnp.sum(deviations**2, axis=-1)  # finite for every finite row (|d| < 2), see nonfinite_rows
   centred = geometry.centred_means
   has_weights = geometry.weights is not None
-  right = jnp.concatenate([centred, geometry.weights.astype(dtype)], 0) if has_weights else centred
+  right = jnp.concatenate([centred, geometry.logit_weights], 0) if has_weights else centred
   product = matmul_highest(deviations, right.T)
   along_means = product[:, :num_classes]  # (B, C): M d_i
 
@@ -313,7 +465,7 @@ def update_deviations(
   if has_weights:
     logits = product[:, num_classes:] + geometry.mean_logits[safe_labels]
     if ncc_use_bias and geometry.bias is not None:
-      logits = logits + geometry.bias.astype(dtype)
+      logits = logits + geometry.logit_bias
     network_decision = jnp.argmax(logits, axis=-1)
     network_correct = count_where(network_decision == labels)
     mismatch = count_where(network_decision != ncc_decision)
