@@ -195,7 +195,7 @@ def paper_config(dataset: str, net: str, variant: str = "") -> ml_collections.Co
   config.tpt_threshold = 0.996 if imagenet else 0.999
   if variant == "smoke":
     config.num_epochs = 2
-    config.per_class = None
+    config.per_class = "none"  # a string, so the command line can still set it (=500, =paper)
     config.batch_size = 8
     config.eval_batch_size = 16
     config.measure_epochs = (1, 2)

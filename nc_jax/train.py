@@ -164,7 +164,7 @@ def main(argv) -> None:
       where = f" ({os_error.filename})" if os_error.filename else ""
       _fail(f"{_one_line(os_error) if os_error.strerror is None else os_error.strerror}{where}; nothing already "
             "written is lost: free space or fix permissions, then rerun the same command to resume")
-    if isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
+    if isinstance(error, (ValueError, FileNotFoundError, RuntimeError, ImportError)):
       _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     raise
 

@@ -1,6 +1,8 @@
 """nc_jax.data: every offline source, tfds under mock data, preprocessing, device batches."""
 
 import gzip
+import os
+import pathlib
 
 import jax
 import numpy as np
@@ -9,6 +11,10 @@ import tensorflow_datasets as tfds
 
 from nc_jax import data
 from nc_jax.data import device, idx, preprocess
+
+# Real MNIST IDX files: $NC_JAX_MNIST_DIR, else the workplace's shared copy beside the checkout.
+REAL_MNIST = pathlib.Path(os.environ.get("NC_JAX_MNIST_DIR",
+                                         pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
 
 
 def write_fake_idx_folder(folder, train=120, test=30, compress=True):
@@ -67,6 +73,26 @@ class TestIDX:
     # the dataset's well-known pixel statistics (Xiao et al. 2017 images scaled to [0, 1])
     assert dataset.train_inputs.mean() == pytest.approx(0.2860, abs=5e-4)
     assert dataset.train_inputs.std() == pytest.approx(0.3530, abs=5e-4)
+
+
+  @pytest.mark.skipif(not REAL_MNIST.exists(), reason=f"real MNIST IDX files not in {REAL_MNIST}")
+  def test_real_mnist(self):
+    dataset = data.load("mnist", source="idx", data_dir=str(REAL_MNIST), per_class=None, standardization="none",
+                        pad_to=None)
+    assert dataset.train_inputs.shape == (60_000, 28, 28, 1) and dataset.test_inputs.shape == (10_000, 28, 28, 1)
+    # the published class counts and the notebook's normalisation constants (LeCun et al.; PAPER.md)
+    assert np.bincount(dataset.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(dataset.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert dataset.train_inputs.mean() == pytest.approx(0.1307, abs=5e-5)
+    assert dataset.train_inputs.std() == pytest.approx(0.3081, abs=5e-5)
+    paper = data.load("mnist", source="idx", data_dir=str(REAL_MNIST))  # the paper's 5000 per class, padded to 32
+    assert paper.train_inputs.shape == (50_000, 32, 32, 1)
+    assert np.bincount(paper.train_labels).tolist() == [5000] * 10
+
+  def test_mnist_from_idx_needs_its_folder(self):
+    # no system package holds MNIST: without data_dir it must not fall back to Fashion-MNIST's folder
+    with pytest.raises(FileNotFoundError, match="data_dir"):
+      data.load("mnist", source="idx")
 
 
 class TestGenerated:

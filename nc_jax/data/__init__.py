@@ -60,7 +60,7 @@ def _raw(name: str, source: str, data_dir: Optional[str], seed: int, synthetic_o
   if source == "idx":
     if name not in ("mnist", "fashion_mnist"):
       raise ValueError(f"source='idx' reads MNIST-format files (mnist, fashion_mnist), not {name!r}")
-    return sources.from_idx(data_dir)
+    return sources.from_idx(name, data_dir)
   if source == "tfds":
     return sources.from_tfds(name, data_dir)
   raise ValueError(f"unknown source {source!r} for {name!r}; choose one of {SOURCES}")
@@ -82,7 +82,7 @@ def load(
   Args:
     name: one of DATASETS.
     source: 'tfds' (paper datasets via ``tfds.data_source``) or 'idx' (MNIST-format
-      files; default folder is Debian's dataset-fashion-mnist). Ignored for
+      files; Fashion-MNIST's default folder is Debian's dataset-fashion-mnist, MNIST's must be given). Ignored for
       'mnist1d' and 'synthetic', which are generated.
     data_dir: tfds data_dir, or the IDX folder.
     per_class: training examples kept per class: 'paper' (PAPER_PER_CLASS; for

@@ -60,9 +60,21 @@ def from_tfds(name: str, data_dir: Optional[str] = None) -> RawSplits:
   return RawSplits(train_inputs, train_labels, test_inputs, test_labels, num_classes)
 
 
-def from_idx(data_dir: Optional[str] = None) -> RawSplits:
-  """MNIST-format IDX files (default: Debian's dataset-fashion-mnist folder); images get a channel axis."""
-  directory = pathlib.Path(data_dir) if data_dir else idx.DEBIAN_FASHION_MNIST
+def from_idx(name: str = "fashion_mnist", data_dir: Optional[str] = None) -> RawSplits:
+  """MNIST-format IDX files; images get a channel axis.
+
+  Fashion-MNIST defaults to Debian's dataset-fashion-mnist folder; MNIST has no system package, so its folder
+  (the four standard files, e.g. from yann.lecun.com or any mirror) must be given.
+  """
+  if data_dir:
+    directory = pathlib.Path(data_dir)
+  elif name == "fashion_mnist":
+    directory = idx.DEBIAN_FASHION_MNIST
+  else:
+    raise FileNotFoundError(
+        f"{name} from IDX files needs their folder: set data_dir (--config.data_dir=DIR) to a folder holding "
+        "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+        "t10k-labels-idx1-ubyte.gz")
   train_images, train_labels = idx.load_split(directory, "train")
   test_images, test_labels = idx.load_split(directory, "test")
   num_classes = int(max(train_labels.max(), test_labels.max())) + 1
