@@ -1,6 +1,6 @@
 """Speed of the jitted NC suite against a floor and two baselines, in one run.
 
-    python benchmarks/metrics.py [--sizes small|all] [--no-append]
+    python benchmarks/metrics.py [--sizes small|all] [--no-baselines] [--no-append]
 
 For each (N, p, C) it times, on the same features:
   floor     one jitted pass argmax(H W^T + b) (what any NC4 evaluation must at least do);
@@ -13,6 +13,8 @@ For each (N, p, C) it times, on the same features:
             NCC pass with (B, C, p) distances. Timed on a subset of the samples and
             scaled linearly to N (its per-sample work is the same for every sample);
             the one-off svds/trace is timed once and added.
+numpy64 and notebook run on the host CPU whatever the device; --no-baselines skips them
+(on an accelerator, where the host's time is not what is being measured).
 Prints a markdown table and appends it, with the machine and versions, to BENCHMARKS.md.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import signal
 import time
 
 import jax
@@ -96,7 +99,7 @@ def notebook_one_off(sigma_w, means, num_classes):
   return np.trace(sigma_w @ inverse) / num_classes
 
 
-def run_size(num_samples, feature_dim, num_classes, repeats):
+def run_size(num_samples, feature_dim, num_classes, repeats, baselines=True):
   features, labels, weights, bias = make_data(num_samples, feature_dim, num_classes)
   device = jax.devices()[0]
   h, y, w, b = (jax.device_put(x, device) for x in (features, labels, weights, bias))
@@ -108,6 +111,8 @@ def run_size(num_samples, feature_dim, num_classes, repeats):
   row["floor"] = common.median_time(lambda: floor_fn(h, w, b), repeats)
   row["suite"] = common.median_time(lambda: suite_svd(h, y, w, b), repeats)
   row["suite_gram"] = common.median_time(lambda: suite_gram(h, y, w, b), repeats)
+  if not baselines:
+    return row
 
   start = time.perf_counter()
   numpy_float64(features, labels, num_classes, weights, bias)
@@ -133,10 +138,14 @@ def format_table(rows, header):
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
     ms = {k: 1e3 * v for k, v in row.items() if isinstance(v, float)}
+    if "numpy64" in row:
+      baselines = (f"{ms['numpy64']:.0f} | {ms['notebook']:.0f} (scaled from {row['notebook_subset']:,})",
+                   f"{row['notebook'] / row['suite']:.0f}x | {row['numpy64'] / row['suite']:.1f}x")
+    else:
+      baselines = ("not run | not run", "n/a | n/a")
     lines.append(
         f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | {ms['floor']:.1f} | {ms['suite']:.1f} | "
-        f"{ms['suite_gram']:.1f} | {ms['numpy64']:.0f} | {ms['notebook']:.0f} (scaled from {row['notebook_subset']:,}) | "
-        f"{row['suite'] / row['floor']:.1f}x | {row['notebook'] / row['suite']:.0f}x | {row['numpy64'] / row['suite']:.1f}x |")
+        f"{ms['suite_gram']:.1f} | {baselines[0]} | {row['suite'] / row['floor']:.1f}x | {baselines[1]} |")
   return "\n".join(lines)
 
 
@@ -144,13 +153,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sizes", choices=sorted(SIZES), default="all")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no-baselines", action="store_true", help="skip the host-CPU numpy64 and notebook columns")
   parser.add_argument("--no-append", action="store_true")
   args = parser.parse_args()
   rows = []
-  for size in SIZES[args.sizes]:
-    repeats = args.repeats if size[0] * size[1] * size[2] < 1e10 else 2
-    rows.append(run_size(*size, repeats))
-    print(f"done {size}", flush=True)
+  signal.signal(signal.SIGTERM, signal.default_int_handler)  # a time limit's SIGTERM keeps the rows measured so far
+  try:
+    for size in SIZES[args.sizes]:
+      repeats = args.repeats if size[0] * size[1] * size[2] < 1e10 else 2
+      rows.append(run_size(*size, repeats, baselines=not args.no_baselines))
+      print(f"done {size}", flush=True)
+  except KeyboardInterrupt:
+    print(f"stopped after {len(rows)} of {len(SIZES[args.sizes])} sizes", flush=True)
+    if not rows:
+      raise SystemExit(143)
   device = jax.devices()[0]
   header = (f"### benchmarks/metrics.py, {datetime.date.today()}: {device.platform} ({device.device_kind}), "
             f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
