@@ -2,7 +2,8 @@
 
     python experiments/mnist1d_study.py --root results/mnist1d [--shapes 512x3,128x3,2048x3,512x1,512x2,512x4]
 
-Runs ``python -m nc_jax.train`` (configs/default.py, the paper's full protocol) once per
+Runs ``python -m nc_jax.train`` (configs/default.py, the paper's full protocol, at the lr the committed
+study used: the notebook's 0.0679, ``--lr``) once per
 WIDTHxDEPTH into ROOT/w{width}_d{depth} (finished runs are skipped, interrupted ones
 resume), then ``python -m nc_jax.report`` over all of them into ROOT/report, and writes
 ROOT/summary.md: per shape, the TPT start, NC1 at the first and last measurement,
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--root", required=True)
   parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated WIDTHxDEPTH")
+  parser.add_argument("--lr", type=float, default=0.0679, help="the study's lr (results/mnist1d used 0.0679)")
   args = parser.parse_args(argv)
   root = pathlib.Path(args.root)
   shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
@@ -46,7 +48,8 @@ def main(argv=None) -> int:
     print(f"width {width} depth {depth} -> {run_dir}", flush=True)
     with (run_dir / "train.log").open("a") as log:
       subprocess.run([sys.executable, "-m", "nc_jax.train", "--workdir", str(run_dir),
-                      f"--config.model_options.width={width}", f"--config.model_options.depth={depth}"],
+                      f"--config.model_options.width={width}", f"--config.model_options.depth={depth}",
+                      f"--config.lr={args.lr}"],
                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=True)
     rows.append(summary_row(run_dir, width, depth))
   subprocess.run([sys.executable, "-m", "nc_jax.report", *[str(root / f"w{w}_d{d}") for w, d in shapes],

@@ -150,7 +150,7 @@ class TestTrainAndEvaluate:
   def test_different_config_in_workdir_is_refused_unless_overwrite(self, tmp_path):
     train_and_evaluate(smoke_config(num_epochs=1, measure_epochs=(1,)), str(tmp_path), log=lambda *a, **k: None)
     changed = smoke_config(num_epochs=1, measure_epochs=(1,), lr=0.01)
-    with pytest.raises(ValueError, match="different config.*lr: 0.0679 -> 0.01"):
+    with pytest.raises(ValueError, match="different config.*lr: 0.0184 -> 0.01"):
       train_and_evaluate(changed, str(tmp_path), log=lambda *a, **k: None)
     train_and_evaluate(changed, str(tmp_path), overwrite=True, log=lambda *a, **k: None)
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
