@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import sys
 from typing import Callable, Optional
 
@@ -143,6 +144,54 @@ def first_in_tpt(records: list[dict]) -> Optional[dict]:
   """The first measurement at or after the TPT start (the TPT start itself for runs that measure it)."""
   start = tpt_start(records)
   return None if start is None else next((r for r in records if r["epoch"] >= start), None)
+
+
+def summary(records: list[dict], workdir, threshold: Optional[float] = None) -> list[str]:
+  """What a run found, as lines for the end of ``python -m nc_jax.train``.
+
+  The TPT start, NC1 at the first and last measurement and their ratio, test
+  accuracy at the first measurement in TPT and at the last one (Table 1's pair),
+  and the command that draws the figures.
+  """
+  workdir = str(workdir)
+  if not records:
+    return [f"summary: no measurements in {workdir} yet"]
+  first, last, start, in_tpt = records[0], records[-1], tpt_start(records), first_in_tpt(records)
+  lines = [f"summary of {workdir}: {len(records)} measurements, epochs {first['epoch']}..{last['epoch']}"]
+  if start is None:
+    bar = "" if threshold is None else f" >= {threshold:g}"
+    lines.append(f"  TPT: not reached (train accuracy{bar} at no epoch; {_fixed(last.get('epoch_acc'))} "
+                 f"at epoch {last['epoch']})")
+  else:
+    lines.append(f"  TPT: from epoch {start}")
+  nc1_first, nc1_last = number(first.get("nc1")), number(last.get("nc1"))
+  change = ""
+  if (nc1_first or 0) > 0 and (nc1_last or 0) > 0:
+    ratio = nc1_first / nc1_last
+    change = f" ({ratio:.3g}x lower)" if ratio >= 1 else f" ({1 / ratio:.3g}x higher)"
+  lines.append(f"  NC1: {_general(nc1_first)} at epoch {first['epoch']} -> {_general(nc1_last)} at epoch "
+               f"{last['epoch']}{change}")
+  end = f"{_fixed(last.get('test_acc'))} at the end (epoch {last['epoch']})"
+  if in_tpt is None:
+    lines.append(f"  test accuracy: {end}")
+  else:
+    where = "the TPT start" if in_tpt["epoch"] == start else "the first measurement in TPT"
+    at_end, at_start = number(last.get("test_acc")), number(in_tpt.get("test_acc"))
+    points = "" if None in (at_end, at_start) else f", {100 * (at_end - at_start):+.2f} points"
+    lines.append(f"  test accuracy: {_fixed(in_tpt.get('test_acc'))} at {where} (epoch {in_tpt['epoch']}) -> "
+                 f"{end}{points}")
+  quoted = shlex.quote(workdir)
+  lines.append(f"  figures: python -m nc_jax.report {quoted} --out {shlex.quote(workdir + '/report')}")
+  return lines
+
+
+def _fixed(value) -> str:
+  value = number(value)
+  return "n/a" if value is None else f"{value:.4f}"
+
+
+def _general(value) -> str:
+  return "n/a" if value is None else f"{value:.3g}"
 
 
 def number(value, invert: bool = False) -> Optional[float]:

@@ -5,7 +5,9 @@ trainer. Writes one PNG per figure (one panel per run, epochs on the x-axis, the
 TPT start as a dashed line), table1.md (test accuracy at the TPT start and at
 the last epoch) and report.md showing them together, with every figure's
 quantity at the first measurement, the TPT start and the last measurement.
-Partial runs are plotted as far as they go.
+Partial runs are plotted as far as they go. Runs that log them also get the
+MSE decomposition (fig9_mse_decomposition.png) and per-layer collapse against
+depth at the first, TPT-start and last measurements (fig_depth.png).
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ FIGURES = (
     ("fig6_nc1", "NC1: Tr(Sigma_W Sigma_B^+)/C", [("nc1", "")], True),
     ("fig7_ncc_mismatch", "NCC mismatch (train)", [("ncc_mismatch", "")], True),
     ("fig8_deepfool", "DeepFool robustness ||r||/||x||", [("deepfool_robustness", "")], False),
+)
+# Figures of protocol variants, drawn only for runs that log their keys (same form as FIGURES).
+VARIANT_FIGURES = (
+    # MSE runs (Han, Papyan & Donoho 2022): the last layer's regularised MSE on the training features and its split
+    ("fig9_mse_decomposition", "MSE decomposition: L_NC1 + L_NC2/3 + L_perp", [
+        ("mse_lnc1", "L_NC1"), ("mse_lnc23", "L_NC2/3"), ("mse_lperp", "L_perp"), ("mse_total", "sum (reg. MSE)")],
+     True),
+    # imbalanced runs (minority collapse, Fang et al. 2021): the simplex ETF's cosine is -1/(C-1)
+    ("fig_minority_cosines", "Minority collapse: mean pairwise cosine", [
+        ("minority_w_cosine", "minority classifiers"), ("majority_w_cosine", "majority classifiers"),
+        ("minority_mean_cosine", "minority means"), ("majority_mean_cosine", "majority means")], False),
 )
 
 
@@ -122,6 +135,83 @@ def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, o
   return path.name
 
 
+def plot_class_norms(runs: list[Run], out: pathlib.Path) -> Optional[str]:
+  """Per-class ||w_c|| and ||mu_c - mu_G|| at each run's last measurement (imbalanced runs log them), each
+  divided by its largest, classes in order (the minority last)."""
+  runs = [run for run in runs if "class/0/w_norm" in run.records[-1]]
+  if not runs:
+    return None
+  figure, axes = plt.subplots(1, len(runs), figsize=(3.8 * len(runs), 2.9), squeeze=False)
+  for axis, run in zip(axes.flat, runs):
+    last = run.records[-1]
+    classes = sorted(int(k.split("/")[1]) for k in last if k.startswith("class/") and k.endswith("/w_norm"))
+    for offset, (key, label) in zip((-0.2, 0.2), (("w_norm", "||w_c||"), ("mean_norm", "||mu_c - mu_G||"))):
+      values = [_number(last.get(f"class/{c}/{key}")) or 0.0 for c in classes]
+      top = max(values) or 1.0
+      axis.bar([c + offset for c in classes], [v / top for v in values], width=0.4, label=label)
+    axis.set_title(f"{run.name}, epoch {last['epoch']}", fontsize=8)
+    axis.set_xlabel("class", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.legend(fontsize=6)
+  figure.suptitle("Per-class norms (relative to the largest)", fontsize=10)
+  figure.tight_layout()
+  path = out / "fig_class_norms.png"
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  return path.name
+
+
+# Per-layer keys ('layer/<name>/<key>', logged with per_layer_nc) drawn against depth: (key, title, log scale).
+DEPTH_PANELS = (("nc1", "NC1", True), ("equinorm_means", "equinorm of means", True),
+                ("equiangular_means", "equiangularity of means", True),
+                ("max_angle_means", "max-angle of means", True), ("ncc_accuracy", "NCC accuracy", False))
+
+
+def _stages(record: dict) -> list[str]:
+  """The layer names of a record's 'layer/<name>/...' keys in depth order (layer2 before layer10)."""
+  names = {key.split("/")[1] for key in record if key.startswith("layer/") and key.count("/") == 2}
+  def order(name):
+    stem = name.rstrip("0123456789")
+    return stem, int(name[len(stem):] or -1)
+  return sorted(names, key=order)
+
+
+def plot_depth(runs: list[Run], out: pathlib.Path) -> Optional[str]:
+  """Per-layer collapse: each DEPTH_PANELS metric against stage index (one row per run with per-layer keys),
+  one line each for the first measurement, the first in TPT and the last."""
+  runs = [run for run in runs if _stages(run.records[-1])]
+  if not runs:
+    return None
+  figure, axes = plt.subplots(len(runs), len(DEPTH_PANELS), figsize=(3.0 * len(DEPTH_PANELS), 2.7 * len(runs)),
+                              squeeze=False)
+  for row, run in zip(axes, runs):
+    stages = _stages(run.records[-1])
+    chosen = {}  # epoch -> (label, record), first/TPT/last without repeats
+    for label, record in (("first", run.records[0]), ("TPT start", run.first_in_tpt), ("last", run.records[-1])):
+      if record is not None:
+        chosen.setdefault(record["epoch"], (label, record))
+    for axis, (key, title, log_scale) in zip(row, DEPTH_PANELS):
+      for epoch, (label, record) in chosen.items():
+        points = [(i, _number(record.get(f"layer/{name}/{key}"))) for i, name in enumerate(stages, start=1)]
+        points = [(i, v) for i, v in points if v is not None and (v > 0 or not log_scale)]
+        if points:
+          axis.plot(*zip(*points), marker="o", markersize=3, label=f"epoch {epoch} ({label})")
+      if log_scale:
+        axis.set_yscale("log")
+      axis.set_xticks(range(1, len(stages) + 1), stages, fontsize=6)
+      axis.set_title(f"{title}\n{run.name}", fontsize=7)
+      axis.set_xlabel("stage", fontsize=8)
+      axis.tick_params(labelsize=7)
+      if axis.get_legend_handles_labels()[0]:
+        axis.legend(fontsize=5)
+  figure.suptitle("Per-layer collapse against depth", fontsize=10)
+  figure.tight_layout()
+  path = out / "fig_depth.png"
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  return path.name
+
+
 def table1(runs: list[Run]) -> str:
   """Test accuracy at the first measurement at or after the TPT start, and at the last measurement."""
   lines = ["| run | TPT start epoch | test acc at TPT start | last epoch | test acc at last epoch | change (points) |",
@@ -145,6 +235,7 @@ KEY_COLUMNS = (
     ("equiangular_means", "equiangular M", "{:.3f}"), ("max_angle_means", "max-angle M", "{:.3f}"),
     ("etf_deviation_means", "ETF dev. M", "{:.3f}"), ("self_duality", "self-duality", "{:.3f}"),
     ("ncc_mismatch", "NCC mismatch", "{:.4f}"), ("deepfool_robustness", "DeepFool", "{:.4f}"),
+    ("minority_w_cosine", "minority W cos", "{:.3f}"), ("majority_w_cosine", "majority W cos", "{:.3f}"),
 )
 
 
@@ -172,7 +263,10 @@ def write_report(run_directories, out: str) -> pathlib.Path:
   runs = [load_run(d) for d in run_directories]
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  figures = [(title, plot_figure(runs, stem, title, keys, log_scale, out)) for stem, title, keys, log_scale in FIGURES]
+  figures = [(title, plot_figure(runs, stem, title, keys, log_scale, out))
+             for stem, title, keys, log_scale in FIGURES + VARIANT_FIGURES]
+  figures.append(("Per-class norms", plot_class_norms(runs, out)))
+  figures.append(("Per-layer collapse against depth", plot_depth(runs, out)))
   table = table1(runs)
   (out / "table1.md").write_text(table + "\n")
   parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), "",

@@ -39,7 +39,9 @@ GENERATED_DATASETS = ("mnist1d", "synthetic")  # made offline; data_source is no
 IDX_DATASETS = ("mnist", "fashion_mnist")  # the ones data_source='idx' (MNIST-format files) can read
 DATA_SOURCES = ("tfds", "idx", "generated")  # nc_jax.data.SOURCES
 STANDARDIZATIONS = ("global", "channel", "pixel", "none")  # nc_jax.data.preprocess.STANDARDIZATIONS
+IMBALANCES = ("none", "step", "exponential")  # nc_jax.data.preprocess.IMBALANCES
 LOSSES = ("cross_entropy", "mse")  # nc_jax.training.step.LOSSES
+OPTIMIZERS = ("sgd", "adam", "adamw")  # nc_jax.training.schedule.OPTIMIZERS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
 STEMS = ("small", "imagenet")  # nc_jax.models.resnet.STEMS; VGG and DenseNet take the same two
@@ -55,13 +57,14 @@ _VGG_LAYERS = {  # nc_jax.models.vgg.CONFIGS
     19: (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, 256, _POOL, 512, 512, 512, 512, _POOL,
          512, 512, 512, 512, _POOL),
 }
-_VGG = {"stem": "small", "classifier_width": None, "width_multiplier": 1.0, "fixed_etf": False}
-_RESNET = {"stem": "small", "width": 64, "fixed_etf": False}
-_DENSENET_SMALL = {"stem": "small", "fixed_etf": False}
+_HEAD = {"fixed_etf": False, "head_bias": True}  # nc_jax.models.head.Head's options, on every model
+_VGG = {"stem": "small", "classifier_width": None, "width_multiplier": 1.0, **_HEAD}
+_RESNET = {"stem": "small", "width": 64, **_HEAD}
+_DENSENET_SMALL = {"stem": "small", **_HEAD}
 _DENSENET_BC = {"bottleneck": True, "compression": 0.5}
 MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "mlp": {"width": 512, "depth": 3, "batch_norm": True, "fixed_etf": False},
-    "cnn": {"channels": (32, 64, 128), "width": 128, "fixed_etf": False},
+    "mlp": {"width": 512, "depth": 3, "batch_norm": True, "feature_dim": None, **_HEAD},
+    "cnn": {"channels": (32, 64, 128), "width": 128, **_HEAD},
     **{f"vgg{depth}": {"config": layers, **_VGG} for depth, layers in _VGG_LAYERS.items()},
     "resnet18": {"stage_sizes": (2, 2, 2, 2), **_RESNET},
     "resnet34": {"stage_sizes": (3, 4, 6, 3), **_RESNET},
@@ -69,20 +72,21 @@ MODEL_OPTIONS: dict[str, dict[str, Any]] = {
     "resnet101": {"stage_sizes": (3, 4, 23, 3), **_RESNET},
     "resnet152": {"stage_sizes": (3, 8, 36, 3), **_RESNET},
     "densenet40": {"block_sizes": (12, 12, 12), "growth_rate": 12, "bottleneck": False, "compression": 1.0,
-                   "init_features": 16, "stem": "small", "fixed_etf": False},
+                   "init_features": 16, "stem": "small", **_HEAD},
     "densenet250": {"block_sizes": (41, 41, 41), "growth_rate": 24, **_DENSENET_BC, "init_features": 48,
-                    "stem": "small", "fixed_etf": False},
+                    "stem": "small", **_HEAD},
     "densenet121": {"block_sizes": (6, 12, 24, 16), "growth_rate": 32, **_DENSENET_BC, "init_features": 64,
-                    "stem": "imagenet", "fixed_etf": False},
+                    "stem": "imagenet", **_HEAD},
     "densenet201": {"block_sizes": (6, 12, 48, 32), "growth_rate": 32, **_DENSENET_BC, "init_features": 64,
-                    "stem": "imagenet", "fixed_etf": False},
+                    "stem": "imagenet", **_HEAD},
 }
 MODELS = tuple(MODEL_OPTIONS)  # nc_jax.models.NAMES
 # Constructor fields a config cannot hold: ResNet's block class (BasicBlock or Bottleneck) is picked by the name.
 FIXED_BY_NAME = ("block_cls",)
-# Options whose default None means "the model decides" (VGG: 512 wide with the small stem, 4096 with imagenet's);
-# declared as ml_collections placeholders of this type, so the command line can still set them.
-OPTIONAL_OPTIONS = {"classifier_width": int}
+# Options whose default None means "the model decides" (VGG: 512 wide with the small stem, 4096 with imagenet's;
+# the MLP's feature_dim: its width); declared as ml_collections placeholders of this type, so the command line
+# can still set them.
+OPTIONAL_OPTIONS = {"classifier_width": int, "feature_dim": int}
 _OPTION_MINIMUM = {"depth": 0}  # every other integer option (and tuple entry) must be >= 1
 
 # --------------------------------------------------------------------- the paper's grid
@@ -141,6 +145,12 @@ def base_config(*, dataset: str, data_source: str, model: str,
   #   (every example, unbalanced); from the command line as strings: --config.per_class=500 or =None
   config.standardization = "global"  # "global" (the notebook's one mean/std), "channel", "pixel" or "none"
   config.data_seed = 0  # seed of the balanced subsample (and of synthetic data)
+  # --- data variants (issue 14): unequal class sizes (minority collapse, Fang et al. 2021) and random labels
+  config.imbalance = "none"  # "step": the last minority_classes keep per_class / ratio; "exponential":
+  #   class c keeps per_class * ratio^(-c / (C - 1)); "none" = the paper's balanced classes
+  config.imbalance_ratio = 1.0  # largest class / smallest class (>= 1)
+  config.minority_classes = 0  # for "step": how many (the last ones); 0 = C // 2
+  config.random_label_fraction = 0.0  # this fraction of training labels permuted among itself (seeded)
 
   # --- model (nc_jax.models.create)
   config.model = model  # one of MODELS
@@ -157,6 +167,15 @@ def base_config(*, dataset: str, data_source: str, model: str,
   config.lr_decay_factor = 0.1  # lr is multiplied by this after each of lr_decay_epochs (> 1 raises it)
   config.lr_decay_epochs = ()  # () = the paper's (num_epochs // 3, 2 * num_epochs // 3)
   config.seed = 0  # init, batch order and the DeepFool inputs
+  # --- protocol variants (issue 14; the defaults are the paper's): optimiser, decay on the features.
+  # "sgd": torch SGD with coupled weight decay (the paper's); "adam": torch Adam (weight_decay as coupled L2);
+  # "adamw": torch AdamW (decoupled decay). All follow the same lr schedule (nc_jax.training.schedule).
+  config.optimizer = "sgd"
+  config.adam_betas = (0.9, 0.999)  # Adam/AdamW's (beta1, beta2), torch's defaults; momentum is SGD's only
+  config.adam_eps = 1e-8
+  # lambda_H of the unconstrained features model (nc_jax/ufm.py): the objective gains (lambda_H/2) ||H||_F^2 over
+  # the N training features, next to weight_decay's (lambda_W/2) ||theta||^2; 0 = off (nc_jax.training.step)
+  config.feature_decay = 0.0
 
   # --- measurement (nc_jax.training.evaluate)
   config.measure_epochs = ()  # () = the notebook's schedule, rescaled to num_epochs
@@ -164,7 +183,7 @@ def base_config(*, dataset: str, data_source: str, model: str,
   # epoch's batches (free; no extra pass), is >= this; that epoch is also measured.
   config.tpt_threshold = 0.999
   config.eval_batch_size = 1024  # batch of the eval-mode passes over train and test sets; a multiple of the devices
-  config.per_layer_nc = False  # also NC1 and NCC accuracy of every stage
+  config.per_layer_nc = False  # also the NC suite of every stage (evaluate.PER_LAYER_KEYS: NC1, NC2 of means, NCC)
   config.deepfool_samples = 100  # DeepFool robustness on this many fixed test inputs per measurement (0 = off)
 
   # --- checkpoints: at every measurement, at the last epoch, on SIGTERM, and on this cadence (whichever first)
@@ -374,6 +393,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _per_class(c["per_class"])
   _choice("standardization", c["standardization"], STANDARDIZATIONS)
   _integer("data_seed", c["data_seed"], 0, _MAX_SEED)
+  _choice("imbalance", c["imbalance"], IMBALANCES)
+  _real("imbalance_ratio", c["imbalance_ratio"], 1.0, note=" (largest class / smallest class)")
+  _integer("minority_classes", c["minority_classes"], 0, note=" (0 = half the classes)")
+  _real("random_label_fraction", c["random_label_fraction"], 0.0, 1.0)
+  if c["imbalance"] != "none" and (c["per_class"] is None or str(c["per_class"]).lower() == "none"):
+    _fail("per_class", c["per_class"], f"imbalance={c['imbalance']!r} needs the largest class's count: set "
+          "per_class to an integer or 'paper'")
 
   # model
   _choice("model", c["model"], MODELS)
@@ -391,6 +417,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _epochs("lr_decay_epochs", c["lr_decay_epochs"], c["num_epochs"], ascending=True,
           meaning="the paper's (num_epochs // 3, 2 * num_epochs // 3)")
   _integer("seed", c["seed"], 0, _MAX_SEED)
+  _choice("optimizer", c["optimizer"], OPTIMIZERS)
+  betas = c["adam_betas"]
+  if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+      or not all(_is_real(b) and 0 <= b < 1 for b in betas)):
+    _fail("adam_betas", betas, "must be a pair (beta1, beta2) of numbers in [0, 1), e.g. \"(0.9,0.999)\"")
+  _real("adam_eps", c["adam_eps"], 0.0, low_open=True)
+  _real("feature_decay", c["feature_decay"], 0.0, note=" (lambda_H; 0 = off)")
 
   # measurement
   _epochs("measure_epochs", c["measure_epochs"], c["num_epochs"], ascending=False,
@@ -473,5 +506,5 @@ def changed_keys(previous: Mapping[str, Any], requested: Mapping[str, Any]) -> l
 
 
 __all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "KNOWN_LR", "LOSSES",
-           "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "STANDARDIZATIONS", "STEMS",
+           "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS", "STANDARDIZATIONS", "IMBALANCES", "STEMS",
            "base_config", "cells", "changed_keys", "fill_defaults", "model_options_for", "paper_config", "validate", "validate_sizes"]

@@ -344,15 +344,17 @@ def test_the_name_tables_equal_the_code():
   from nc_jax import data, models
   from nc_jax.data import preprocess, sources
   from nc_jax.models import resnet
-  from nc_jax.training import step
+  from nc_jax.training import schedule, step
 
   assert schema.DATASETS == data.DATASETS
   assert schema.DATA_SOURCES == data.SOURCES
   assert set(schema.GENERATED_DATASETS) == set(data.DATASETS) - set(sources.TFDS_DATASETS)
   assert set(schema.IDX_DATASETS) <= set(data.DATASETS)
   assert schema.STANDARDIZATIONS == preprocess.STANDARDIZATIONS
+  assert schema.IMBALANCES == preprocess.IMBALANCES
   assert schema.MODELS == models.NAMES
   assert schema.LOSSES == step.LOSSES
+  assert schema.OPTIMIZERS == schedule.OPTIMIZERS
   assert schema.STEMS == resnet.STEMS
   assert {dataset for dataset, _ in schema.cells()} <= set(data.PAPER_PER_CLASS)
 

@@ -34,6 +34,7 @@ class Dataset:
     num_classes: C.
     mean, std: the statistics used (scalar, per channel or per pixel).
     train_indices: (N,) indices of the chosen training examples in the source's train split.
+    train_true_labels: (N,) the labels before any random-label shuffle (equal to train_labels without one).
   """
 
   name: str
@@ -45,6 +46,7 @@ class Dataset:
   mean: np.ndarray
   std: np.ndarray
   train_indices: np.ndarray
+  train_true_labels: Optional[np.ndarray] = None
 
   @property
   def input_shape(self) -> tuple[int, ...]:
@@ -75,6 +77,10 @@ def load(
     standardization: str = "global",
     pad_to: Union[int, str, None] = "auto",
     seed: int = 0,
+    imbalance: str = "none",
+    imbalance_ratio: float = 1.0,
+    minority_classes: int = 0,
+    random_label_fraction: float = 0.0,
     **synthetic_options,
 ) -> Dataset:
   """Loads, balances and standardises a dataset.
@@ -89,7 +95,12 @@ def load(
       generated data the smallest class count), an int, or None (keep all, unbalanced).
     standardization: 'global' (one mean/std, the notebook's), 'channel', 'pixel' or 'none'.
     pad_to: image side after zero padding; 'auto' pads 28x28 to 32x32 (the notebook); None keeps sizes.
-    seed: seed of the balanced subsample (and of the synthetic data).
+    seed: seed of the balanced subsample (and of the synthetic data), the imbalance and the random labels.
+    imbalance, imbalance_ratio, minority_classes: unequal class sizes (``preprocess.imbalanced_counts``):
+      'step' keeps per_class / ratio of the last ``minority_classes`` (0 = C // 2) classes, 'exponential'
+      per_class * ratio^(-c / (C - 1)) of class c; 'none' (the paper) keeps them balanced. Needs a per_class.
+    random_label_fraction: this fraction of the (kept) training labels is permuted among itself; the
+      test labels stay true. ``train_true_labels`` keeps the originals.
     **synthetic_options: passed to ``sources.synthetic`` / ``sources.from_mnist1d``.
   """
   if name not in DATASETS:
@@ -98,11 +109,20 @@ def load(
   train_labels = raw.train_labels
   if per_class == "paper":
     per_class = PAPER_PER_CLASS.get(name) or int(np.bincount(train_labels, minlength=raw.num_classes).min())
+  if imbalance != "none" and per_class is None:
+    raise ValueError(f"imbalance={imbalance!r} needs per_class (the largest class's count), not None")
   if per_class is None:
     indices = np.arange(len(train_labels))
-  else:
+  elif imbalance == "none" or imbalance_ratio == 1:
     indices = preprocess.balanced_subset(train_labels, int(per_class), raw.num_classes, seed)
+  else:
+    counts = preprocess.imbalanced_counts(int(per_class), raw.num_classes, imbalance, imbalance_ratio,
+                                          minority_classes)
+    indices = preprocess.imbalanced_subset(train_labels, counts, seed)
   train_inputs, train_labels = raw.train_inputs[indices], train_labels[indices]
+  true_labels = train_labels
+  if random_label_fraction:
+    train_labels = preprocess.shuffle_labels(train_labels, random_label_fraction, seed)
 
   is_image = train_inputs.ndim == 4
   scale = 1.0 / 255.0 if train_inputs.dtype == np.uint8 else None
@@ -120,6 +140,7 @@ def load(
       name=name,
       train_inputs=preprocess.standardize(train_inputs, mean, std, scale),
       train_labels=train_labels.astype(np.int32),
+      train_true_labels=true_labels.astype(np.int32),
       test_inputs=preprocess.standardize(test_inputs, mean, std, scale),
       test_labels=raw.test_labels.astype(np.int32),
       num_classes=raw.num_classes,

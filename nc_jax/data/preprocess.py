@@ -21,6 +21,58 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
   return np.sort(np.concatenate(chosen))
 
 
+IMBALANCES = ("none", "step", "exponential")
+
+
+def imbalanced_counts(per_class: int, num_classes: int, kind: str, ratio: float,
+                      minority_classes: int = 0) -> np.ndarray:
+  """Examples kept per class (C,) when class sizes are made unequal, from ``per_class`` in the largest class.
+
+  'step' (Fang et al. 2021, minority collapse; Buda et al. 2018): the last ``minority_classes`` classes
+  (0 = C // 2) keep round(per_class / ratio), the others per_class. 'exponential' (Cui et al. 2019):
+  class c keeps round(per_class * ratio^(-c / (C - 1))), from per_class down to per_class / ratio.
+  'none' keeps per_class of every class. Every class keeps at least one example.
+  """
+  if kind not in IMBALANCES:
+    raise ValueError(f"imbalance={kind!r}: choose one of {IMBALANCES}")
+  if kind == "none" or ratio == 1:
+    return np.full(num_classes, per_class)
+  if kind == "step":
+    minority = minority_classes or num_classes // 2
+    if minority >= num_classes:
+      raise ValueError(f"minority_classes={minority_classes}: must be fewer than the {num_classes} classes")
+    counts = np.full(num_classes, per_class)
+    counts[num_classes - minority:] = round(per_class / ratio)
+  else:
+    counts = np.rint(per_class * ratio ** (-np.arange(num_classes) / (num_classes - 1))).astype(int)
+  return np.maximum(counts, 1)
+
+
+def imbalanced_subset(labels: np.ndarray, counts: np.ndarray, seed: int) -> np.ndarray:
+  """Sorted indices keeping the first counts[c] of class c's examples in a seeded shuffle (nested: a larger
+  count keeps a superset, so runs at different ratios share their examples)."""
+  rng = np.random.default_rng(seed)
+  chosen = []
+  for c, count in enumerate(counts):
+    members = np.flatnonzero(labels == c)
+    if len(members) < count:
+      raise ValueError(f"class {c} holds {len(members)} examples, fewer than the {count} asked for")
+    chosen.append(rng.permutation(members)[:count])
+  return np.sort(np.concatenate(chosen))
+
+
+def shuffle_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Labels with a ``fraction`` of them (chosen with ``seed``) permuted among themselves (Zhang et al. 2017's
+  partially random labels); class counts are unchanged. Some permuted labels land on their own class."""
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"random_label_fraction={fraction}: must be in [0, 1]")
+  rng = np.random.default_rng([seed, 1])  # its own stream: independent of the subsample's draw
+  chosen = rng.choice(len(labels), int(round(fraction * len(labels))), replace=False)
+  shuffled = labels.copy()
+  shuffled[chosen] = labels[rng.permutation(chosen)]
+  return shuffled
+
+
 def pad_images(images: np.ndarray, size: int) -> np.ndarray:
   """Zero-pads (N, H, W, C) images symmetrically to (N, size, size, C) (MNIST 28 -> 32)."""
   height, width = images.shape[1:3]

@@ -8,6 +8,7 @@
 Every model maps images (B, H, W, C) (or vectors (B, d) for the MLP) to
 (logits (B, C) float32, features (B, p) float32), features being the input of the
 final linear classifier. Options: ``fixed_etf`` (freeze W to a simplex ETF),
+``head_bias`` (False: logits = W h),
 ``dtype`` (compute dtype, e.g. jnp.bfloat16; params and BatchNorm statistics
 stay float32), ``stem`` ('small' or 'imagenet', for VGG/ResNet; DenseNets fix it
 by name) and family-specific widths.

@@ -45,6 +45,7 @@ class DenseNet(nn.Module):
   init_features: int = 16
   stem: str = "small"
   fixed_etf: bool = False
+  head_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -70,7 +71,7 @@ class DenseNet(nn.Module):
         x = nn.avg_pool(x, (2, 2), (2, 2))
     x = nn.relu(norm(name="final_bn")(x))
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-    head = Head(self.num_classes, self.fixed_etf, bias_init=nn.initializers.zeros, name="head")
+    head = Head(self.num_classes, self.fixed_etf, self.head_bias, bias_init=nn.initializers.zeros, name="head")
     return head(features), features
 
 

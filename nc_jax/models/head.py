@@ -2,8 +2,8 @@
 
 The classifier is a plain linear map logits = W h + b with W (C, p) the paper's
 W (stored as Flax's (p, C) kernel). ``fixed_etf=True`` replaces W by a frozen
-simplex ETF, sqrt(C/(C-1)) U (I - 11^T/C) with U (p, C) orthonormal from a fixed
-seed, as in the fixed-ETF-classifier literature; b is still trained.
+simplex ETF (``simplex_etf_weights``; any p >= C - 1), as in the fixed-ETF-classifier
+literature; b is still trained. ``use_bias=False`` drops b (logits = W h).
 """
 
 from __future__ import annotations
@@ -34,13 +34,19 @@ def torch_linear_bias(fan_in: int):
 
 
 def simplex_etf_weights(num_classes: int, feature_dim: int, seed: int = 0) -> np.ndarray:
-  """W (C, p) = sqrt(C/(C-1)) (I - 11^T/C) U^T: unit-norm rows at cosines -1/(C-1)."""
-  if feature_dim < num_classes:
-    raise ValueError(f"a fixed simplex ETF classifier needs feature_dim >= num_classes, got {feature_dim} < {num_classes}")
-  rng = np.random.default_rng(seed)
-  basis, _ = np.linalg.qr(rng.normal(size=(feature_dim, num_classes)))
+  """W (C, p) = sqrt(C/(C-1)) V Q^T: unit-norm rows at cosines -1/(C-1), W W^T = C/(C-1) (I - 11^T/C).
+
+  V (C, C-1) is an orthonormal basis of the centred simplex (the vectors orthogonal to 1) and
+  Q (p, C-1) has orthonormal columns drawn from a fixed seed, so the frame fits any p >= C - 1
+  (p = C - 1 is the smallest dimension holding a simplex ETF).
+  """
+  if feature_dim < num_classes - 1:
+    raise ValueError(f"a fixed simplex ETF classifier needs feature_dim >= num_classes - 1, got {feature_dim} < "
+                     f"{num_classes - 1}")
   centring = np.eye(num_classes) - 1.0 / num_classes
-  return (np.sqrt(num_classes / (num_classes - 1)) * centring @ basis.T).astype(np.float32)
+  simplex_basis, _ = np.linalg.qr(centring[:, :-1])  # its first C-1 columns span the centred simplex
+  rotation, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(feature_dim, num_classes - 1)))
+  return (np.sqrt(num_classes / (num_classes - 1)) * simplex_basis @ rotation.T).astype(np.float32)
 
 
 class Head(nn.Module):
@@ -48,6 +54,7 @@ class Head(nn.Module):
 
   num_classes: int
   fixed_etf: bool = False
+  use_bias: bool = True
   kernel_init: Any = torch_linear_kernel
   bias_init: Any = None  # None: torch's U(-1/sqrt(p), 1/sqrt(p))
 
@@ -57,20 +64,29 @@ class Head(nn.Module):
     features = features.astype(jnp.float32)
     bias_init = self.bias_init or torch_linear_bias(feature_dim)
     if self.fixed_etf:
-      weights = jnp.asarray(simplex_etf_weights(self.num_classes, feature_dim))
-      bias = self.param("bias", nn.initializers.zeros, (self.num_classes,))
-      return features @ weights.T + bias
-    return nn.Dense(self.num_classes, kernel_init=self.kernel_init, bias_init=bias_init, name="dense")(features)
+      logits = features @ jnp.asarray(simplex_etf_weights(self.num_classes, feature_dim)).T
+      if self.use_bias:
+        logits = logits + self.param("bias", nn.initializers.zeros, (self.num_classes,))
+      return logits
+    return nn.Dense(self.num_classes, use_bias=self.use_bias, kernel_init=self.kernel_init, bias_init=bias_init,
+                    name="dense")(features)
 
 
-def classifier_weights(params, feature_dim: int | None = None, head_name: str = "head"):
-  """(W (C, p), b (C,)) of an nc-jax model's head, from its params.
+def classifier_weights(params, feature_dim: int | None = None, head_name: str = "head",
+                       num_classes: int | None = None):
+  """(W (C, p), b (C,)) of an nc-jax model's head, from its params; b = 0 for a head without bias.
 
-  A fixed-ETF head has no W parameter; pass ``feature_dim`` (p) to get its frozen W.
+  A fixed-ETF head has no W parameter; pass ``feature_dim`` (p) to get its frozen W, and
+  ``num_classes`` too when it has no bias either (it then has no parameters at all).
   """
-  head = params[head_name]
+  head = params.get(head_name, {})
   if "dense" in head:
-    return head["dense"]["kernel"].T, head["dense"]["bias"]
+    weights = head["dense"]["kernel"].T
+    return weights, head["dense"].get("bias", jnp.zeros((weights.shape[0],), weights.dtype))
   if feature_dim is None:
     raise ValueError("this head is a fixed simplex ETF, so W is not a parameter: pass feature_dim to rebuild it")
-  return jnp.asarray(simplex_etf_weights(head["bias"].shape[0], feature_dim)), head["bias"]
+  num_classes = head["bias"].shape[0] if "bias" in head else num_classes
+  if num_classes is None:
+    raise ValueError("this head is a fixed simplex ETF without bias, so it has no parameters: pass num_classes")
+  bias = head.get("bias", jnp.zeros((num_classes,), jnp.float32))
+  return jnp.asarray(simplex_etf_weights(num_classes, feature_dim)), bias

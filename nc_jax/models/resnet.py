@@ -69,6 +69,7 @@ class ResNet(nn.Module):
   stem: str = "small"
   width: int = 64
   fixed_etf: bool = False
+  head_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -91,7 +92,7 @@ class ResNet(nn.Module):
         x = self.block_cls(self.width * 2**i, strides, self.dtype, name=f"stage{i}_block{j}")(x, train)
       self.sow("intermediates", f"stage{i}", x)
     features = jnp.mean(x, axis=(1, 2)).astype(jnp.float32)
-    return Head(self.num_classes, self.fixed_etf, name="head")(features), features
+    return Head(self.num_classes, self.fixed_etf, self.head_bias, name="head")(features), features
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)

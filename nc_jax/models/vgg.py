@@ -44,6 +44,7 @@ class VGG(nn.Module):
   classifier_width: Optional[int] = None  # None: 4096 (imagenet) or 512 (small)
   width_multiplier: float = 1.0  # scales every conv's channels (< 1 for fast CPU tests)
   fixed_etf: bool = False
+  head_bias: bool = True
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -69,7 +70,8 @@ class VGG(nn.Module):
     for i in range(2):
       x = nn.relu(nn.Dense(width, dtype=self.dtype, kernel_init=linear_init, name=f"fc{i}")(x))
     features = x.astype(jnp.float32)
-    head = Head(self.num_classes, self.fixed_etf, kernel_init=linear_init, bias_init=nn.initializers.zeros, name="head")
+    head = Head(self.num_classes, self.fixed_etf, self.head_bias, kernel_init=linear_init,
+                bias_init=nn.initializers.zeros, name="head")
     return head(features), features
 
 

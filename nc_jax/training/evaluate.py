@@ -11,22 +11,38 @@ import jax.numpy as jnp
 
 from nc_jax import metrics as nc_metrics
 from nc_jax import models
-from nc_jax.metrics import deepfool
+from nc_jax.metrics import deepfool, imbalance
 from nc_jax.training import step as step_lib
+
+# The NC suite logged per stage: NC1 (three forms), NC2 of the class means, NC4 as NCC accuracy. NC3
+# (self-duality) and the NCC mismatch need a classifier, which only the penultimate layer (the main keys) has.
+PER_LAYER_KEYS = ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "equiangular_means", "max_angle_means",
+                  "etf_deviation_means", "ncc_accuracy")
+# nc_jax.metrics.mse_decomposition's terms -> their logged keys.
+MSE_KEYS = {"lnc1": "mse_lnc1", "lnc23": "mse_lnc23", "lperp": "mse_lperp", "mse_loss": "mse_total"}
 
 
 def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs=None,
-             *, model, loss_fn, num_classes: int, batch_size: int, mesh, per_layer: bool = False) -> dict:
-  """Scalars: train/test loss and accuracy (eval mode), every NC key, the *_test NC keys,
-  and with ``per_layer`` 'layer/<name>/nc1' and 'layer/<name>/ncc_accuracy' for each sown
-  layer (conv maps globally average-pooled to (N, channels) first), and with
-  ``deepfool_inputs`` (M, ...) 'deepfool_robustness' = mean ||r(x)|| / ||x|| (eval mode)."""
+             *, model, loss_fn, num_classes: int, batch_size: int, mesh, per_layer: bool = False,
+             mse_weight_decay: float | None = None, minority_classes: tuple = ()) -> dict:
+  """Scalars: train/test loss and accuracy (eval mode), every NC key, the *_test NC keys, and:
+
+  with ``per_layer``, 'layer/<name>/<key>' for each sown layer and each key of ``PER_LAYER_KEYS``
+  (conv maps globally average-pooled to (N, channels) first);
+  with ``mse_weight_decay`` lam (MSE runs), Han et al.'s split of the last layer's regularised MSE on
+  the training features, 'mse_total' = 0.5 [(1/N) sum ||W h + b - e_y||^2 + (lam/2)(||W||^2 + ||b||^2)]
+  = 'mse_lnc1' + 'mse_lnc23' + 'mse_lperp' (``nc_jax.metrics.mse_decomposition``; the total is computed
+  from the samples, so the sum is a check);
+  with ``minority_classes`` (imbalanced runs), ``nc_jax.metrics.imbalance.minority_collapse``'s keys
+  (cosines of the minority's and majority's classifier rows and centred means, per-class norms for C <= 100);
+  with ``deepfool_inputs`` (M, ...) 'deepfool_robustness' = mean ||r(x)|| / ||x|| (eval mode)."""
   outputs = step_lib.forward_all(state.variables, train_inputs, model=model, batch_size=batch_size, mesh=mesh,
                                  per_layer=per_layer)
   train_logits, train_features = outputs[:2]
   test_logits, test_features = step_lib.forward_all(state.variables, test_inputs, model=model,
                                                     batch_size=batch_size, mesh=mesh)
-  weights, bias = models.classifier_weights(state.params, feature_dim=train_features.shape[-1])
+  weights, bias = models.classifier_weights(state.params, feature_dim=train_features.shape[-1],
+                                            num_classes=num_classes)
   result = nc_metrics.neural_collapse(train_features, train_labels, num_classes, weights, bias,
                                       test_features=test_features, test_labels=test_labels)
   result["train_loss"], result["train_acc"] = step_lib.mean_loss_and_accuracy(train_logits, train_labels, loss_fn)
@@ -35,8 +51,13 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
     pooled = {name: jnp.mean(value, axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
               for name, value in outputs[2].items()}
     for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, num_classes).items():
-      result[f"layer/{name}/nc1"] = layer["nc1"]
-      result[f"layer/{name}/ncc_accuracy"] = layer["ncc_accuracy"]
+      result |= {f"layer/{name}/{key}": layer[key] for key in PER_LAYER_KEYS}
+  if mse_weight_decay is not None:
+    terms = nc_metrics.mse_decomposition(train_features, train_labels, num_classes, weights, bias, mse_weight_decay)
+    result |= {logged: terms[key] for key, logged in MSE_KEYS.items()}
+  if minority_classes:
+    result |= imbalance.minority_collapse(train_features, train_labels, num_classes, weights, minority_classes,
+                                          per_class=num_classes <= 100)
   if deepfool_inputs is not None:
     logits_fn = lambda x: model.apply(state.variables, x[None], train=False)[0][0]
     result["deepfool_robustness"] = deepfool.robustness(logits_fn, deepfool_inputs)

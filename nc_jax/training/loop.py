@@ -73,14 +73,19 @@ class Program(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4)
-def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps_per_epoch: int) -> Program:
-  """Builds (and caches, so reruns in one process reuse the compiled code) a config's model and functions."""
+def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps_per_epoch: int,
+             num_train: int = 0) -> Program:
+  """Builds (and caches, so reruns in one process reuse the compiled code) a config's model and functions.
+
+  num_train (N, the training set's size) scales feature_decay's penalty; it is needed only with it.
+  """
   config = ml_collections.ConfigDict(json.loads(config_json))
   model = models.create(config.model, num_classes, dtype=jnp.dtype(config.compute_dtype),
                         **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model_options.items()})
   decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
   learning_rate = schedule.learning_rate(config.lr, steps_per_epoch, decay_after, config.lr_decay_factor)
-  tx = schedule.sgd(learning_rate, config.momentum, config.weight_decay)
+  tx = schedule.optimizer(config.optimizer, learning_rate, momentum=config.momentum,
+                          weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps)
   loss_fn = step_lib.loss_function(config.loss)
   replicated = device.replicated(mesh)
   init = jax.jit(functools.partial(step_lib.create_state, model, tx, input_shape, config.seed),
@@ -93,20 +98,30 @@ def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps
   if epoch_loop == "scan":
     train_epoch = jax.jit(functools.partial(
         step_lib.train_epoch, model=model, tx=tx, loss_fn=loss_fn, batch_size=config.batch_size,
-        seed=config.seed, mesh=mesh), donate_argnums=0)
+        seed=config.seed, mesh=mesh, feature_decay=config.feature_decay), donate_argnums=0)
   else:
     train_epoch = functools.partial(
         step_lib.stepwise_epoch,
         draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
                                                batch_size=config.batch_size, mesh=mesh)),
-        step=jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn),
+        step=jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                       feature_decay=config.feature_decay, num_train=num_train),
                      donate_argnums=0))
   evaluate = jax.jit(functools.partial(
       evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
-      batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc))
+      batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc,
+      mse_weight_decay=config.weight_decay if config.loss == "mse" else None,
+      minority_classes=_minority_classes(config, num_classes)))
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
       tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
   return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite)
+
+
+def _minority_classes(config, num_classes: int) -> tuple:
+  """The classes an imbalanced run keeps fewer of (the last minority_classes, or the last half); () if balanced."""
+  if config.imbalance == "none" or config.imbalance_ratio == 1:
+    return ()
+  return tuple(range(num_classes - (config.minority_classes or num_classes // 2), num_classes))
 
 
 def _config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -118,7 +133,9 @@ def _load_dataset(config) -> data.Dataset:
   if isinstance(per_class, str) and per_class not in ("paper",):
     per_class = None if per_class.lower() == "none" else int(per_class)
   return data.load(config.dataset, source=config.data_source, data_dir=config.data_dir or None,
-                   per_class=per_class, standardization=config.standardization, seed=config.data_seed)
+                   per_class=per_class, standardization=config.standardization, seed=config.data_seed,
+                   imbalance=config.imbalance, imbalance_ratio=config.imbalance_ratio,
+                   minority_classes=config.minority_classes, random_label_fraction=config.random_label_fraction)
 
 
 def _resume_source(spec: str) -> tuple[pathlib.Path, Optional[int]]:
@@ -183,7 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   # Built (abstractly) before anything is written, so a model the data cannot feed is refused first.
   compiled_keys = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
   program = _program(json.dumps(compiled_keys, sort_keys=True), mesh, num_classes, dataset.input_shape,
-                     steps_per_epoch)
+                     steps_per_epoch, len(dataset.train_labels))
 
   # ---------------------------------------------------------------- workdir
   lock = workdir_lib.Lock(workdir) if is_main else contextlib.nullcontext()
@@ -195,7 +212,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("nc_jax: workdir ready")
-    return _train(config, workdir, mesh, dataset, program, num_classes, steps_per_epoch, is_main, log)
+    last = _train(config, workdir, mesh, dataset, program, num_classes, steps_per_epoch, is_main, log)
+    if is_main:  # the run is done (or was already): what it found, from the records on disk
+      log("\n".join(records_lib.summary(records_lib.read(workdir), workdir, config.tpt_threshold)))
+    return last
 
 
 def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: int, steps_per_epoch: int,

@@ -1,4 +1,7 @@
-"""The paper's optimisation protocol: SGD with momentum, coupled weight decay, step decay; when to measure."""
+"""The paper's optimisation protocol: SGD with momentum, coupled weight decay, step decay; when to measure.
+
+Variants (issue 14): torch's Adam (coupled L2) and AdamW (decoupled decay), on the same lr schedule.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Sequence
 import optax
 
 NOTEBOOK_EPOCHS = 350
+OPTIMIZERS = ("sgd", "adam", "adamw")
 NOTEBOOK_MEASURE_EPOCHS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 19, 20, 22, 24, 27, 29, 32, 35,
                            38, 42, 45, 50, 54, 59, 65, 71, 77, 85, 92, 101, 110, 121, 132, 144, 158, 172, 188,
                            206, 225, 245, 268, 293, 320, 350)
@@ -44,3 +48,23 @@ def sgd(schedule: optax.Schedule, momentum: float, weight_decay: float) -> optax
   every parameter, BatchNorm and biases included, as in the paper's PyTorch setup.
   """
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum=momentum))
+
+
+def optimizer(name: str, schedule: optax.Schedule, *, momentum: float, weight_decay: float,
+              betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8) -> optax.GradientTransformation:
+  """torch.optim's SGD (the paper's), Adam or AdamW, with weight decay on every parameter.
+
+  'sgd': ``sgd`` above. 'adam': torch.optim.Adam(betas, eps, weight_decay), decay coupled as L2:
+  g <- g + wd w; m <- b1 m + (1-b1) g; v <- b2 v + (1-b2) g^2;
+  w <- w - lr (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+  'adamw': torch.optim.AdamW, decay decoupled: w <- w - lr wd w - lr (Adam's step on g alone).
+  momentum is SGD's only; betas and eps are Adam's.
+  """
+  b1, b2 = betas
+  if name == "sgd":
+    return sgd(schedule, momentum, weight_decay)
+  if name == "adam":
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(schedule, b1=b1, b2=b2, eps=eps))
+  if name == "adamw":
+    return optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")

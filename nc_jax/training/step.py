@@ -57,15 +57,27 @@ def loss_function(name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
 
 
-def train_step(state: TrainState, batch, *, model, tx, loss_fn):
-  """One SGD step on batch = (inputs (B, ...), labels (B,)) -> (state, {loss, correct}) summed over B."""
+def train_step(state: TrainState, batch, *, model, tx, loss_fn, feature_decay: float = 0.0, num_train: int = 0):
+  """One optimiser step on batch = (inputs (B, ...), labels (B,)) -> (state, {loss, correct}) summed over B.
+
+  The objective is mean_B loss(W h_i + b, y_i), plus, with feature_decay = lambda_H > 0,
+  (lambda_H / 2) N mean_B ||h_i||^2 with N = num_train: the batch's unbiased estimate of the
+  unconstrained features model's (lambda_H / 2) ||H||_F^2 over all N training features next to
+  the mean loss over them (nc_jax/ufm.py's objective), so the same lambda_H means the same there.
+  The weight decay lambda_W is the optimiser's (tx). The reported loss is the data loss alone.
+  """
   inputs, labels = batch
+  if feature_decay and num_train < 1:
+    raise ValueError(f"feature_decay={feature_decay} needs num_train, the training set's size N, got {num_train}")
 
   def objective(params):
-    (logits, _), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs,
-                                       train=True, mutable=["batch_stats"])
+    (logits, features), updates = model.apply({"params": params, "batch_stats": state.batch_stats}, inputs,
+                                              train=True, mutable=["batch_stats"])
     losses = loss_fn(logits, labels)
-    return jnp.mean(losses), (losses, logits, updates)
+    value = jnp.mean(losses)
+    if feature_decay:
+      value += 0.5 * feature_decay * num_train * jnp.mean(jnp.sum(features**2, axis=-1))
+    return value, (losses, logits, updates)
 
   grads, (losses, logits, updates) = jax.grad(objective, has_aux=True)(state.params)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -75,10 +87,12 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn):
   return new_state, metrics
 
 
-def train_epoch(state: TrainState, inputs, labels, epoch, *, model, tx, loss_fn, batch_size, seed, mesh):
+def train_epoch(state: TrainState, inputs, labels, epoch, *, model, tx, loss_fn, batch_size, seed, mesh,
+                feature_decay: float = 0.0):
   """All full batches of ``epoch`` (a traced int) as one lax.scan; returns (state, summed metrics)."""
   batches = device.epoch_batches(inputs, labels, seed, epoch, batch_size, mesh)
-  step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn)
+  step = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, feature_decay=feature_decay,
+                           num_train=inputs.shape[0])
   state, per_step = jax.lax.scan(step, state, batches)
   totals = jax.tree_util.tree_map(jnp.sum, per_step)
   totals["count"] = jnp.asarray(batches[1].size, jnp.int32)
