@@ -154,10 +154,12 @@ def test_cell_lowers_for_tpu_and_cuda(dataset, net):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset,net", [("imagenet2012", "resnet152"), ("imagenet2012", "densenet201")])
+# DenseNet-201 at full depth lowers too (132 s on 2 loaded cores; kept out of the suite's time budget): its
+# per-cell test covers the same layers at 2 blocks per stage.
+@pytest.mark.parametrize("dataset,net", [("imagenet2012", "resnet152")])
 def test_full_depth_lowers(dataset, net):
-  """ResNet-152 and DenseNet-201 on 224x224 ImageNet, at full depth and width, lower for TPU and GPU.
-  (DenseNet-BC-250 whole, 41 more of the same layer per block, takes 90 s; its widths are lowered above.)"""
+  """ResNet-152 on 224x224 ImageNet, at full depth and width, lowers for TPU and GPU. (DenseNet-201 and
+  DenseNet-BC-250 whole take 90-130 s each; their widths are lowered above.)"""
   check_trainer(schema.paper_config(dataset, net), dataset)
 
 
