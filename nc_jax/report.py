@@ -87,6 +87,18 @@ def _named_options(config: dict) -> dict:
   return {k: v for k, v in options.items() if k in ("width", "depth") or k not in defaults or defaults[k] != v}
 
 
+# Protocol-variant keys named in a run's title when off the paper's default (schema.base_config's).
+VARIANT_KEYS = ("loss", "optimizer", "feature_decay", "imbalance", "imbalance_ratio", "minority_classes",
+                "random_label_fraction", "compute_dtype")
+
+
+def _variant_suffix(config: dict) -> str:
+  reference = schema.base_config(dataset="mnist1d", data_source="generated", model="mlp")
+  changed = [f"{key} {config[key]}" for key in VARIANT_KEYS if key in config and key in reference
+             and config[key] != reference[key]]
+  return f", {', '.join(changed)}" if changed else ""
+
+
 def load_run(directory: str) -> Run:
   """A run directory's records (through nc_jax.records: a torn last line is dropped with a warning) and config."""
   directory = pathlib.Path(directory)
@@ -99,7 +111,7 @@ def load_run(directory: str) -> Run:
   config = records_lib.read_config(directory)
   options = ", ".join(f"{k} {v}" for k, v in sorted(_named_options(config).items()))
   name = (f"{config.get('dataset', '?')} / {config.get('model', '?')}{f' ({options})' if options else ''}, "
-          f"lr {config.get('lr', '?')}") if config else directory.name
+          f"lr {config.get('lr', '?')}{_variant_suffix(config)}") if config else directory.name
   return Run(name, directory, records, config)
 
 
