@@ -5,12 +5,13 @@ import functools
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from nc_jax import metrics
-from nc_jax.metrics import neural_collapse, streaming
+from nc_jax.metrics import geometry, neural_collapse, streaming
 from tests import reference
 
 FLOAT_KEYS_MEANS = ("nc1", "nc1_tirer", "cdnv", "trace_within", "trace_between", "equinorm_means",
@@ -577,3 +578,16 @@ class TestInputKinds:
   def test_validate_inputs_refuses_p_zero(self):
     with pytest.raises(ValueError, match="p = 0"):
       metrics.validate_inputs(np.zeros((4, 0), np.float32), np.zeros(4, np.int32), 2)
+
+
+def test_vocabulary_sized_class_counts_trace_without_integer_overflow():
+  """C(C-1) overflowed int32 as a Python int from C = 46 342 (GPT-2's vocabulary is 50 257): the suite must
+  trace at that C (eval_shape: no arrays are made), and the pair mean stay exact at small C."""
+  num_classes = 50_257
+  shapes = (jax.ShapeDtypeStruct((512, 16), jnp.float32), jax.ShapeDtypeStruct((512,), jnp.int32),
+            jax.ShapeDtypeStruct((num_classes, 16), jnp.float32), jax.ShapeDtypeStruct((num_classes,), jnp.float32))
+  out = jax.eval_shape(lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b), *shapes)
+  assert out["nc1"].shape == () and out["equiangular_means"].dtype == jnp.float32
+  matrix = np.random.default_rng(0).normal(size=(7, 7))
+  expected = matrix[~np.eye(7, dtype=bool)].mean()
+  assert float(geometry.off_diagonal_mean(jnp.asarray(matrix, jnp.float32))) == pytest.approx(expected, rel=1e-6)

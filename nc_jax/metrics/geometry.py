@@ -32,9 +32,12 @@ def _off_diagonal(num_classes: int) -> jax.Array:
 
 
 def off_diagonal_mean(matrix: jax.Array) -> jax.Array:
-  """Mean of the C(C-1) off-diagonal entries of a (C, C) matrix (the diagonal may hold anything)."""
+  """Mean of the C(C-1) off-diagonal entries of a (C, C) matrix (the diagonal may hold anything).
+
+  The count is a Python float: C(C-1) overflows int32 from C = 46 342 (a vocabulary's size).
+  """
   num_classes = matrix.shape[0]
-  return jnp.sum(jnp.where(_off_diagonal(num_classes), matrix, 0.0)) / (num_classes * (num_classes - 1))
+  return jnp.sum(jnp.where(_off_diagonal(num_classes), matrix, 0.0)) / (num_classes * (num_classes - 1.0))
 
 
 def _off_diagonal_mean_std(matrix: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
@@ -42,7 +45,7 @@ def _off_diagonal_mean_std(matrix: jax.Array, ddof: int) -> tuple[jax.Array, jax
   num_classes = matrix.shape[0]
   mean = off_diagonal_mean(matrix)
   centred_sq = jnp.where(_off_diagonal(num_classes), (matrix - mean) ** 2, 0.0)
-  return mean, jnp.sqrt(jnp.sum(centred_sq) / (num_classes * (num_classes - 1) - ddof))
+  return mean, jnp.sqrt(jnp.sum(centred_sq) / (num_classes * (num_classes - 1.0) - ddof))
 
 
 def pairwise_distance_sq(vectors: jax.Array) -> jax.Array:
