@@ -18,10 +18,10 @@ from nc_jax.metrics.collapse import (
     class_geometry,
     finalize_collapse,
     finalize_transfer,
+    heldout_collapse,
     neural_collapse,
     per_layer_collapse,
     raise_if_invalid,
-    test_collapse,
     validate_inputs,
 )
 from nc_jax.metrics.mse import mse_decomposition
@@ -38,11 +38,11 @@ __all__ = [
     "finalize_collapse",
     "finalize_transfer",
     "geometry",
+    "heldout_collapse",
     "mse_decomposition",
     "neural_collapse",
     "per_layer_collapse",
     "raise_if_invalid",
     "streaming",
-    "test_collapse",
     "validate_inputs",
 ]

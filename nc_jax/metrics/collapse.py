@@ -550,7 +550,7 @@ def neural_collapse(
       num_zero_weight_rows. Each makes exactly the metrics it affects NaN (see the
       module docstring); ``raise_if_invalid`` reads them.
     With test_features: nc1_test, trace_within_test, ncc_accuracy_test (and
-    ncc_mismatch_test, accuracy_test) and their diagnostics (see ``test_collapse``).
+    ncc_mismatch_test, accuracy_test) and their diagnostics (see ``heldout_collapse``).
 
   Every key but trace_within/trace_between is unchanged when h is scaled by any
   10^k, |k| <= 30 (features are measured in exact power-of-two units), and
@@ -569,12 +569,12 @@ def neural_collapse(
   if (test_features is None) != (test_labels is None):
     raise ValueError("test_features and test_labels must be given together")
   if test_features is not None:
-    metrics |= test_collapse(test_features, test_labels, geometry, divide_nc1_by_classes=divide_nc1_by_classes,
+    metrics |= heldout_collapse(test_features, test_labels, geometry, divide_nc1_by_classes=divide_nc1_by_classes,
                              ncc_use_bias=ncc_use_bias, chunk_rows=chunk_rows)
   return metrics
 
 
-def test_collapse(
+def heldout_collapse(
     features: jax.Array,
     labels: jax.Array,
     geometry: streaming.ClassGeometry,
@@ -600,7 +600,6 @@ def test_collapse(
   return finalize_transfer(state, geometry, divide_nc1_by_classes=divide_nc1_by_classes)
 
 
-test_collapse.__test__ = False  # not a pytest test
 
 
 def per_layer_collapse(
