@@ -18,6 +18,7 @@ import json
 import math
 import pathlib
 import sys
+import textwrap
 from typing import Optional
 
 import matplotlib
@@ -116,7 +117,8 @@ def load_run(directory: str) -> Run:
 
 
 def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, out: pathlib.Path) -> Optional[str]:
-  if not any(run.series(key) for run in runs for key, _ in keys):
+  runs = [run for run in runs if any(run.series(key) for key, _ in keys)]  # a run without the keys: no panel
+  if not runs:
     return None
   columns = min(len(runs), 4)
   rows = math.ceil(len(runs) / columns)
@@ -132,7 +134,7 @@ def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, o
       axis.axvline(run.tpt_start, color="gray", linestyle="--", linewidth=1, label="TPT start")
     if log_scale:
       axis.set_yscale("log")
-    axis.set_title(run.name, fontsize=8)
+    axis.set_title(textwrap.fill(run.name, 48), fontsize=8)
     axis.set_xlabel("epoch", fontsize=8)
     axis.tick_params(labelsize=7)
     if axis.get_legend_handles_labels()[0]:
@@ -161,7 +163,7 @@ def plot_class_norms(runs: list[Run], out: pathlib.Path) -> Optional[str]:
       values = [_number(last.get(f"class/{c}/{key}")) or 0.0 for c in classes]
       top = max(values) or 1.0
       axis.bar([c + offset for c in classes], [v / top for v in values], width=0.4, label=label)
-    axis.set_title(f"{run.name}, epoch {last['epoch']}", fontsize=8)
+    axis.set_title(textwrap.fill(f"{run.name}, epoch {last['epoch']}", 48), fontsize=8)
     axis.set_xlabel("class", fontsize=8)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=6)
