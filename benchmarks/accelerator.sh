@@ -17,7 +17,8 @@
 # OUT is results/accelerator (results/accelerator-smoke with --smoke, which runs every stage at sizes
 # that take seconds on a CPU: the rehearsal). Nothing is fetched from the network. A machine without
 # ml_collections (or tensorflow-datasets, mnist1d) gets them from --wheels DIR (default wheels/), made
-# where pip works: see README, "On an accelerator".
+# where pip works: see README, "On an accelerator". Exit status: 0 when every stage is done, 3 when some
+# are not (the budget ran out: run it again), 2 for bad arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,13 +26,17 @@ smoke=0 budget=540 mnist=${NC_JAX_MNIST_DIR:-} wheels=wheels
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
-    --budget) budget=$2; shift ;;
-    --mnist) mnist=$2; shift ;;
-    --wheels) wheels=$2; shift ;;
+    --budget|--mnist|--wheels)
+      if [ $# -lt 2 ]; then echo "accelerator.sh: $1 needs a value (see the comment at the top of $0)"; exit 2; fi
+      case "$1" in --budget) budget=$2 ;; --mnist) mnist=$2 ;; --wheels) wheels=$2 ;; esac
+      shift ;;
     *) echo "accelerator.sh: unknown argument $1 (see the comment at the top of $0)"; exit 2 ;;
   esac
   shift
 done
+if ! [[ "$budget" =~ ^[0-9]+$ ]]; then
+  echo "accelerator.sh: --budget $budget: must be a whole number of seconds, e.g. --budget 540"; exit 2
+fi
 if [ -z "$mnist" ] || [ ! -f "$mnist/train-images-idx3-ubyte.gz" ]; then
   echo "accelerator.sh: --mnist DIR must hold the four MNIST IDX files (train-images-idx3-ubyte.gz, ...); got '$mnist'"
   exit 2
@@ -101,3 +106,6 @@ else
   stage metrics 30 $python benchmarks/metrics.py --sizes all --no-baselines --repeats 3
 fi
 say "end; stages done: $(cd "$out" && ls *.done 2>/dev/null | tr '\n' ' ')"
+for name in train mnist report metrics; do
+  if [ ! -f "$out/$name.done" ]; then say "not finished: $name; run the same command again to go on"; exit 3; fi
+done

@@ -89,14 +89,17 @@ def _named_options(config: dict) -> dict:
 
 
 # Protocol-variant keys named in a run's title when off the paper's default (schema.base_config's).
-VARIANT_KEYS = ("loss", "optimizer", "feature_decay", "imbalance", "imbalance_ratio", "minority_classes",
-                "random_label_fraction", "compute_dtype")
+VARIANT_KEYS = ("loss", "optimizer", "adam_betas", "adam_eps", "feature_decay", "imbalance", "imbalance_ratio",
+                "minority_classes", "random_label_fraction", "per_class", "compute_dtype", "per_layer_nc")
 
 
 def _variant_suffix(config: dict) -> str:
   reference = schema.base_config(dataset="mnist1d", data_source="generated", model="mlp")
-  changed = [f"{key} {config[key]}" for key in VARIANT_KEYS if key in config and key in reference
-             and config[key] != reference[key]]
+  def same(key):  # config.json holds JSON (lists for tuples)
+    value, default = config[key], reference[key]
+    return (list(value) == list(default)) if isinstance(default, tuple) and isinstance(value, list) else value == default
+
+  changed = [f"{key} {config[key]}" for key in VARIANT_KEYS if key in config and key in reference and not same(key)]
   return f", {', '.join(changed)}" if changed else ""
 
 

@@ -149,7 +149,8 @@ def base_config(*, dataset: str, data_source: str, model: str,
   config.imbalance = "none"  # "step": the last minority_classes keep per_class / ratio; "exponential":
   #   class c keeps per_class * ratio^(-c / (C - 1)); "none" = the paper's balanced classes
   config.imbalance_ratio = 1.0  # largest class / smallest class (>= 1)
-  config.minority_classes = 0  # for "step": how many (the last ones); 0 = C // 2
+  config.minority_classes = 0  # the last this many classes are the minority (kept at per_class / ratio under
+  #   "step"; measured as the minority under both); 0 = C // 2
   config.random_label_fraction = 0.0  # this fraction of training labels permuted among itself (seeded)
 
   # --- model (nc_jax.models.create)

@@ -160,6 +160,8 @@ def main(argv) -> None:
     _fail(str(error))
   except Exception as error:  # noqa: BLE001  (one line for the user; the traceback helps nobody here)
     os_error = _os_error(error)
+    if isinstance(os_error, FileNotFoundError) and os_error.strerror is None and os_error.filename is None:
+      _fail(_one_line(os_error))  # raised with a message of its own (missing data, ...): the message is the fix
     if os_error is not None:
       where = f" ({os_error.filename})" if os_error.filename else ""
       _fail(f"{_one_line(os_error) if os_error.strerror is None else os_error.strerror}{where}; nothing already "

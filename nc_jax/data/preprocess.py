@@ -13,7 +13,7 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
   """Sorted indices of ``per_class`` examples of every class, drawn without replacement with ``seed``."""
   counts = np.bincount(labels, minlength=num_classes)
   if (counts < per_class).any():
-    short = {c: int(counts[c]) for c in np.flatnonzero(counts < per_class)}
+    short = {int(c): int(counts[c]) for c in np.flatnonzero(counts < per_class)}
     raise ValueError(f"per_class={per_class} is more than some classes hold (class: count) {short}; "
                      f"the smallest class has {counts.min()}")
   rng = np.random.default_rng(seed)
@@ -56,7 +56,8 @@ def imbalanced_subset(labels: np.ndarray, counts: np.ndarray, seed: int) -> np.n
   for c, count in enumerate(counts):
     members = np.flatnonzero(labels == c)
     if len(members) < count:
-      raise ValueError(f"class {c} holds {len(members)} examples, fewer than the {count} asked for")
+      raise ValueError(f"per_class asks for {count} examples of class {c}, which holds {len(members)}: "
+                       "lower per_class")
     chosen.append(rng.permutation(members)[:count])
   return np.sort(np.concatenate(chosen))
 

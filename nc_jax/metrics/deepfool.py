@@ -66,8 +66,26 @@ def deepfool(logits_fn: Callable[[jax.Array], jax.Array], inputs: jax.Array, *, 
   return jax.vmap(one)(inputs)
 
 
-def robustness(logits_fn: Callable[[jax.Array], jax.Array], inputs: jax.Array, **options) -> jax.Array:
-  """Mean over the batch of ||r(x)||_2 / ||x||_2 (the paper's DeepFool robustness)."""
+def robustness_and_failures(logits_fn: Callable[[jax.Array], jax.Array], inputs: jax.Array,
+                            **options) -> tuple[jax.Array, jax.Array]:
+  """(mean of ||r(x)||_2 / ||x||_2 over the inputs DeepFool fooled, how many it did not fool).
+
+  An input whose decision never changes has no DeepFool distance: a dead network (zero gradients) would
+  otherwise report r = 0, i.e. "maximally fragile". Such inputs are left out of the mean and counted; the
+  mean is NaN when no input was fooled.
+  """
   perturbations, _ = deepfool(logits_fn, inputs, **options)
+  before = jax.vmap(lambda x: jnp.argmax(logits_fn(x)))(inputs)
+  after = jax.vmap(lambda x: jnp.argmax(logits_fn(x)))(inputs + perturbations)
+  fooled = before != after
   axes = tuple(range(1, inputs.ndim))
-  return jnp.mean(jnp.sqrt(jnp.sum(perturbations**2, axis=axes)) / jnp.sqrt(jnp.sum(inputs**2, axis=axes)))
+  ratios = jnp.sqrt(jnp.sum(perturbations**2, axis=axes)) / jnp.sqrt(jnp.sum(inputs**2, axis=axes))
+  count = jnp.sum(fooled)
+  mean = jnp.where(count > 0, jnp.sum(jnp.where(fooled, ratios, 0.0)) / jnp.maximum(count, 1), jnp.nan)
+  return mean, jnp.sum(~fooled).astype(jnp.int32)
+
+
+def robustness(logits_fn: Callable[[jax.Array], jax.Array], inputs: jax.Array, **options) -> jax.Array:
+  """The paper's DeepFool robustness: the mean over the batch of ||r(x)||_2 / ||x||_2, over the inputs it
+  fooled (``robustness_and_failures``)."""
+  return robustness_and_failures(logits_fn, inputs, **options)[0]

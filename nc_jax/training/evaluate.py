@@ -60,5 +60,6 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
                                           per_class=num_classes <= 100)
   if deepfool_inputs is not None:
     logits_fn = lambda x: model.apply(state.variables, x[None], train=False)[0][0]
-    result["deepfool_robustness"] = deepfool.robustness(logits_fn, deepfool_inputs)
+    result["deepfool_robustness"], result["deepfool_unfooled"] = deepfool.robustness_and_failures(
+        logits_fn, deepfool_inputs)
   return result

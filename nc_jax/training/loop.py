@@ -48,10 +48,15 @@ class Preempted(Exception):
 class Diverged(FloatingPointError):
   """The training loss (or the state) became non-finite; ``last_good_epoch`` is the newest checkpoint or None."""
 
-  def __init__(self, epoch: int, loss: float, workdir: pathlib.Path, last_good_epoch: Optional[int], lr: float):
+  def __init__(self, epoch: int, loss: float, workdir: pathlib.Path, last_good_epoch: Optional[int], lr: float,
+               holds_results: bool = False, feature_decay: float = 0.0):
     self.epoch, self.loss, self.workdir, self.last_good_epoch, self.lr = epoch, loss, workdir, last_good_epoch, lr
-    if last_good_epoch is None:
-      advice = ("no checkpoint was written before it; lower --config.lr and rerun (this workdir holds no "
+    lower = "--config.lr" + (f" (or --config.feature_decay, now {feature_decay:g})" if feature_decay else "")
+    if last_good_epoch is None and holds_results:
+      advice = (f"no checkpoint of this run was written before it; lower {lower} and rerun with --overwrite "
+                "(this workdir holds measurements copied by --resume_from, which the changed config discards)")
+    elif last_good_epoch is None:
+      advice = (f"no checkpoint was written before it; lower {lower} and rerun (this workdir holds no "
                 "result, so the changed config is accepted)")
     else:
       advice = (f"the last good checkpoint is epoch {last_good_epoch}; go on from it with a lower lr in a new "
@@ -194,6 +199,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   schema.validate_sizes(config, num_train=len(dataset.train_labels), num_test=len(dataset.test_labels),
                         num_devices=mesh.size)
   num_classes = dataset.num_classes
+  if config.imbalance != "none" and config.minority_classes >= num_classes:
+    raise schema.ConfigError(f"config.minority_classes = {config.minority_classes}: must be fewer than the "
+                             f"{num_classes} classes of {config.dataset} (0 = half of them)")
   steps_per_epoch = len(dataset.train_labels) // config.batch_size
 
   # ----------------------------------- model, optimiser, state, jitted steps
@@ -331,7 +339,8 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
       lr = float(learning_rate(int(state.step) - 1))
       if not math.isfinite(epoch_loss) or not bool(all_finite(state)):
         ckpt.wait()
-        raise Diverged(epoch, epoch_loss, workdir, ckpt.latest_epoch(), lr)
+        raise Diverged(epoch, epoch_loss, workdir, ckpt.latest_epoch(), lr,
+                       holds_results=workdir_lib.has_results(workdir), feature_decay=config.feature_decay)
       tpt_starts_now = meta["tpt_start_epoch"] is None and epoch_acc >= config.tpt_threshold
       if tpt_starts_now:
         meta["tpt_start_epoch"] = epoch
