@@ -230,10 +230,15 @@ def test_resume_from_another_run_with_a_lower_lr(stopped, tmp_path):
   assert json.loads((tmp_path / "lower" / "config.json").read_text())["resume_from"] == f"{stopped}:6"
   with pytest.raises(ValueError, match="no checkpoint of epoch 7"):
     train_and_evaluate(smoke(resume_from=f"{stopped}:7"), str(tmp_path / "bad"), **QUIET)
+  # another model's shapes, or another optimizer's state: refused as such, and the source's checkpoints are
+  # intact, not called damaged or moved aside
   wider = smoke(resume_from=str(stopped))
   wider.model_options.width = 64
-  with pytest.raises(ValueError, match="does not fit this config's model|no good checkpoint"):
-    train_and_evaluate(wider, str(tmp_path / "wider"), **QUIET)
+  adam = smoke(resume_from=str(stopped), optimizer="adam")
+  for other, name in ((wider, "wider"), (adam, "adam")):
+    with pytest.raises(ValueError, match="other shapes or structure.*not the model's shapes or the optimizer"):
+      train_and_evaluate(other, str(tmp_path / name), **QUIET)
+  assert not (stopped / "checkpoints" / "corrupt").exists()
 
 
 def test_divergence_names_the_last_good_checkpoint_and_a_command_that_works(tmp_path):

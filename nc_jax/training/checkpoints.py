@@ -33,6 +33,14 @@ import orbax.checkpoint as ocp
 CORRUPT_DIR = "corrupt"
 
 
+# Orbax's words for a checkpoint that is intact but of another model or optimizer (not damage).
+_MISMATCH_SIGNS = ("is not compatible with the stored shape", "tree structures do not match")
+
+
+class CheckpointMismatch(ValueError):
+  """A readable checkpoint whose arrays or tree do not fit the requested state: another model or optimizer."""
+
+
 class CheckpointDamaged(Exception):
   """A checkpoint that cannot be restored, or whose content fails its checksum."""
 
@@ -124,7 +132,11 @@ class Checkpoints:
       state, meta = jax.block_until_ready(restored["state"]), dict(restored["meta"])
     except Exception as error:  # orbax/tensorstore raise many types for damaged files
       _collect_abandoned_reads()
-      raise CheckpointDamaged(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}") from None
+      first_line = (str(error).splitlines()[0] if str(error) else "").split(". Truncating")[0]
+      if isinstance(error, ValueError) and any(sign in first_line for sign in _MISMATCH_SIGNS):
+        raise CheckpointMismatch(f"checkpoint {self.directory / str(epoch)} holds a state of other shapes or "
+                                 f"structure than this config's model and optimizer ({first_line.rstrip(':')})") from None
+      raise CheckpointDamaged(f"{type(error).__name__}: {first_line}") from None
     expected = meta.get("sha256")
     if expected is None:
       _warn(f"checkpoint {self.directory / str(epoch)} has no checksum (written by an older nc-jax); not verified")

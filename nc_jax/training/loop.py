@@ -282,8 +282,9 @@ def _restore_other(spec: str, abstract_state):
     try:
       restored = other.restore_latest(abstract_state, before=epoch)
     except ValueError as error:
-      raise workdir_lib.WorkdirError(f"--resume_from {spec}: its state does not fit this config's model "
-                                     f"({str(error).splitlines()[0]})") from None
+      raise workdir_lib.WorkdirError(
+          f"--resume_from {spec}: {str(error).splitlines()[0]}. --resume_from can change the lr, the schedule "
+          "and what is measured, not the model's shapes or the optimizer: start a new run instead") from None
   finally:
     other.close()
   if restored is None or (epoch is not None and restored[0] != epoch):
