@@ -119,6 +119,16 @@ def load_run(directory: str) -> Run:
   return Run(name, directory, records, config)
 
 
+def _save(figure, title: str, out: pathlib.Path, stem: str) -> str:
+  """Titles, lays out, writes out/stem.png and closes ``figure``; returns the file name."""
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  path = out / f"{stem}.png"
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+  return path.name
+
+
 def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, out: pathlib.Path) -> Optional[str]:
   runs = [run for run in runs if any(run.series(key) for key, _ in keys)]  # a run without the keys: no panel
   if not runs:
@@ -144,12 +154,7 @@ def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, o
       axis.legend(fontsize=6)
   for axis in list(axes.flat)[len(runs):]:
     axis.axis("off")
-  figure.suptitle(title, fontsize=10)
-  figure.tight_layout()
-  path = out / f"{stem}.png"
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  return path.name
+  return _save(figure, title, out, stem)
 
 
 def plot_class_norms(runs: list[Run], out: pathlib.Path) -> Optional[str]:
@@ -170,12 +175,7 @@ def plot_class_norms(runs: list[Run], out: pathlib.Path) -> Optional[str]:
     axis.set_xlabel("class", fontsize=8)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=6)
-  figure.suptitle("Per-class norms (relative to the largest)", fontsize=10)
-  figure.tight_layout()
-  path = out / "fig_class_norms.png"
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  return path.name
+  return _save(figure, "Per-class norms (relative to the largest)", out, "fig_class_norms")
 
 
 # Per-layer keys ('layer/<name>/<key>', logged with per_layer_nc) drawn against depth: (key, title, log scale).
@@ -221,12 +221,7 @@ def plot_depth(runs: list[Run], out: pathlib.Path) -> Optional[str]:
       axis.tick_params(labelsize=7)
       if axis.get_legend_handles_labels()[0]:
         axis.legend(fontsize=5)
-  figure.suptitle("Per-layer collapse against depth", fontsize=10)
-  figure.tight_layout()
-  path = out / "fig_depth.png"
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
-  return path.name
+  return _save(figure, "Per-layer collapse against depth", out, "fig_depth")
 
 
 def table1(runs: list[Run]) -> str:
