@@ -137,12 +137,12 @@ def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, o
   rows = math.ceil(len(runs) / columns)
   figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False)
   for axis, run in zip(axes.flat, runs):
-    for key, label in keys:
+    for index, (key, label) in enumerate(keys):  # colour by key: a series keeps it across panels
       points = run.series(key)
       if log_scale:
         points = [(e, v) for e, v in points if v > 0]
       if points:
-        axis.plot(*zip(*points), marker=".", markersize=3, label=label or None)
+        axis.plot(*zip(*points), marker=".", markersize=3, color=f"C{index}", label=label or None)
     if run.tpt_start:
       axis.axvline(run.tpt_start, color="gray", linestyle="--", linewidth=1, label="TPT start")
     if log_scale:
@@ -203,16 +203,17 @@ def plot_depth(runs: list[Run], out: pathlib.Path) -> Optional[str]:
                               squeeze=False)
   for row, run in zip(axes, runs):
     stages = _stages(run.records[-1])
-    chosen = {}  # epoch -> (label, record), first/TPT/last without repeats
-    for label, record in (("first", run.records[0]), ("TPT start", run.first_in_tpt), ("last", run.records[-1])):
+    chosen = {}  # epoch -> (label, record, colour), first/TPT/last without repeats, each label its own colour
+    for index, (label, record) in enumerate(
+        (("first", run.records[0]), ("TPT start", run.first_in_tpt), ("last", run.records[-1]))):
       if record is not None:
-        chosen.setdefault(record["epoch"], (label, record))
+        chosen.setdefault(record["epoch"], (label, record, f"C{index}"))
     for axis, (key, title, log_scale) in zip(row, DEPTH_PANELS):
-      for epoch, (label, record) in chosen.items():
+      for epoch, (label, record, colour) in chosen.items():
         points = [(i, _number(record.get(f"layer/{name}/{key}"))) for i, name in enumerate(stages, start=1)]
         points = [(i, v) for i, v in points if v is not None and (v > 0 or not log_scale)]
         if points:
-          axis.plot(*zip(*points), marker="o", markersize=3, label=f"epoch {epoch} ({label})")
+          axis.plot(*zip(*points), marker="o", markersize=3, color=colour, label=f"epoch {epoch} ({label})")
       if log_scale:
         axis.set_yscale("log")
       axis.set_xticks(range(1, len(stages) + 1), stages, fontsize=6)

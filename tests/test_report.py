@@ -128,3 +128,19 @@ def test_a_torn_run_is_reported_as_far_as_it_goes_and_a_broken_one_does_not_stop
   assert choice["lr"] == 0.05 and choice["finished_runs"] == 1
   assert "lr_0.1/metrics.jsonl, line 2: not a JSON record" in capsys.readouterr().err
   assert report.main([str(broken.parent), "--out", str(tmp_path / "out")]) == 1
+
+
+def test_a_series_keeps_its_colour_in_every_panel(two_runs, tmp_path, monkeypatch):
+  """A run lacking the first key must not shift the colours of the others (matplotlib's cycle would)."""
+  run = report.load_run(str(two_runs / "default" / "lr_0.05"))
+  stripped = report.Run(run.name, run.directory, [{k: v for k, v in r.items() if k != "equinorm_means"}
+                                                  for r in run.records], run.config)
+  drawn = []
+  closing = report.plt.close
+  monkeypatch.setattr(report.plt, "close", lambda figure: (drawn.append(figure), closing(figure)))
+  keys = (("equinorm_means", "means"), ("equinorm_weights", "weights"))
+  assert report.plot_figure([run, stripped], "fig", "title", keys, True, tmp_path)
+  full, missing = drawn[0].axes[:2]
+  colour = {line.get_label(): line.get_color() for line in full.get_lines()}
+  assert [line.get_color() for line in missing.get_lines() if line.get_label() == "weights"] == [colour["weights"]]
+  assert colour["weights"] != colour["means"]
