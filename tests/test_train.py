@@ -153,6 +153,10 @@ class TestTrainAndEvaluate:
     changed = smoke_config(num_epochs=1, measure_epochs=(1,), lr=0.01)
     with pytest.raises(ValueError, match="different config.*lr: 0.0184 -> 0.01"):
       train_and_evaluate(changed, str(tmp_path), log=lambda *a, **k: None)
+    wider = smoke_config(num_epochs=1, measure_epochs=(1,))
+    wider.model_options.width = 64
+    with pytest.raises(ValueError, match=r"different config \(model_options.width: 32 -> 64\)"):
+      train_and_evaluate(wider, str(tmp_path), log=lambda *a, **k: None)  # the nested key, not both dicts
     train_and_evaluate(changed, str(tmp_path), overwrite=True, log=lambda *a, **k: None)
     assert json.loads((tmp_path / "config.json").read_text())["lr"] == 0.01
 

@@ -98,6 +98,19 @@ def discard_results(workdir: pathlib.Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def _differences(previous: dict, resolved: dict, keys, prefix: str = "") -> list[str]:
+  """'key: old -> new' for each of ``keys``, descending into dicts (model_options.fixed_etf: False -> True)."""
+  lines = []
+  for key in keys:
+    old, new = previous.get(key), resolved.get(key)
+    if isinstance(old, dict) and isinstance(new, dict):
+      inner = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      lines += _differences(old, new, inner, f"{prefix}{key}.")
+    else:
+      lines.append(f"{prefix}{key}: {old!r} -> {new!r}")
+  return lines
+
+
 def write_config(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, log=print) -> None:
   """Writes config.json (atomically); a different config is refused where it would orphan results.
 
@@ -121,7 +134,7 @@ def write_config(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, log=
     if previous is not None and not changed:
       overwrite = False  # only keys that do not change results (checkpointing, resume_from), or defaults made explicit
     elif previous is not None and not overwrite and has_results(workdir):
-      details = ", ".join(f"{k}: {previous.get(k)!r} -> {resolved.get(k)!r}" for k in changed)
+      details = ", ".join(_differences(previous, resolved, changed))
       raise WorkdirError(f"workdir {workdir} holds a run with a different config ({details}); use another "
                          "--workdir (--resume_from " f"{workdir} starts one from its checkpoint), or --overwrite "
                          "to discard that run")
