@@ -23,11 +23,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = schema.base_config(dataset="mnist1d", data_source="generated", model="mlp",
                               model_options={"width": 512, "depth": 3})
   config.lr = 0.0184  # see above; the paper's conv-net cells keep the notebook's 0.0679
-  if variant == "smoke":
-    config.num_epochs = 6
-    config.model_options.width = 32
-    config.measure_epochs = (1, 3, 6)
-    config.deepfool_samples = 8
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/default.py; choose '' or 'smoke'")
-  return config
+  return schema.mlp_variant(config, variant, "configs/default.py")

@@ -21,11 +21,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                               model_options={"width": 512, "depth": 3})
   config.loss = "mse"
   config.lr = NOTEBOOK_MSE_LR
-  if variant == "smoke":  # configs/default.py's smoke run, under MSE
-    config.num_epochs = 6
-    config.model_options.width = 32
-    config.measure_epochs = (1, 3, 6)
-    config.deepfool_samples = 8
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/default_mse.py; choose '' or 'smoke'")
-  return config
+  return schema.mlp_variant(config, variant, "configs/default_mse.py")

@@ -19,11 +19,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = schema.base_config(dataset="fashion_mnist", data_source="idx", model="mlp",
                               model_options={"width": 1024, "depth": 3})
   config.per_class = "paper"  # 6000 per class: all 60 000 training images
-  if variant == "smoke":  # configs/default.py's smoke run, on this data
-    config.num_epochs = 6
-    config.model_options.width = 32
-    config.measure_epochs = (1, 3, 6)
-    config.deepfool_samples = 8
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/fashion_mnist_mlp.py; choose '' or 'smoke'")
-  return config
+  return schema.mlp_variant(config, variant, "configs/fashion_mnist_mlp.py")

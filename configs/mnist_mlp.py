@@ -20,12 +20,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = schema.base_config(dataset="mnist", data_source="idx", model="mlp",
                               model_options={"width": 512, "depth": 3})
   config.per_class = "paper"  # 5000 per class (PAPER.md)
-  if variant == "smoke":
-    config.num_epochs = 6
-    config.per_class = "50"
-    config.model_options.width = 32
-    config.measure_epochs = (1, 3, 6)
-    config.deepfool_samples = 8
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/mnist_mlp.py; choose '' or 'smoke'")
-  return config
+  return schema.mlp_variant(config, variant, "configs/mnist_mlp.py", per_class="50")

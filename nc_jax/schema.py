@@ -201,6 +201,22 @@ def base_config(*, dataset: str, data_source: str, model: str,
   return config
 
 
+def mlp_variant(config: ml_collections.ConfigDict, variant: str, config_file: str,
+                **smoke_overrides: Any) -> ml_collections.ConfigDict:
+  """The variants of the MLP config files: '' (``config`` as built) or 'smoke' (the few-second run the tests
+  make of each: 6 epochs, width 32, measured at epochs 1, 3 and 6, 8 DeepFool inputs, then
+  ``smoke_overrides``); anything else is refused naming ``config_file``."""
+  if variant == "smoke":
+    config.num_epochs = 6
+    config.model_options.width = 32
+    config.measure_epochs = (1, 3, 6)
+    config.deepfool_samples = 8
+    config.update(smoke_overrides)
+  elif variant:
+    raise ValueError(f"unknown variant {variant!r} of {config_file}; choose '' or 'smoke'")
+  return config
+
+
 def paper_config(dataset: str, net: str, variant: str = "") -> ml_collections.ConfigDict:
   """The paper's protocol for one cell; ``variant='smoke'`` is a seconds-long CPU run of the same code."""
   if (dataset, net) not in cells():
@@ -506,6 +522,7 @@ def changed_keys(previous: Mapping[str, Any], requested: Mapping[str, Any]) -> l
                 if k not in OPERATIONAL_KEYS and previous.get(k) != requested.get(k))
 
 
-__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "KNOWN_LR", "LOSSES",
-           "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS", "STANDARDIZATIONS", "IMBALANCES", "STEMS",
-           "base_config", "cells", "changed_keys", "fill_defaults", "model_options_for", "paper_config", "validate", "validate_sizes"]
+__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "IMBALANCES", "KNOWN_LR",
+           "LOSSES", "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS",
+           "STANDARDIZATIONS", "STEMS", "base_config", "cells", "changed_keys", "fill_defaults", "mlp_variant",
+           "model_options_for", "paper_config", "validate", "validate_sizes"]
