@@ -1,6 +1,8 @@
 """Speed of the jitted NC suite against a floor and two baselines, in one run.
 
     python benchmarks/metrics.py [--sizes small|all] [--no-baselines] [--no-append]
+    python benchmarks/metrics.py --large-c [--no-append]   # vocabulary-sized C only
+    python benchmarks/metrics.py --tiles [--no-append]     # dense vs tiled pair statistics
 
 For each (N, p, C) it times, on the same features:
   floor     one jitted pass argmax(H W^T + b) (what any NC4 evaluation must at least do);
@@ -15,6 +17,12 @@ For each (N, p, C) it times, on the same features:
             the one-off svds/trace is timed once and added.
 numpy64 and notebook run on the host CPU whatever the device; --no-baselines skips them
 (on an accelerator, where the host's time is not what is being measured).
+--large-c times the suite (min_count=1, so the classes a row lacks are dropped, not NaN)
+against the floor chunked over N as the suite's pass 2 is, one call each after compiling,
+each size in a fresh process: compiled temporary memory (memory_analysis) and the
+process's peak RSS, against the input size (features + W).
+--tiles times ``geometry.pair_geometry`` as one dense tile and in tiles of PAIR_BLOCK rows,
+the measurement behind ``geometry.DENSE_MAX_CLASSES``.
 Prints a markdown table and appends it, with the machine and versions, to BENCHMARKS.md.
 """
 
@@ -22,7 +30,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import multiprocessing
 import platform
+import resource
 import signal
 import time
 
@@ -32,10 +43,12 @@ import numpy as np
 import scipy.sparse.linalg
 
 import common
-from nc_jax.metrics import neural_collapse
+from nc_jax.metrics import collapse, geometry, neural_collapse
 
 SIZES = {"small": [(50_000, 512, 10), (50_000, 512, 100)],
          "all": [(50_000, 512, 10), (50_000, 512, 100), (200_000, 2048, 1000)]}
+LARGE_C = [(100_000, 768, 8192), (100_000, 768, 32_768), (50_000, 768, 50_257)]
+TILE_SIZES = [(256, 768), (512, 768), (1024, 768), (4096, 768)]
 
 
 def make_data(num_samples, feature_dim, num_classes, seed=0):
@@ -132,6 +145,72 @@ def run_size(num_samples, feature_dim, num_classes, repeats, baselines=True):
   return row
 
 
+def _compiled(fn, *args):
+  """(compiled executable, its temporary memory in bytes)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, compiled.memory_analysis().temp_size_in_bytes
+
+
+def _time_once(fn, *args) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start
+
+
+def large_c_row(size):
+  """One --large-c row, run in a fresh process so that its peak RSS is its own."""
+  num_samples, feature_dim, num_classes = size
+  features, labels, weights, bias = make_data(num_samples, feature_dim, num_classes)
+  h, y, w, b = (jax.device_put(x) for x in (features, labels, weights, bias))
+  del features
+  rows = collapse._chunk_rows(num_classes, "auto")
+  floor, floor_temp = _compiled(lambda h, w, b: jax.lax.map(lambda x: jnp.argmax(x @ w.T + b, -1), h, batch_size=rows),
+                                h, w, b)
+  suite, suite_temp = _compiled(lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b, min_count=1), h, y, w, b)
+  row = {"size": size, "floor": _time_once(floor, h, w, b), "suite": _time_once(suite, h, y, w, b),
+         "floor_temp": floor_temp, "suite_temp": suite_temp, "input": (h.nbytes + w.nbytes),
+         "rows": rows, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+  result = suite(h, y, w, b)
+  row["filtered"] = int(result["num_filtered_classes"])
+  row["finite"] = all(bool(np.isfinite(result[k])) for k in ("nc1", "cdnv", "equiangular_means", "gnc2_means",
+                                                              "etf_deviation_weights", "ncc_mismatch"))
+  return row
+
+
+def format_large_c(rows, header):
+  lines = [header, "",
+           "| N, p, C | floor (s) | suite (s) | suite/floor | temp suite (GB) | temp floor (GB) | peak RSS (GB) "
+           "| input (GB) | chunk rows | classes dropped (min_count=1) | metrics finite |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+  for row in rows:
+    gb = lambda key: f"{row[key] / 2**30:.2f}"
+    lines.append(
+        f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]:,} | {row['floor']:.1f} | {row['suite']:.1f} | "
+        f"{row['suite'] / row['floor']:.1f}x | {gb('suite_temp')} | {gb('floor_temp')} | {gb('peak_rss')} | "
+        f"{gb('input')} | {row['rows']} | {row['filtered']} | {row['finite']} |")
+  return "\n".join(lines)
+
+
+def tile_rows(repeats):
+  """pair_geometry of centred means (C, p) (with CDNV and the coincidence count) as one tile vs PAIR_BLOCK tiles."""
+  rows = []
+  for num_classes, feature_dim in TILE_SIZES:
+    vectors = jnp.asarray(np.random.default_rng(0).normal(size=(num_classes, feature_dim)), jnp.float32)
+    variances = jnp.ones((num_classes,), jnp.float32)
+    time_with = lambda block: common.median_time(functools.partial(jax.jit(lambda v: geometry.pair_geometry(
+        v, variances=variances, coincident_floor_sq=jnp.float32(0.0), block_rows=block)), vectors), repeats)
+    rows.append((num_classes, feature_dim, time_with(num_classes), time_with(geometry.PAIR_BLOCK)))
+  return rows
+
+
+def format_tiles(rows, header):
+  lines = [header, "", f"| C, p | dense, one tile (ms) | tiles of {geometry.PAIR_BLOCK} rows (ms) | tiled/dense |",
+           "| --- | ---: | ---: | ---: |"]
+  for num_classes, feature_dim, dense, tiled in rows:
+    lines.append(f"| {num_classes}, {feature_dim} | {1e3 * dense:.1f} | {1e3 * tiled:.1f} | {tiled / dense:.2f}x |")
+  return "\n".join(lines)
+
+
 def format_table(rows, header):
   lines = [header, "",
            "| N, p, C | floor (ms) | suite svd (ms) | suite gram (ms) | numpy f64 (ms) | notebook (ms) | suite/floor | notebook/suite | numpy64/suite |",
@@ -155,9 +234,32 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no-baselines", action="store_true", help="skip the host-CPU numpy64 and notebook columns")
   parser.add_argument("--no-append", action="store_true")
+  parser.add_argument("--large-c", action="store_true", help=f"only the vocabulary-sized rows {LARGE_C}")
+  parser.add_argument("--tiles", action="store_true", help="only dense vs tiled pair statistics")
   args = parser.parse_args()
   rows = []
   signal.signal(signal.SIGTERM, signal.default_int_handler)  # a time limit's SIGTERM keeps the rows measured so far
+  device = jax.devices()[0]
+  machine = (f"{device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
+             f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+  if args.tiles:
+    header = f"### benchmarks/metrics.py --tiles, {datetime.date.today()}: {machine}; median of {args.repeats} runs"
+    common.report(format_tiles(tile_rows(args.repeats), header), append=not args.no_append)
+    return
+  if args.large_c:
+    try:
+      for size in LARGE_C:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+          rows.append(pool.apply(large_c_row, (size,)))
+        print(f"done {size}: {rows[-1]}", flush=True)
+    except KeyboardInterrupt:
+      print(f"stopped after {len(rows)} of {len(LARGE_C)} sizes", flush=True)
+      if not rows:
+        raise SystemExit(143)
+    header = (f"### benchmarks/metrics.py --large-c, {datetime.date.today()}: {machine}; one call each after "
+              "compiling; synthetic Gaussian classes (N/C samples per class)")
+    common.report(format_large_c(rows, header), append=not args.no_append)
+    return
   try:
     for size in SIZES[args.sizes]:
       repeats = args.repeats if size[0] * size[1] * size[2] < 1e10 else 2

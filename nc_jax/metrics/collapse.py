@@ -1,5 +1,11 @@
 """The Neural Collapse suite: NC1-NC4 and their later variants from features and labels.
 
+This module holds the in-memory entry points (``neural_collapse``, ``class_geometry``,
+``heldout_collapse``, ``per_layer_collapse``, ``filter_classes``) and the input checks
+(``check_shapes``, ``validate_inputs``, ``raise_if_invalid``). The two passes and their
+finalisation (``finalize_collapse``, ``finalize_transfer``, the diagnostics) live in
+``streaming``, and are re-exported here.
+
 Definitions follow Papyan, Han & Donoho (PNAS 2020) and the authors' notebook;
 each convention that sources disagree on is a keyword option with the paper's
 choice as default. Notation: N samples, p features, C classes; mu_c class means,
@@ -33,6 +39,8 @@ instead, and an integer count says why:
     ``num_zero_weight_rows``: rows w_c = 0 (||w_c|| < ~1e-19 max |W|), which have no
       direction: equiangular_weights, max_angle_weights, unc3 are NaN; when it is
       every row, also equinorm_weights, etf_deviation_weights, self_duality.
+  classes dropped by ``min_count`` (opt-in; ``FILTER_KEYS``): ``num_filtered_classes`` and
+    ``num_filtered_samples`` count them; they are absent from every metric, not errors.
 ``raise_if_invalid(metrics)`` turns any of these counts, the ``*_test`` ones
 included, into a ``ValueError`` on the host (``allow_degenerate=True`` lets the
 degenerate-geometry ones pass), and ``validate_inputs`` checks concrete arrays
@@ -49,12 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nc_jax.metrics import geometry as geo
 from nc_jax.metrics import streaming
-
-DIAGNOSTIC_KEYS = ("num_invalid_labels", "num_empty_classes", "num_nonfinite_rows", "num_nonfinite_weights")
-DEGENERACY_KEYS = ("num_degenerate_means", "num_coincident_means", "num_zero_weight_rows")
-_SAMPLE_KEYS = DIAGNOSTIC_KEYS[:3]  # the ones that poison every metric
+from nc_jax.metrics.streaming import (  # the two-pass API lives in streaming; re-exported for callers of collapse
+    DEGENERACY_KEYS,
+    DIAGNOSTIC_KEYS,
+    FILTER_KEYS,
+    finalize_collapse,
+    finalize_transfer,
+    mean_degeneracy,
+    weight_diagnostics,
+)
 
 
 # ----------------------------------------------------------------------------
@@ -188,233 +200,57 @@ def raise_if_invalid(metrics: Mapping[str, jax.Array], *, allow_degenerate: bool
 
 
 # ----------------------------------------------------------------------------
-# Diagnostics: what makes which metric undefined.
-# ----------------------------------------------------------------------------
-
-
-def _sample_diagnostics(state: streaming.DeviationState) -> dict:
-  return {
-      "num_samples": jnp.sum(state.counts),
-      "num_invalid_labels": state.invalid_labels,
-      "num_empty_classes": jnp.sum(state.counts == 0, dtype=jnp.int32),
-      "num_nonfinite_rows": state.nonfinite_rows,
-  }
-
-
-def mean_degeneracy(means: jax.Array, centred: jax.Array, distance_sq: jax.Array) -> dict:
-  """Counts of class-mean geometry that float32 cannot resolve, from (C, p) means and
-  centred means and the (C, C) Gram-based ||M_a - M_c||^2 (any common units).
-
-  With r = max(C, p, 16) eps and floor = r max_c ||mu_c|| (the rounding of means
-  that may carry a large common offset):
-    num_degenerate_means  #{c : ||M_c|| <= floor}: M_c has no direction;
-    num_coincident_means  #{c < c' : ||M_c - M_c'||^2 <= floor^2 + 2 sqrt(p) eps (||M_c||^2 + ||M_c'||^2)},
-                          the second term being the Gram formula's rounding.
-  """
-  num_classes, feature_dim = means.shape
-  eps = float(jnp.finfo(means.dtype).eps)
-  floor_sq = (max(num_classes, feature_dim, 16) * eps) ** 2 * jnp.max(jnp.sum(means**2, axis=-1))
-  norm_sq = jnp.sum(centred**2, axis=-1)
-  gram_rounding = 2.0 * np.sqrt(feature_dim) * eps * (norm_sq[:, None] + norm_sq[None, :])
-  upper = jnp.triu(jnp.ones((num_classes, num_classes), bool), k=1)
-  return {
-      "num_degenerate_means": jnp.sum(norm_sq <= floor_sq, dtype=jnp.int32),
-      "num_coincident_means": jnp.sum(upper & (distance_sq <= floor_sq + gram_rounding), dtype=jnp.int32),
-  }
-
-
-def weight_diagnostics(weights: jax.Array, bias: Optional[jax.Array]) -> dict:
-  """num_nonfinite_weights: #{c : w_c or b_c holds a NaN or inf};
-  num_zero_weight_rows: #{c : ||w_c||^2 underflows}, computed on W scaled to max |W_ij| ~ 1."""
-  finite = jnp.all(jnp.isfinite(weights), axis=-1)
-  if bias is not None:
-    finite = finite & jnp.isfinite(bias)
-  norm_sq = jnp.sum(streaming.unit_scaled(weights) ** 2, axis=-1)
-  return {
-      "num_nonfinite_weights": jnp.sum(~finite, dtype=jnp.int32),
-      "num_zero_weight_rows": jnp.sum(norm_sq < jnp.finfo(weights.dtype).tiny, dtype=jnp.int32),
-  }
-
-
-def _defined(diagnostics: dict, num_classes: int) -> dict:
-  """metric key -> bool scalar, False where the diagnostics make that metric undefined."""
-  inputs = sum(diagnostics[key] for key in _SAMPLE_KEYS) == 0
-  spread = diagnostics["num_degenerate_means"] < num_classes  # Sigma_B != 0
-  directions = diagnostics["num_degenerate_means"] == 0  # every M_c has a direction
-  separated = diagnostics["num_coincident_means"] == 0
-  defined = {
-      "nc1": spread, "nc1_tirer": spread, "cdnv": spread & separated,
-      "trace_within": True, "trace_between": True,
-      "equinorm_means": spread, "equiangular_means": directions, "max_angle_means": directions,
-      "etf_deviation_means": spread, "gnc2_means": directions & separated, "ncc_accuracy": spread,
-  }
-  if "num_nonfinite_weights" in diagnostics:
-    weights_ok = diagnostics["num_nonfinite_weights"] == 0
-    some_rows = weights_ok & (diagnostics["num_zero_weight_rows"] < num_classes)
-    all_rows = weights_ok & (diagnostics["num_zero_weight_rows"] == 0)
-    defined |= {
-        "equinorm_weights": some_rows, "equiangular_weights": all_rows, "max_angle_weights": all_rows,
-        "etf_deviation_weights": some_rows, "self_duality": some_rows & spread,
-        "unc3": all_rows & directions, "ncc_mismatch": weights_ok & spread, "accuracy": weights_ok,
-    }
-  return {key: jnp.logical_and(inputs, ok) for key, ok in defined.items()}
-
-
-def _poison(metrics: dict, defined: dict) -> dict:
-  return {key: jnp.where(defined[key], value, jnp.nan) for key, value in metrics.items()}
-
-
-def _in_feature_units_sq(value: jax.Array, exponent: jax.Array) -> jax.Array:
-  """A squared length measured in units of 2^e back in the features' units: value 4^e,
-  exact, inf or 0 where float32 cannot hold the result."""
-  return jnp.ldexp(value, 2 * exponent)
-
-
-# ----------------------------------------------------------------------------
-# Finalising pass 2 into metrics.
-# ----------------------------------------------------------------------------
-
-
-def finalize_collapse(
-    state: streaming.DeviationState,
-    geometry: streaming.ClassGeometry,
-    *,
-    global_mean: str = "class_means",
-    divide_nc1_by_classes: bool = True,
-    std_ddof: int = 1,
-    self_duality_squared: bool = True,
-) -> dict:
-  """Metrics of the data seen in pass 2, with its own (corrected) class means.
-
-  Everything is computed in pass 2's units (h 2^-e); only trace_within and
-  trace_between are brought back to the features' units. Returns a dict of
-  scalars; see ``neural_collapse`` for the keys.
-  """
-  num_classes = geometry.means.shape[0]
-  counts = state.counts.astype(geometry.means.dtype)
-  num_samples = jnp.sum(counts)
-  safe_counts = jnp.maximum(counts, 1.0)
-  correction = state.deviation_sums / safe_counts[:, None]  # delta_c: pass-1 mean error
-  means = geometry.means + correction
-  centred = means - streaming.global_mean_of(means, state.counts, global_mean)
-
-  within_sq = jnp.maximum(state.deviation_sq - counts * jnp.sum(correction**2, axis=-1), 0.0)
-  class_variance = within_sq / safe_counts  # (1/n_c) sum ||h - mu_c||^2
-  trace_within = jnp.sum(within_sq) / num_samples
-  trace_between = jnp.sum(centred**2) / num_classes
-
-  correction_projected = geo.matmul_highest(
-      geo.matmul_highest(correction, geometry.centred_means.T), geometry.basis
-  ) * geometry.inverse_sq_singular_values
-  nc1_sum = jnp.sum(state.projected_sq) - jnp.sum(counts * jnp.sum(correction_projected**2, axis=-1))
-  nc1 = jnp.maximum(nc1_sum, 0.0) / num_samples  # = Tr(Sigma_W Sigma_B^+) / C
-  if not divide_nc1_by_classes:
-    nc1 = nc1 * num_classes
-
-  distance_sq = geo.pairwise_distance_sq(centred)
-  cdnv_pairs = (class_variance[:, None] + class_variance[None, :]) / (
-      2.0 * jnp.where(jnp.eye(num_classes, dtype=bool), 1.0, distance_sq))  # diagonal unused
-
-  metrics = {
-      "nc1": nc1,
-      "nc1_tirer": trace_within / trace_between,
-      "cdnv": geo.off_diagonal_mean(cdnv_pairs),
-      "trace_within": _in_feature_units_sq(trace_within, geometry.exponent),
-      "trace_between": _in_feature_units_sq(trace_between, geometry.exponent),
-      "equinorm_means": geo.equinorm(centred, std_ddof),
-      "equiangular_means": geo.equiangularity(centred, std_ddof),
-      "max_angle_means": geo.max_angle(centred),
-      "etf_deviation_means": geo.etf_deviation(centred),
-      "gnc2_means": geo.gnc2(centred, std_ddof),
-      "ncc_accuracy": state.ncc_correct / num_samples,
-  }
-  diagnostics = _sample_diagnostics(state) | mean_degeneracy(means, centred, distance_sq)
-  if geometry.weights is not None:
-    weights = streaming.unit_scaled(geometry.weights.astype(centred.dtype))  # scale-free geometry of W
-    metrics.update({
-        "equinorm_weights": geo.equinorm(weights, std_ddof),
-        "equiangular_weights": geo.equiangularity(weights, std_ddof),
-        "max_angle_weights": geo.max_angle(weights),
-        "etf_deviation_weights": geo.etf_deviation(weights),
-        "self_duality": geo.self_duality(weights, centred, self_duality_squared),
-        "unc3": geo.unc3(weights, centred, std_ddof),
-        "ncc_mismatch": state.mismatch / num_samples,
-        "accuracy": state.network_correct / num_samples,
-    })
-    diagnostics |= weight_diagnostics(geometry.weights, geometry.bias)
-  return _poison(metrics, _defined(diagnostics, num_classes)) | diagnostics
-
-
-def finalize_transfer(
-    state: streaming.DeviationState,
-    geometry: streaming.ClassGeometry,
-    *,
-    divide_nc1_by_classes: bool = True,
-    suffix: str = "_test",
-) -> dict:
-  """Metrics of held-out data against the *reference* (training) means and Sigma_B.
-
-  nc1{suffix} = Tr(Sigma_W' Sigma_B^+)/C with Sigma_W' = (1/N') sum_i (h_i - mu_{y_i})(...)^T
-  over the held-out samples and the training mu_c, Sigma_B (Hui, Belkin & Nakkiran 2022);
-  ncc_accuracy{suffix} classifies by the nearest *training* class mean. Diagnostics:
-  the sample counts of the held-out data (a test set may lack classes, so
-  num_empty_classes is 0), num_degenerate_means of the training means and, with
-  weights, num_nonfinite_weights, all with the suffix.
-  """
-  num_classes = geometry.means.shape[0]
-  num_samples = jnp.sum(state.counts)
-  nc1 = jnp.sum(state.projected_sq) / num_samples
-  metrics = {
-      "nc1": nc1 if divide_nc1_by_classes else nc1 * num_classes,
-      "trace_within": _in_feature_units_sq(jnp.sum(state.deviation_sq) / num_samples, geometry.exponent),
-      "ncc_accuracy": state.ncc_correct / num_samples,
-  }
-  diagnostics = _sample_diagnostics(state)
-  diagnostics["num_empty_classes"] = jnp.zeros((), jnp.int32)  # a test set may lack classes
-  degeneracy = mean_degeneracy(geometry.means, geometry.centred_means, geometry.mean_distance_sq)
-  diagnostics["num_degenerate_means"] = degeneracy["num_degenerate_means"]
-  inputs = sum(diagnostics[key] for key in _SAMPLE_KEYS) == 0
-  spread = inputs & (diagnostics["num_degenerate_means"] < num_classes)
-  defined = {"nc1": spread, "trace_within": inputs, "ncc_accuracy": spread}
-  if geometry.weights is not None:
-    metrics["ncc_mismatch"] = state.mismatch / num_samples
-    metrics["accuracy"] = state.network_correct / num_samples
-    diagnostics["num_nonfinite_weights"] = weight_diagnostics(geometry.weights, geometry.bias)["num_nonfinite_weights"]
-    weights_ok = diagnostics["num_nonfinite_weights"] == 0
-    defined |= {"ncc_mismatch": spread & weights_ok, "accuracy": inputs & weights_ok}
-  metrics = _poison(metrics, defined) | diagnostics
-  return {key + suffix: value for key, value in metrics.items()}
-
-
-# ----------------------------------------------------------------------------
 # In-memory entry points.
 # ----------------------------------------------------------------------------
 
 
-def _num_chunks(num_samples: int, chunk_rows) -> int:
-  """Smallest divisor d of N with N/d <= chunk_rows (1 when chunking is off or impossible)."""
-  if chunk_rows == "auto":
-    chunk_rows = 4096 if jax.default_backend() == "cpu" else None
+CHUNK_BYTES = 1 << 26  # per (rows, C) float32 temporary of pass 2, which keeps about four of them
+
+
+def _chunk_rows(num_classes: int, chunk_rows) -> Optional[int]:
+  """Rows per pass-2 chunk: 'auto' bounds each (rows, C) temporary by ``CHUNK_BYTES`` on every
+  backend (C = 50 257: 333 rows), and on CPU also by 4096 rows (the (rows, p) deviations stay
+  in cache); None: one chunk."""
+  if chunk_rows != "auto":
+    return chunk_rows
+  rows = max(CHUNK_BYTES // (4 * num_classes), 64)
+  return min(rows, 4096) if jax.default_backend() == "cpu" else rows
+
+
+def _chunking(num_samples: int, chunk_rows: Optional[int]) -> tuple[int, int]:
+  """(d, N'): d chunks of N'/d rows each, N' >= N. A divisor d of N with N/d in [rows/2, rows]
+  when there is one (N' = N), else d = ceil(N / rows) and N' = d ceil(N/d) (padding rows masked)."""
   if chunk_rows is None or num_samples <= chunk_rows:
-    return 1
-  return next((d for d in range(2, num_samples + 1) if num_samples % d == 0 and num_samples // d <= chunk_rows), 1)
+    return 1, num_samples
+  fewest = -(-num_samples // chunk_rows)
+  divisor = next((d for d in range(fewest, 2 * fewest + 1) if num_samples % d == 0), None)
+  if divisor is not None:
+    return divisor, num_samples
+  return fewest, fewest * -(-num_samples // fewest)
 
 
 def deviations_pass(geometry, features, labels, mask=None, *, chunk_rows="auto", ncc_use_bias=True):
-  """Pass 2 over in-memory features, in row chunks so the (rows, p) deviations stay in cache.
+  """Pass 2 over in-memory features, in row chunks so the (rows, C) products stay bounded.
 
   Chunk c holds rows {j * d + c}: strided, so that every chunk is spread evenly over
   the devices of a mesh that shards N, and no chunk needs communication. On CPU,
-  materialising all N x p deviations at once costs twice as much (fresh pages).
+  materialising all N x p deviations at once costs twice as much (fresh pages). When no
+  divisor of N gives chunks of the right size, N is padded with masked rows.
   """
-  num_chunks = _num_chunks(features.shape[0], chunk_rows)
+  num_samples = features.shape[0]
+  num_chunks, padded = _chunking(num_samples, _chunk_rows(geometry.means.shape[0], chunk_rows))
   update = functools.partial(streaming.update_deviations, geometry=geometry, ncc_use_bias=ncc_use_bias)
   start = streaming.init_deviations(geometry)
   if num_chunks == 1:
     return update(start, features=features, labels=labels, mask=mask)
-  rows = features.shape[0] // num_chunks
-  features = jnp.asarray(features).reshape(rows, num_chunks, features.shape[1])
-  labels = jnp.asarray(labels).reshape(rows, num_chunks)
+  features, labels = jnp.asarray(features), jnp.asarray(labels)
+  if padded > num_samples:
+    extra = padded - num_samples
+    mask = jnp.arange(padded) < num_samples if mask is None else jnp.pad(jnp.asarray(mask, bool), (0, extra))
+    features, labels = jnp.pad(features, ((0, extra), (0, 0))), jnp.pad(labels, (0, extra))
+  rows = padded // num_chunks
+  features = features.reshape(rows, num_chunks, features.shape[1])
+  labels = labels.reshape(rows, num_chunks)
   mask = None if mask is None else jnp.asarray(mask).reshape(rows, num_chunks)
 
   def body(chunk, state):
@@ -440,16 +276,18 @@ def class_geometry(
     global_mean: str = "class_means",
     solver: str = "svd",
     rcond: Optional[float] = None,
+    min_count: Optional[int] = None,
 ) -> streaming.ClassGeometry:
-  """Pass 1 over in-memory features (N, p): class means, scale, centring, factorisation."""
+  """Pass 1 over in-memory features (N, p): class means, scale, centring, factorisation
+  (``min_count``: see ``neural_collapse``)."""
   features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
   check_shapes(features, labels, num_classes, weights, bias, mask)
   return streaming.finalize_class_means(_class_means(features, labels, num_classes, mask), weights, bias,
-                                        global_mean=global_mean, solver=solver, rcond=rcond)
+                                        global_mean=global_mean, solver=solver, rcond=rcond, min_count=min_count)
 
 
 def _both_passes(features, labels, num_classes, weights, bias, mask, *, global_mean, solver, rcond,
-                 chunk_rows, ncc_use_bias):
+                 chunk_rows, ncc_use_bias, min_count):
   """``class_geometry`` and ``deviations_pass``, without pass 1's max |h_ij| read in the common case.
 
   Round 1 measures in units of the largest |class mean| (known after pass 1, free).
@@ -467,7 +305,11 @@ def _both_passes(features, labels, num_classes, weights, bias, mask, *, global_m
     exponent = jax.lax.cond(round_ == 0, lambda: means_exponent, lambda: streaming.scale_exponent(
         streaming.max_abs_of_rows(features, streaming.segment_ids(labels, num_classes, mask), num_classes)))
     geometry = streaming.finalize_class_means(means_state, weights, bias, global_mean=global_mean,
-                                              solver=solver, rcond=rcond, exponent=exponent)
+                                              solver=solver, rcond=rcond, exponent=exponent, min_count=min_count)
+    # Not carried through the loop: U (C, r), which neither pass 2 nor finalize needs (so it is never
+    # formed), and W, b, given (set again below); at C = 50 257 each (C, p) copy is 150 MB.
+    geometry = geometry.replace(basis=None, weights=None if weights is None else jnp.zeros((0,)),
+                                bias=None if bias is None else jnp.zeros((0,)))
     return geometry, deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows,
                                      ncc_use_bias=ncc_use_bias)
 
@@ -481,7 +323,7 @@ def _both_passes(features, labels, num_classes, weights, bias, mask, *, global_m
   shapes = jax.eval_shape(measure, 0)
   start = (jnp.zeros((), jnp.int32), *jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
   _, geometry, state = jax.lax.while_loop(again, body, start)
-  return geometry, state
+  return geometry.replace(weights=weights, bias=bias), state
 
 
 def neural_collapse(
@@ -502,6 +344,8 @@ def neural_collapse(
     self_duality_squared: bool = True,
     ncc_use_bias: bool = True,
     chunk_rows: Union[int, None, str] = "auto",
+    min_count: Optional[int] = None,
+    pair_block_rows: Optional[int] = None,
 ) -> dict:
   """All Neural Collapse metrics of penultimate-layer features; pure and jittable.
 
@@ -526,8 +370,19 @@ def neural_collapse(
     self_duality_squared: NC3 as the squared Frobenius distance (paper) or its root.
     ncc_use_bias: NC4 compares the NCC rule with argmax(W h + b) (paper) or argmax(W h).
     chunk_rows: pass 2 runs over row chunks of at most this many rows (None: one
-      chunk; 'auto': 4096 on CPU, one chunk on accelerators). Only speed and
+      chunk; 'auto': each (rows, C) temporary at most 64 MB on any backend, and at
+      most 4096 rows on CPU; one chunk when that covers N). Only speed, memory and
       summation order depend on it.
+    min_count: None (the paper: an empty class makes every metric NaN) or k: classes
+      with fewer than k samples (empty ones included) are left out of every metric, as
+      if the data had only the C' kept classes (labels remapped, rows of W and b
+      dropped): C' replaces C in every formula (NC1's 1/C, Sigma_B, mu_G, the ETF
+      target, max_angle's 1/(C'-1)), their samples are masked out, NCC and argmax
+      run over the kept classes only; adds num_filtered_classes, num_filtered_samples.
+      Fewer than 2 kept classes make every metric NaN. ``filter_classes`` does the
+      same on the host.
+    pair_block_rows: rows per tile of the pair statistics (None: one dense tile up to
+      ``geometry.DENSE_MAX_CLASSES`` classes, else ``geometry.PAIR_BLOCK``).
 
   Returns:
     dict of scalar arrays:
@@ -556,16 +411,21 @@ def neural_collapse(
   10^k, |k| <= 30 (features are measured in exact power-of-two units), and
   accuracy / ncc_mismatch follow the network's own argmax(W h + b).
 
-  Cost: two passes over the features, O(N p C) time, O(N p) temporary memory
-  for the deviations; use ``nc_jax.metrics.streaming`` when they do not fit.
+  Cost: two passes over the features, O(N p C) time, plus O(C^2 p) for the pair
+  statistics (two tiled sweeps over the Gram matrices of M and W); temporary memory
+  O(C p) plus (rows, C) per chunk and one tile: no C x C array beyond the dense
+  threshold. Use ``nc_jax.metrics.streaming`` when the features do not fit.
   """
   features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
   check_shapes(features, labels, num_classes, weights, bias, mask)
+  if min_count is not None and (not isinstance(min_count, (int, np.integer)) or min_count < 0):
+    raise ValueError(f"min_count must be None or a non-negative Python int, got {min_count!r}")
   geometry, state = _both_passes(features, labels, num_classes, weights, bias, mask, global_mean=global_mean,
-                                 solver=solver, rcond=rcond, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias)
+                                 solver=solver, rcond=rcond, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias,
+                                 min_count=min_count)
   metrics = finalize_collapse(
       state, geometry, global_mean=global_mean, divide_nc1_by_classes=divide_nc1_by_classes,
-      std_ddof=std_ddof, self_duality_squared=self_duality_squared)
+      std_ddof=std_ddof, self_duality_squared=self_duality_squared, block_rows=pair_block_rows)
   if (test_features is None) != (test_labels is None):
     raise ValueError("test_features and test_labels must be given together")
   if test_features is not None:
@@ -600,6 +460,32 @@ def heldout_collapse(
   return finalize_transfer(state, geometry, divide_nc1_by_classes=divide_nc1_by_classes)
 
 
+
+
+def filter_classes(features, labels, num_classes: int, weights=None, bias=None, *, min_count: int, mask=None):
+  """Host-side (eager, numpy) ``min_count`` filtering: drops classes with fewer than ``min_count``
+  samples and remaps the labels of the C' kept classes to [0, C').
+
+  Args: features (N, p), labels (N,), weights (C, p) or None, bias (C,) or None, mask (N,) or None
+  (masked rows count for no class and are dropped too), as for ``neural_collapse``.
+  Returns (features (N', p), labels (N',), C', weights (C', p) or None, bias (C',) or None,
+  diagnostics {num_filtered_classes, num_filtered_samples}); labels outside [0, C) are kept,
+  unchanged as -1, so ``neural_collapse`` still counts them as invalid.
+  ``neural_collapse(..., min_count=k)`` gives the metrics of ``neural_collapse`` on these arrays.
+  """
+  features, labels, weights, bias, mask = (None if x is None else np.asarray(x)
+                                           for x in _as_inputs(features, labels, weights, bias, mask))
+  active = np.ones(labels.shape, bool) if mask is None else mask.astype(bool)
+  in_range = (labels >= 0) & (labels < num_classes)
+  counts = np.bincount(labels[active & in_range], minlength=num_classes)
+  kept = counts >= min_count
+  new_label = np.cumsum(kept) - 1
+  rows = active & (~in_range | kept[np.where(in_range, labels, 0)])
+  remapped = np.where(in_range, new_label[np.where(in_range, labels, 0)], -1)[rows].astype(labels.dtype)
+  diagnostics = {"num_filtered_classes": int(num_classes - kept.sum()),
+                 "num_filtered_samples": int(np.sum(active & in_range & ~kept[np.where(in_range, labels, 0)]))}
+  return (features[rows], remapped, int(kept.sum()), None if weights is None else weights[kept],
+          None if bias is None else bias[kept], diagnostics)
 
 
 def per_layer_collapse(

@@ -1,17 +1,40 @@
 """NC2 and NC3: the geometry of class means and classifier rows.
 
-Pure functions of small arrays: ``vectors`` is (C, p), one row per class (centred
+Pure functions of (C, p) arrays: ``vectors`` holds one row per class (centred
 class means M_c - mu_G, or classifier rows w_c). Pair statistics run over the
-C(C-1) ordered pairs c != c' of a C x C Gram matrix, so nothing of size C*C*p is
-ever formed (C = 1000, p = 2048 needs a 4 MB Gram, not 8 GB of differences).
+C(C-1) ordered pairs c != c' of the C x C Gram matrix, and nothing of size C*C*p
+is ever formed.
+
+At vocabulary scale (C = 50 257) even the Gram matrix is 10 GB in float32, so
+every pair statistic goes through one primitive, ``pair_sums``: it sums a per-tile
+statistic over the tiles (rows a, rows b) of the Gram matrix, a tile at a time,
+visiting only tiles i <= j (the matrix is symmetric; an off-diagonal tile stands for
+itself and its transpose). Temporary memory is O(C p + block^2). Up to
+``DENSE_MAX_CLASSES`` classes the whole Gram matrix is one tile (the dense path, which is
+faster there); beyond it tiles have ``PAIR_BLOCK`` rows. ``pair_geometry`` computes
+every NC2 pair statistic (and CDNV and the coincident-means count) in one sweep.
+
+Spreads (equiangularity, gnc2) need a mean first. Rather than a second sweep
+over the Gram matrix, the sweep sums x - m0 and (x - m0)^2 around a pilot mean m0
+taken over the pairs of an evenly strided subset of at most one tile's rows of classes
+(all of them on the dense path, where m0 is the exact mean and this is the
+two-pass algorithm). Then Var = (S2 - S1^2/n)/(n - ddof) loses only about
+log10(1 + (m - m0)^2/Var) digits, none when the pilot is representative.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 HIGHEST = jax.lax.Precision.HIGHEST
+# Measured (benchmarks/metrics.py --tiles, p = 768, 2 CPU cores): tiles of 256 rows beat one dense tile
+# from C = 512 on (1.5x there, 2.5x at C = 4096, 7x at C = 8192), and beat tiles of 512 or more.
+DENSE_MAX_CLASSES = 256  # up to this C the Gram matrix is one tile
+PAIR_BLOCK = 256  # rows per tile beyond it: a 256 KB float32 tile, which stays in cache
 
 
 def matmul_highest(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -40,18 +63,11 @@ def off_diagonal_mean(matrix: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(_off_diagonal(num_classes), matrix, 0.0)) / (num_classes * (num_classes - 1.0))
 
 
-def _off_diagonal_mean_std(matrix: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
-  """Mean and std of the C(C-1) off-diagonal entries of a (C, C) matrix, two-pass."""
-  num_classes = matrix.shape[0]
-  mean = off_diagonal_mean(matrix)
-  centred_sq = jnp.where(_off_diagonal(num_classes), (matrix - mean) ** 2, 0.0)
-  return mean, jnp.sqrt(jnp.sum(centred_sq) / (num_classes * (num_classes - 1.0) - ddof))
-
-
 def pairwise_distance_sq(vectors: jax.Array) -> jax.Array:
   """(C, C) ||v_a - v_c||^2 from the Gram matrix of ``vectors`` (C, p): no (C, C, p) intermediate.
 
   Use centred vectors (e.g. M = mu - mu_G): a large common offset would cancel digits.
+  Dense (C x C): the suite itself uses ``pair_sums`` / ``pair_geometry`` instead.
   """
   gram = _gram(vectors, vectors)
   norms_sq = jnp.diagonal(gram)
@@ -59,25 +75,253 @@ def pairwise_distance_sq(vectors: jax.Array) -> jax.Array:
 
 
 def cosines(vectors: jax.Array) -> jax.Array:
-  """(C, C) matrix of cos angle(v_c, v_c') for rows of ``vectors`` (C, p)."""
+  """(C, C) matrix of cos angle(v_c, v_c') for rows of ``vectors`` (C, p); dense, see ``pair_geometry``."""
   unit = _unit_rows(vectors)
   return _gram(unit, unit)
 
 
-def equinorm(vectors: jax.Array, ddof: int = 1) -> jax.Array:
+def _block_rows(num_classes: int, block_rows: Optional[int]) -> int:
+  """Rows per tile: all C up to ``DENSE_MAX_CLASSES`` (one dense tile), else ``PAIR_BLOCK``; at most C."""
+  if block_rows is None:
+    block_rows = num_classes if num_classes <= DENSE_MAX_CLASSES else PAIR_BLOCK
+  return max(1, min(int(block_rows), num_classes))
+
+
+def _tile_share(part, on_diagonal):
+  """A tile's partial sums as its share of the whole matrix: floats count the tile and its mirror
+  (x2 off the diagonal), integers each unordered pair once (halved on the diagonal)."""
+  def share(x):
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      return jnp.where(on_diagonal, x // 2, x)
+    return jnp.where(on_diagonal, x, 2 * x)
+  return jax.tree_util.tree_map(share, part)
+
+
+def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: Optional[jax.Array] = None,
+              block_rows: Optional[int] = None):
+  """Sums of a pair statistic over the Gram matrix G = V V^T of ``vectors`` V (C, p), tile by tile.
+
+  Contract of ``statistic(gram, rows_a, rows_b, mask) -> pytree of arrays``:
+    gram    (A, B) the tile G[a, b] = <v_a, v_b> of rows a against rows b (A = B = block rows);
+    rows_a  ``row_data`` sliced to rows a (each leaf (A, ...)); rows_b likewise (B, ...);
+            ``row_data`` defaults to the squared norms ||v_c||^2 (C,);
+    mask    (A, B) bool, True exactly on the pairs c != c' with valid[c] and valid[c'] that this
+            tile owns (the last tile overlaps the one before it; the overlap is masked);
+    returns partial sums over the masked entries of a *symmetric* pair function
+            g(c, c') = g(c', c), e.g. ``jnp.sum(jnp.where(mask, g, 0.0))``. Unmasked entries are
+            real pairs (or a class with itself) counted elsewhere or not at all: select them away
+            with ``jnp.where``, never multiply by the mask (0 * inf = NaN).
+  Returns the same pytree, summed over the whole matrix: a floating leaf is the sum over the
+  ordered pairs c != c' (C(C-1) terms), an integer leaf the count over unordered pairs c < c'
+  (C(C-1)/2 terms, so int32 counts hold up to C = 65 536).
+
+  Only tiles i <= j are visited (``lax.fori_loop`` over i, then j >= i): an off-diagonal tile
+  counts twice for floats and once for integer counts, a diagonal tile once for floats and half
+  for counts (its mask is symmetric). Floating partials are accumulated across tiles with Kahan
+  compensation, so the result matches a one-tile sum to float32 rounding. Temporary memory is
+  O(block_rows^2 + block_rows p) per tile, no copy of V; with one tile (C <= block rows) it is
+  the dense (C, C) computation, without a loop. Tiles run one after another: on a mesh each tile's
+  product follows V's sharding (p sharded: a partial sum per device), but the loop over tiles is
+  not itself split across devices.
+
+  Args:
+    statistic: the per-tile function above.
+    vectors: (C, p) rows v_c.
+    row_data: pytree of (C, ...) arrays sliced along with the rows, or None for ||v_c||^2 (C,).
+    valid: (C,) bool, False for classes left out of every pair, or None (all).
+    block_rows: rows per tile; None: all C up to ``DENSE_MAX_CLASSES``, else ``PAIR_BLOCK``.
+  """
+  num_classes = vectors.shape[0]
+  if row_data is None:
+    row_data = jnp.sum(vectors**2, axis=-1)
+  valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)
+  block = _block_rows(num_classes, block_rows)
+  if block >= num_classes:
+    mask = _off_diagonal(num_classes) & valid[:, None] & valid[None, :]
+    return _tile_share(statistic(_gram(vectors, vectors), row_data, row_data, mask), True)
+
+  num_blocks = -(-num_classes // block)
+  offsets = jnp.arange(block)
+
+  def tile(i, j):
+    # The last block starts at C - block (no padded copy of V): its rows below i * block belong to
+    # the block before, and are masked out here.
+    start = lambda k: jnp.minimum(k * block, num_classes - block)
+    rows = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start(k), block)
+    ids_a, ids_b = start(i) + offsets, start(j) + offsets
+    own_a, own_b = rows(valid, i) & (ids_a >= i * block), rows(valid, j) & (ids_b >= j * block)
+    mask = own_a[:, None] & own_b[None, :] & (ids_a[:, None] != ids_b[None, :])
+    part = statistic(_gram(rows(vectors, i), rows(vectors, j)), jax.tree_util.tree_map(lambda x: rows(x, i), row_data),
+                     jax.tree_util.tree_map(lambda x: rows(x, j), row_data), mask)
+    return _tile_share(part, i == j)
+
+  shapes = jax.eval_shape(tile, 0, 0)
+  zeros = [jnp.zeros(shape.shape, shape.dtype) for shape in jax.tree_util.tree_leaves(shapes)]
+
+  def add(j, carry, i):
+    totals, compensations = carry
+    new_totals, new_compensations = [], []
+    for total, compensation, part in zip(totals, compensations, jax.tree_util.tree_leaves(tile(i, j))):
+      if jnp.issubdtype(part.dtype, jnp.integer):
+        new_totals.append(total + part)
+        new_compensations.append(compensation)
+      else:  # Kahan: compensation holds what the last addition lost
+        corrected = part - compensation
+        summed = total + corrected
+        new_totals.append(summed)
+        new_compensations.append((summed - total) - corrected)
+    return new_totals, new_compensations
+
+  def row_of_tiles(i, carry):
+    return jax.lax.fori_loop(i, num_blocks, lambda j, carry: add(j, carry, i), carry)
+
+  totals, _ = jax.lax.fori_loop(0, num_blocks, row_of_tiles, (zeros, list(zeros)))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), totals)
+
+
+def _pilot_rows(num_classes: int, block: int) -> np.ndarray:
+  """At most ``block`` class indices spread evenly over [0, C) (all of them when C <= block)."""
+  if block >= num_classes:
+    return np.arange(num_classes)
+  return np.unique(np.linspace(0, num_classes - 1, block).round().astype(np.int64))
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=values.dtype), 1.0)
+
+
+def pair_geometry(
+    vectors: jax.Array,
+    *,
+    ddof: int = 1,
+    valid: Optional[jax.Array] = None,
+    variances: Optional[jax.Array] = None,
+    coincident_floor_sq: Optional[jax.Array] = None,
+    block_rows: Optional[int] = None,
+) -> dict:
+  """Every NC2 pair statistic of the rows of ``vectors`` V (C, p), in one sweep of ``pair_sums``.
+
+  Over the n = C'(C'-1) ordered pairs c != c' of valid classes (C' = sum(valid) as a float, C by
+  default), with cos_cc' = <v_c, v_c'>/(||v_c|| ||v_c'||), G = V V^T and E = I - 11^T/C' over the
+  valid rows, ||E||_F = sqrt(C' - 1):
+    equiangularity  Std_{c != c'} cos_cc' (``ddof``);
+    max_angle       Avg_{c != c'} |cos_cc' + 1/(C'-1)|;
+    etf_deviation   ||G/||G||_F - E/||E||_F||_F, summed entry by entry (never as 2 - 2<G,E>/.., which
+                    loses half the digits near 0); ||G||_F comes from the dense tile, or from the
+                    p x p matrix V^T V (||V V^T||_F = ||V^T V||_F) when p <= C, else from a first sweep;
+    gnc2            Var_{c != c'} log(1/||u_c - u_c'||), u_c = v_c/||v_c||, ||u_c - u_c'||^2 = 2 - 2 cos;
+                    +inf when two directions coincide in float32;
+  and, if given, with ``variances`` V_c (C,) (any units):
+    cdnv            Avg_{c != c'} (V_c + V_c') / (2 ||v_c - v_c'||^2);
+  with ``coincident_floor_sq`` f (scalar, units of V squared):
+    num_coincident  #{c < c' valid : ||v_c - v_c'||^2 <= f + 2 sqrt(p) eps (||v_c||^2 + ||v_c'||^2)}
+                    (int32), the second term being the rounding of the Gram formula.
+  ||v_c - v_c'||^2 = ||v_c||^2 + ||v_c'||^2 - 2 G_cc': use centred vectors (no large common offset).
+  The direction statistics (equiangularity, max_angle, gnc2) are NaN when a valid row is zero.
+  Means for the spreads come from a pilot (see the module docstring): exact on the dense path.
+  """
+  num_classes, feature_dim = vectors.shape
+  dtype = vectors.dtype
+  eps = float(jnp.finfo(dtype).eps)
+  valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)
+  kept = jnp.sum(valid, dtype=dtype)
+  num_pairs = kept * (kept - 1.0)
+  norms = jnp.where(valid, jnp.linalg.norm(vectors, axis=-1), 0.0)
+  unit = jnp.where(valid[:, None], vectors / jnp.where(norms > 0, norms, 1.0)[:, None], 0.0)  # dropped: 0, not NaN
+  ratio = norms / jnp.max(norms)  # G / ||G||_F is scale-free: G-hat = cos r r^T cannot underflow
+  etf_off = 1.0 / (kept * jnp.sqrt(kept - 1.0))  # -E_cc'/||E||_F for c != c'
+  block = _block_rows(num_classes, block_rows)
+
+  pilot = _pilot_rows(num_classes, block)
+  pilot_cos = _gram(unit[pilot], unit[pilot])
+  pilot_mask = _off_diagonal(len(pilot)) & valid[pilot][:, None] & valid[pilot][None, :]
+  pilot_distance = jnp.maximum(2.0 - 2.0 * pilot_cos, 0.0)
+  pilot_separate = pilot_mask & (pilot_distance > 0)
+  cos_shift = _masked_mean(pilot_cos, pilot_mask)
+  log_shift = _masked_mean(-0.5 * jnp.log(jnp.where(pilot_separate, pilot_distance, 1.0)), pilot_separate)
+  if block >= num_classes:
+    gram_hat = pilot_cos * ratio[:, None] * ratio[None, :]
+    gram_frob_sq = jnp.sum(jnp.where(pilot_mask, gram_hat**2, 0.0)) + jnp.sum(ratio**4)
+  elif feature_dim <= num_classes:
+    scaled = unit * ratio[:, None]
+    gram_frob_sq = jnp.sum(matmul_highest(scaled.T, scaled) ** 2)
+  else:
+    gram_frob_sq = pair_sums(lambda g, a, b, m: jnp.sum(jnp.where(m, (g * a[:, None] * b[None, :]) ** 2, 0.0)),
+                             unit, ratio, valid=valid, block_rows=block) + jnp.sum(ratio**4)
+  gram_frob = jnp.sqrt(gram_frob_sq)
+
+  row_data = {"ratio": ratio, "norm_sq": norms**2}
+  if variances is not None:
+    row_data["variance"] = variances.astype(dtype)
+
+  def statistic(cos, rows_a, rows_b, mask):
+    select = lambda x: jnp.where(mask, x, 0.0)
+    centred_cos = select(cos - cos_shift)
+    distance = jnp.maximum(2.0 - 2.0 * cos, 0.0)  # NaN stays NaN
+    touching = mask & (distance == 0.0)
+    log_energy = -0.5 * jnp.log(jnp.where(touching, 1.0, distance))
+    centred_log = jnp.where(mask & ~touching, log_energy - log_shift, 0.0)
+    gram_hat = cos * rows_a["ratio"][:, None] * rows_b["ratio"][None, :]
+    sums = {
+        "cos": jnp.sum(centred_cos), "cos_sq": jnp.sum(centred_cos**2),
+        "angle": jnp.sum(select(jnp.abs(cos + 1.0 / (kept - 1.0)))),
+        "etf": jnp.sum(select((gram_hat / gram_frob + etf_off) ** 2)),
+        "log": jnp.sum(centred_log), "log_sq": jnp.sum(centred_log**2),
+        "touching": jnp.sum(touching, dtype=jnp.int32),
+    }
+    if variances is not None or coincident_floor_sq is not None:
+      norm_sq_a, norm_sq_b = rows_a["norm_sq"][:, None], rows_b["norm_sq"][None, :]
+      distance_sq = norm_sq_a + norm_sq_b - 2.0 * cos * jnp.sqrt(norm_sq_a) * jnp.sqrt(norm_sq_b)
+      if variances is not None:
+        spread = rows_a["variance"][:, None] + rows_b["variance"][None, :]
+        sums["cdnv"] = jnp.sum(select(spread / (2.0 * jnp.where(mask, distance_sq, 1.0))))
+      if coincident_floor_sq is not None:
+        resolution = coincident_floor_sq + 2.0 * np.sqrt(feature_dim) * eps * (norm_sq_a + norm_sq_b)
+        sums["coincident"] = jnp.sum(mask & (distance_sq <= resolution), dtype=jnp.int32)
+    return sums
+
+  sums = pair_sums(statistic, unit, row_data, valid=valid, block_rows=block)
+  undirected = jnp.any(valid & (norms == 0.0))
+  spread = lambda s1, s2, count: jnp.maximum(s2 - s1**2 / count, 0.0) / (count - ddof)
+  diagonal = jnp.sum(jnp.where(valid, (ratio**2 / gram_frob - (1.0 - 1.0 / kept) / jnp.sqrt(kept - 1.0)) ** 2, 0.0))
+  result = {
+      "equiangularity": jnp.where(undirected, jnp.nan, jnp.sqrt(spread(sums["cos"], sums["cos_sq"], num_pairs))),
+      "max_angle": jnp.where(undirected, jnp.nan, sums["angle"] / num_pairs),
+      "etf_deviation": jnp.sqrt(sums["etf"] + diagonal),
+      "gnc2": jnp.where(undirected, jnp.nan, jnp.where(sums["touching"] > 0, jnp.inf,
+                                                        spread(sums["log"], sums["log_sq"], num_pairs))),
+  }
+  if variances is not None:
+    result["cdnv"] = sums["cdnv"] / num_pairs
+  if coincident_floor_sq is not None:
+    result["num_coincident"] = sums["coincident"]
+  return result
+
+
+def equinorm(vectors: jax.Array, ddof: int = 1, valid: Optional[jax.Array] = None) -> jax.Array:
   """Std_c ||v_c|| / Avg_c ||v_c|| (paper Fig. 2); 0 when all rows have one norm.
 
   Args:
     vectors: (C, p) centred class means or classifier rows.
     ddof: 1 is the notebook's unbiased std (torch.std), 0 the population std.
+    valid: (C,) bool, the classes to include (None: all).
   """
   norms = jnp.linalg.norm(vectors, axis=-1)
-  return jnp.std(norms, ddof=ddof) / jnp.mean(norms)
+  if valid is None:
+    return jnp.std(norms, ddof=ddof) / jnp.mean(norms)
+  return _masked_std(norms, valid, ddof) / _masked_mean(norms, valid)
+
+
+def _masked_std(values: jax.Array, valid: jax.Array, ddof: int) -> jax.Array:
+  """Std over the entries of ``values`` (C,) where ``valid``, two-pass."""
+  count = jnp.sum(valid, dtype=values.dtype)
+  centred = jnp.where(valid, values - _masked_mean(values, valid), 0.0)
+  return jnp.sqrt(jnp.sum(centred**2) / (count - ddof))
 
 
 def equiangularity(vectors: jax.Array, ddof: int = 1) -> jax.Array:
-  """Std over pairs c != c' of cos angle(v_c, v_c') (paper Fig. 3); 0 for an ETF."""
-  return _off_diagonal_mean_std(cosines(vectors), ddof)[1]
+  """Std over pairs c != c' of cos angle(v_c, v_c') (paper Fig. 3); 0 for an ETF. See ``pair_geometry``."""
+  return pair_geometry(vectors, ddof=ddof)["equiangularity"]
 
 
 def max_angle(vectors: jax.Array) -> jax.Array:
@@ -85,7 +329,7 @@ def max_angle(vectors: jax.Array) -> jax.Array:
 
   The notebook calls it "coherence"; 0 when every angle is the simplex's maximal one.
   """
-  return off_diagonal_mean(jnp.abs(cosines(vectors) + 1.0 / (vectors.shape[0] - 1)))
+  return pair_geometry(vectors)["max_angle"]
 
 
 def simplex_etf_gram(num_classes: int, dtype=jnp.float32) -> jax.Array:
@@ -94,23 +338,23 @@ def simplex_etf_gram(num_classes: int, dtype=jnp.float32) -> jax.Array:
 
 
 def etf_deviation(vectors: jax.Array) -> jax.Array:
-  """|| G/||G||_F - E/||E||_F ||_F with G = V V^T (C, C) and E = I - 11^T/C.
+  """|| G/||G||_F - E/||E||_F ||_F with G = V V^T (C, C) and E = I - 11^T/C (see ``pair_geometry``).
 
   Computed as the norm of the difference (never as sqrt(2 - 2<G,E>), which
   loses half the digits near zero): an exact simplex ETF gives ~1e-7 in float32.
   """
-  gram = _gram(vectors, vectors)
-  target = simplex_etf_gram(vectors.shape[0], gram.dtype)
-  difference = gram / jnp.linalg.norm(gram) - target / jnp.linalg.norm(target)
-  return jnp.linalg.norm(difference)
+  return pair_geometry(vectors)["etf_deviation"]
 
 
-def self_duality(weights: jax.Array, centred_means: jax.Array, squared: bool = True) -> jax.Array:
-  """NC3 (paper Fig. 5): || W/||W||_F - M/||M||_F ||_F^2, W and M both (C, p).
+def self_duality(weights: jax.Array, centred_means: jax.Array, squared: bool = True,
+                 valid: Optional[jax.Array] = None) -> jax.Array:
+  """NC3 (paper Fig. 5): || W/||W||_F - M/||M||_F ||_F^2, W and M both (C, p), over the rows ``valid`` (C,).
 
   W is not centred and the bias is not used, as in the paper. ``squared=False``
   gives the unsquared Frobenius distance some later papers plot.
   """
+  if valid is not None:
+    weights, centred_means = (jnp.where(valid[:, None], x, 0.0) for x in (weights, centred_means))
   difference = weights / jnp.linalg.norm(weights) - centred_means / jnp.linalg.norm(centred_means)
   distance_sq = jnp.sum(difference**2)
   return distance_sq if squared else jnp.sqrt(distance_sq)
@@ -124,18 +368,18 @@ def gnc2(vectors: jax.Array, ddof: int = 1) -> jax.Array:
   ||u_c - u_c'||^2 = 2 - 2 cos comes from the Gram, so near-duplicate
   directions (distance below ~1e-3) are resolved only to float32 accuracy, and
   two directions that coincide in float32 give an infinite log energy: +inf.
+  See ``pair_geometry``, which computes it with the other pair statistics.
   """
-  off_diagonal = _off_diagonal(vectors.shape[0])
-  distance_sq = jnp.where(off_diagonal, jnp.maximum(2.0 - 2.0 * cosines(vectors), 0.0), 1.0)
-  log_energy = -0.5 * jnp.log(distance_sq)
-  variance = _off_diagonal_mean_std(log_energy, ddof)[1] ** 2
-  return jnp.where(jnp.any(distance_sq == 0.0), jnp.inf, variance)
+  return pair_geometry(vectors, ddof=ddof)["gnc2"]
 
 
-def unc3(weights: jax.Array, centred_means: jax.Array, ddof: int = 1) -> jax.Array:
+def unc3(weights: jax.Array, centred_means: jax.Array, ddof: int = 1, valid: Optional[jax.Array] = None) -> jax.Array:
   """Uniform duality (Wu & Papyan 2024): coefficient of variation over c of cos angle(w_c, M_c).
 
-  Both (C, p). 0 when every classifier row makes the same angle with its class mean.
+  Both (C, p), over the rows ``valid`` (C,) (None: all). 0 when every classifier row makes the
+  same angle with its class mean.
   """
   alignment = jnp.sum(_unit_rows(weights) * _unit_rows(centred_means), axis=-1)
-  return jnp.std(alignment, ddof=ddof) / jnp.mean(alignment)
+  if valid is None:
+    return jnp.std(alignment, ddof=ddof) / jnp.mean(alignment)
+  return _masked_std(alignment, valid, ddof) / _masked_mean(alignment, valid)

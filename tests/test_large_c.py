@@ -1,0 +1,227 @@
+"""Neural Collapse at vocabulary scale: tiled pair statistics, no C x C array, min_count filtering."""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nc_jax.metrics import collapse, filter_classes, geometry, neural_collapse, streaming
+from tests import reference
+from tests.test_metrics import assert_matches_reference, gaussian_classes
+
+VOCABULARY = 50_257  # GPT-2's: C(C-1) > 2^31
+
+
+def spread_vectors(num_classes, dim, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(num_classes, dim)), jnp.float32)
+
+
+def assert_close(got, want, rtol):
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=rtol, atol=0, err_msg=key)
+
+
+def pair_keys(vectors, **options):
+  variances = jnp.linspace(0.5, 2.0, vectors.shape[0], dtype=jnp.float32)
+  return jax.jit(lambda v: geometry.pair_geometry(v, variances=variances, coincident_floor_sq=jnp.float32(0.0),
+                                                   **options))(vectors)
+
+
+class TestPairSums:
+
+  @pytest.mark.parametrize("block_rows", [300, 64, 37, 1])
+  def test_counts_every_pair_once_with_ragged_tiles(self, block_rows):
+    """Integers count unordered pairs c < c', floats sum ordered pairs c != c', over valid classes only."""
+    valid = jnp.arange(300) % 3 != 0
+    count = lambda gram, a, b, mask: {"n": jnp.sum(mask, dtype=jnp.int32), "x": jnp.sum(jnp.where(mask, 1.0, 0.0))}
+    total = geometry.pair_sums(count, jnp.ones((300, 2)), valid=valid, block_rows=block_rows)
+    assert int(total["n"]) == 200 * 199 // 2 and float(total["x"]) == 200 * 199
+
+  def test_row_data_and_gram_reach_the_statistic(self):
+    """sum_{c != c'} ||v_c - v_c'||^2 = 2 C sum ||v_c||^2 - 2 ||sum v_c||^2, from tiles of G and ||v||^2."""
+    vectors = spread_vectors(203, 5)
+    distance = lambda gram, a, b, mask: jnp.sum(jnp.where(mask, a[:, None] + b[None, :] - 2.0 * gram, 0.0))
+    x = np.asarray(vectors, np.float64)
+    want = 2 * 203 * np.sum(x**2) - 2 * np.sum(x.sum(0) ** 2)
+    for block_rows in (203, 50):
+      assert float(geometry.pair_sums(distance, vectors, block_rows=block_rows)) == pytest.approx(want, rel=1e-5)
+
+  def test_vocabulary_sized_pair_count_fits_int32(self):
+    """C(C-1)/2 = 1 262 889 396 unordered pairs at C = 50 257 (C(C-1) would overflow int32)."""
+    count = lambda gram, a, b, mask: jnp.sum(mask, dtype=jnp.int32)
+    total = jax.jit(lambda v: geometry.pair_sums(count, v, block_rows=8192))(jnp.ones((VOCABULARY, 1)))
+    assert int(total) == VOCABULARY * (VOCABULARY - 1) // 2
+
+
+class TestTiledEqualsDense:
+
+  @pytest.mark.parametrize("num_classes,dim,block_rows", [(300, 16, 64), (300, 400, 37), (2500, 24, 1024)])
+  def test_pair_geometry(self, num_classes, dim, block_rows):
+    """The tiled sweep (ragged last tile; V^T V or a first sweep for ||G||_F) equals the one dense tile."""
+    vectors = spread_vectors(num_classes, dim)
+    assert_close(pair_keys(vectors, block_rows=block_rows), pair_keys(vectors, block_rows=num_classes), 1e-5)
+
+  def test_pair_geometry_with_dropped_classes(self):
+    vectors = spread_vectors(300, 16, seed=1)
+    valid = jnp.arange(300) % 7 != 3
+    assert_close(pair_keys(vectors, valid=valid, block_rows=64), pair_keys(vectors, valid=valid, block_rows=300), 1e-5)
+
+  def test_float64_reference_for_the_pairs(self):
+    vectors = spread_vectors(300, 16, seed=2)
+    x = np.asarray(vectors, np.float64)
+    norms = np.linalg.norm(x, axis=1)
+    cos = x @ x.T / np.outer(norms, norms)
+    off = ~np.eye(300, dtype=bool)
+    gram, etf = x @ x.T, np.eye(300) - 1 / 300
+    got = pair_keys(vectors, block_rows=64)
+    assert float(got["equiangularity"]) == pytest.approx(cos[off].std(ddof=1), rel=1e-5)
+    assert float(got["max_angle"]) == pytest.approx(np.abs(cos[off] + 1 / 299).mean(), rel=1e-5)
+    etf_deviation = np.linalg.norm(gram / np.linalg.norm(gram) - etf / np.linalg.norm(etf))
+    assert float(got["etf_deviation"]) == pytest.approx(etf_deviation, rel=1e-5)
+    assert float(got["gnc2"]) == pytest.approx(np.var(-0.5 * np.log(2 - 2 * cos[off]), ddof=1), rel=1e-4)
+
+  def test_simplex_etf_is_still_exact_when_tiled(self):
+    etf = jnp.asarray(reference.simplex_etf(300, 320), jnp.float32)
+    got = pair_keys(etf, block_rows=64)
+    assert float(got["etf_deviation"]) < 1e-5 and float(got["equiangularity"]) < 1e-5
+    assert float(got["max_angle"]) < 1e-5
+
+  def test_zero_row_and_nan_are_never_a_finite_direction_statistic(self):
+    vectors = spread_vectors(300, 16).at[5].set(0.0)
+    for block_rows in (64, 300):
+      got = pair_keys(vectors, block_rows=block_rows)
+      assert all(np.isnan(float(got[key])) for key in ("equiangularity", "max_angle", "gnc2"))
+      assert np.isfinite(float(got["cdnv"]))
+      poisoned = pair_keys(vectors.at[7, 3].set(jnp.nan), block_rows=block_rows)
+      assert all(np.isnan(float(poisoned[key])) for key in ("equiangularity", "etf_deviation", "gnc2", "cdnv"))
+
+  def test_coincident_means_are_counted_once_per_pair_across_tiles(self):
+    vectors = spread_vectors(300, 16).at[250].set(spread_vectors(300, 16)[3]).at[299].set(spread_vectors(300, 16)[3])
+    for block_rows in (64, 300):
+      assert int(pair_keys(vectors, block_rows=block_rows)["num_coincident"]) == 3
+
+
+class TestSuiteAtLargeC:
+
+  def test_tiled_suite_matches_float64_reference_and_dense_path(self):
+    features, labels, weights, bias = gaussian_classes(1200, 12, 300, seed=5)
+    suite = lambda block_rows: jax.jit(lambda h, y, w, b: neural_collapse(h, y, 300, w, b, pair_block_rows=block_rows))
+    tiled, dense = suite(64)(features, labels, weights, bias), suite(None)(features, labels, weights, bias)
+    assert_matches_reference(tiled, reference.reference_metrics(features, labels, 300, weights, bias), rtol=2e-4)
+    for key in dense:
+      np.testing.assert_allclose(float(tiled[key]), float(dense[key]), rtol=1e-5, err_msg=key)
+
+  def test_no_class_by_class_array_in_pass_two_or_the_tiled_finalisation(self):
+    """With C > p and tiles smaller than C, no intermediate has two axes of length C."""
+    num_classes, dim = 300, 16
+    features, labels, weights, bias = gaussian_classes(600, dim, num_classes, seed=6)
+    geometry_ = collapse.class_geometry(features, labels, num_classes, weights, bias)
+    assert all(leaf.shape.count(num_classes) <= 1 for leaf in jax.tree_util.tree_leaves(geometry_))
+
+    def shapes(fn, *args):
+      found = []
+      def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+          found.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+          for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            walk(sub)
+      walk(jax.make_jaxpr(fn)(*args).jaxpr)
+      return found
+
+    state = streaming.init_deviations(geometry_)
+    pass_two = shapes(lambda h, y: streaming.update_deviations(state, geometry_, h, y), features[:32], labels[:32])
+    state = streaming.update_deviations(state, geometry_, features, labels)
+    final = shapes(lambda s: streaming.finalize_collapse(s, geometry_, block_rows=64), state)
+    assert pass_two and final
+    assert all(shape.count(num_classes) <= 1 for shape in pass_two + final)
+
+  def test_vocabulary_sized_suite_equals_the_filtered_dense_suite(self):
+    """C = 50 257 classes, 1000 of them with 3 samples each and 5 with one (min_count=2 drops them):
+    the tiled, masked suite equals the dense suite on the explicitly filtered and remapped data."""
+    rng = np.random.default_rng(7)
+    present = rng.choice(VOCABULARY, 1005, replace=False)
+    labels = np.concatenate([np.repeat(present[:1000], 3), present[1000:]]).astype(np.int32)
+    means = rng.normal(size=(VOCABULARY, 8)).astype(np.float32)
+    features = means[labels] + 0.3 * rng.normal(size=(len(labels), 8)).astype(np.float32)
+    weights = rng.normal(size=(VOCABULARY, 8)).astype(np.float32)
+    bias = 0.1 * rng.normal(size=VOCABULARY).astype(np.float32)
+    got = jax.jit(lambda h, y, w, b: neural_collapse(h, y, VOCABULARY, w, b, min_count=2))(
+        features, labels, weights, bias)
+    kept_features, kept_labels, kept, kept_weights, kept_bias, counts = filter_classes(
+        features, labels, VOCABULARY, weights, bias, min_count=2)
+    want = neural_collapse(kept_features, kept_labels, kept, kept_weights, kept_bias)
+    assert kept == 1000 and counts == {"num_filtered_classes": VOCABULARY - 1000, "num_filtered_samples": 5}
+    assert int(got["num_filtered_classes"]) == VOCABULARY - 1000 and int(got["num_filtered_samples"]) == 5
+    for key in want:
+      np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=2e-5, atol=1e-7, err_msg=key)
+
+
+class TestMinCount:
+
+  def data(self):
+    features, labels, weights, bias = gaussian_classes(400, 12, 9, seed=3)
+    labels = labels.copy()
+    labels[labels == 2] = 5  # class 2 empty
+    labels[np.flatnonzero(labels == 7)[2:]] = 1  # class 7: two samples
+    return features, labels, weights, bias
+
+  def test_default_is_the_papers_strict_rule(self):
+    features, labels, weights, bias = self.data()
+    got = neural_collapse(features, labels, 9, weights, bias)
+    assert int(got["num_empty_classes"]) == 1 and np.isnan(float(got["nc1"]))
+    assert "num_filtered_classes" not in got
+
+  @pytest.mark.parametrize("block_rows", [None, 3])
+  def test_matches_float64_reference_on_filtered_and_remapped_data(self, block_rows):
+    features, labels, weights, bias = self.data()
+    got = jax.jit(lambda h, y, w, b: neural_collapse(h, y, 9, w, b, min_count=3, pair_block_rows=block_rows))(
+        features, labels, weights, bias)
+    kept_features, kept_labels, kept, kept_weights, kept_bias, counts = filter_classes(
+        features, labels, 9, weights, bias, min_count=3)
+    assert kept == 7 and counts == {"num_filtered_classes": 2, "num_filtered_samples": 2}
+    assert int(got["num_filtered_classes"]) == 2 and int(got["num_filtered_samples"]) == 2
+    assert int(got["num_empty_classes"]) == 0 and int(got["num_samples"]) == 398
+    want = reference.reference_metrics(kept_features, kept_labels, kept, kept_weights, kept_bias)
+    assert_matches_reference(got, want, rtol=1e-4)
+
+  def test_divide_nc1_by_classes_uses_the_kept_count(self):
+    features, labels, weights, bias = self.data()
+    divided = neural_collapse(features, labels, 9, min_count=3)
+    undivided = neural_collapse(features, labels, 9, min_count=3, divide_nc1_by_classes=False)
+    assert float(undivided["nc1"]) == pytest.approx(7 * float(divided["nc1"]), rel=1e-6)
+
+  def test_streaming_and_held_out_data_use_the_same_kept_classes(self):
+    features, labels, weights, bias = self.data()
+    means = streaming.update_class_means(streaming.init_class_means(9, 12), features, labels)
+    geometry_ = streaming.finalize_class_means(means, weights, bias, min_count=3)
+    state = streaming.update_deviations(streaming.init_deviations(geometry_), geometry_, features, labels)
+    streamed = streaming.finalize_collapse(state, geometry_)
+    in_memory = neural_collapse(features, labels, 9, weights, bias, min_count=3)
+    for key in in_memory:
+      np.testing.assert_allclose(float(streamed[key]), float(in_memory[key]), rtol=1e-5, err_msg=key)
+    held_out = collapse.heldout_collapse(features, labels, geometry_)
+    assert int(held_out["num_filtered_samples_test"]) == 2
+    assert float(held_out["ncc_accuracy_test"]) == pytest.approx(float(in_memory["ncc_accuracy"]))
+
+  def test_fewer_than_two_kept_classes_poison_every_metric(self):
+    features, labels, weights, bias = self.data()
+    got = neural_collapse(features, labels, 9, weights, bias, min_count=1000)
+    assert int(got["num_filtered_classes"]) == 9
+    assert all(np.isnan(float(got[key])) for key in ("nc1", "cdnv", "equiangular_means", "accuracy", "self_duality"))
+
+
+class TestChunking:
+
+  def test_auto_chunks_bound_the_rows_by_classes_on_every_backend(self):
+    assert collapse._chunk_rows(VOCABULARY, "auto") * VOCABULARY * 4 <= collapse.CHUNK_BYTES
+    assert collapse._chunking(1000, collapse._chunk_rows(10, "auto")) == (1, 1000)
+
+  def test_prime_sample_count_is_padded_not_one_chunk(self):
+    assert collapse._chunking(10_007, 333) == (31, 31 * 323)
+    features, labels, weights, bias = gaussian_classes(1009, 8, 7, seed=4)  # 1009 is prime
+    one = neural_collapse(features, labels, 7, weights, bias, chunk_rows=None)
+    chunked = neural_collapse(features, labels, 7, weights, bias, chunk_rows=100)
+    for key in one:
+      np.testing.assert_allclose(float(chunked[key]), float(one[key]), rtol=1e-5, err_msg=key)
