@@ -130,3 +130,81 @@ def simplex_etf(num_classes, dim, scale=1.0, seed=0):
   etf = np.sqrt(num_classes / (num_classes - 1)) * (np.eye(num_classes) - 1.0 / num_classes)
   return scale * etf @ basis.T
 
+
+
+def reference_further(features, labels, num_classes, weights=None, bias=None, ood_features=None,
+                      test_features=None, test_labels=None, riesz_s=None, cdnv_exponents=(1.0, 2.0),
+                      normalize=True):
+  """Every key of nc_jax.metrics.further.further_collapse, in float64, by loops over classes and pairs.
+
+  Distances are ||u_a - u_b|| of the difference vectors themselves (never from a Gram matrix).
+  Kernels (Liu et al. 2023): distance d, log 1/d, Riesz sign(s) d^-s (s = p - 2 by default);
+  variances and stds with ddof = 1; mu_G = mean of the class means.
+  """
+  h = np.asarray(features, np.float64)
+  y = np.asarray(labels)
+  C = num_classes
+  p = h.shape[1]
+  mu = class_means(h, y, C)
+  mu_g = mu.mean(axis=0)
+  M = mu - mu_g
+  pairs = [(a, b) for a in range(C) for b in range(C) if a != b]
+  variances = np.array([np.mean(np.sum((h[y == c] - mu[c]) ** 2, axis=1)) for c in range(C)])
+  out = {}
+
+  u = M / np.linalg.norm(M, axis=1, keepdims=True) if normalize else M
+  distances = np.array([np.linalg.norm(u[a] - u[b]) for a, b in pairs])
+  s = p - 2.0 if riesz_s is None else float(riesz_s)
+  kernels = {"distance": distances, "log": np.log(1.0 / distances), "riesz": np.sign(s) * distances ** (-s)}
+  for name, values in kernels.items():
+    out[f"kernel_{name}_mean"] = np.mean(values)
+    out[f"kernel_{name}_var"] = np.var(values, ddof=1)
+
+  for k in cdnv_exponents:
+    ratios = [(variances[a] + variances[b]) / (2.0 * np.linalg.norm(mu[a] - mu[b]) ** k) for a, b in pairs]
+    out[f"cdnv_k{float(k):g}"] = np.mean(ratios)
+
+  logs = np.log(np.linalg.norm(M, axis=1))
+  out["equinorm_log_means"] = np.std(logs, ddof=1)
+  out["equinorm_log_means_cov"] = np.std(logs, ddof=1) / np.mean(logs)
+
+  within = sum(np.sum((h[i] - mu[y[i]]) ** 2) for i in range(len(y))) / len(y)
+  between = sum(np.sum(M[c] ** 2) for c in range(C)) / C
+  out["nc1_weak"] = within / between
+
+  if weights is not None:
+    w = np.asarray(weights, np.float64)
+    b = np.zeros(C) if bias is None else np.asarray(bias, np.float64)
+    product = np.array([[w[a] @ M[c] for c in range(C)] for a in range(C)])
+    etf = np.eye(C) - np.ones((C, C)) / C
+    out["nc3_wm_structure"] = np.linalg.norm(product / np.linalg.norm(product) - etf / np.linalg.norm(etf))
+    z = w @ mu_g + b
+    scale = np.linalg.norm(w) * np.linalg.norm(mu_g) + np.linalg.norm(b)
+    out["global_logit_norm"] = np.linalg.norm(z)
+    out["global_logit_norm_rel"] = np.linalg.norm(z) / scale
+    out["global_logit_spread_rel"] = np.linalg.norm(z - z.mean()) / scale
+
+  if ood_features is not None:
+    mu_ood = np.asarray(ood_features, np.float64).mean(axis=0)
+
+    def mean_abs_cos(vectors, target):
+      return np.mean([abs(v @ target) / (np.linalg.norm(v) * np.linalg.norm(target)) for v in vectors])
+
+    out["nc5"] = mean_abs_cos(mu, mu_ood)
+    out["nc5_centred"] = mean_abs_cos(M, mu_ood - mu_g)
+
+  if test_features is not None:
+    mu_t = class_means(np.asarray(test_features, np.float64), np.asarray(test_labels), C)
+    M_t = mu_t - mu_t.mean(axis=0)
+    norms = np.linalg.norm(M_t, axis=1)
+    cos = np.array([M_t[a] @ M_t[b] / (norms[a] * norms[b]) for a, b in pairs])
+    gram = M_t @ M_t.T
+    etf = np.eye(C) - np.ones((C, C)) / C
+    out["equinorm_means_test"] = np.std(norms, ddof=1) / np.mean(norms)
+    out["equiangular_means_test"] = np.std(cos, ddof=1)
+    out["max_angle_means_test"] = np.mean(np.abs(cos + 1.0 / (C - 1)))
+    out["etf_deviation_means_test"] = np.linalg.norm(gram / np.linalg.norm(gram) - etf / np.linalg.norm(etf))
+    if weights is not None:
+      w = np.asarray(weights, np.float64)
+      out["self_duality_test"] = np.sum((w / np.linalg.norm(w) - M_t / np.linalg.norm(M_t)) ** 2)
+  return out

@@ -5,17 +5,23 @@ This package imports nothing else of nc_jax, so it can be used on its own:
     from nc_jax.metrics import neural_collapse
     metrics = jax.jit(neural_collapse, static_argnums=2)(features, labels, 10, W, b)
 
-Modules: ``collapse`` (the suite, test-set and per-layer variants, input checks),
-``geometry`` (NC2/NC3 of (C, p) arrays), ``streaming`` (two-pass accumulators
-for data that does not fit in memory), ``mse`` (the MSE-loss decomposition).
+Modules: ``collapse`` (the in-memory suite, test-set and per-layer variants, input
+checks), ``geometry`` (NC2/NC3 of (C, p) arrays, and ``pair_sums``, the tiled
+primitive behind every pair statistic), ``streaming`` (the complete two-pass API for
+data that does not fit in memory: accumulators and ``finalize_collapse`` /
+``finalize_transfer``), ``mse`` (the MSE-loss decomposition), ``further`` (the later
+metrics: NC5, kernel statistics / GNC2 by kernel, CDNV^k, log-norm equinorm, weak NC1,
+W M^T structure error, ||W mu_G + b||, the test means' NC2/NC3; ``further_collapse``).
 """
 
-from nc_jax.metrics import geometry, streaming
+from nc_jax.metrics import further, geometry, streaming
 from nc_jax.metrics.collapse import (
     DEGENERACY_KEYS,
     DIAGNOSTIC_KEYS,
+    FILTER_KEYS,
     check_shapes,
     class_geometry,
+    filter_classes,
     finalize_collapse,
     finalize_transfer,
     heldout_collapse,
@@ -24,6 +30,7 @@ from nc_jax.metrics.collapse import (
     raise_if_invalid,
     validate_inputs,
 )
+from nc_jax.metrics.further import further_collapse
 from nc_jax.metrics.mse import mse_decomposition
 from nc_jax.metrics.streaming import ClassGeometry, ClassMeansState, DeviationState
 
@@ -33,10 +40,14 @@ __all__ = [
     "DEGENERACY_KEYS",
     "DIAGNOSTIC_KEYS",
     "DeviationState",
+    "FILTER_KEYS",
     "check_shapes",
     "class_geometry",
+    "filter_classes",
     "finalize_collapse",
     "finalize_transfer",
+    "further",
+    "further_collapse",
     "geometry",
     "heldout_collapse",
     "mse_decomposition",
