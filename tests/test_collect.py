@@ -1,0 +1,278 @@
+"""nc_jax.collect: Neural Collapse of a trained model in streaming passes, resumable, multi-process."""
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from nc_jax import collect as collect_lib, records
+from nc_jax.metrics import neural_collapse
+from nc_jax.training import train_and_evaluate
+from configs import default as default_config
+
+REPO = pathlib.Path(os.path.abspath(__file__)).parents[1]
+QUIET = dict(quiet=True, warn=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A 3-epoch smoke run of the main job (BatchNorm MLP on MNIST-1D), measured at its last epoch."""
+  directory = tmp_path_factory.mktemp("run")
+  config = default_config.get_config("smoke")
+  config.update(num_epochs=3, measure_epochs=(3,), deepfool_samples=0)
+  train_and_evaluate(config, str(directory), log=lambda *a, **k: None)
+  return directory
+
+
+def cli(*arguments, env_extra=None, timeout=300):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "nc_jax.collect", *map(str, arguments)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def assert_same_metrics(actual: dict, expected: dict, keys, rtol=1e-5):
+  for key in keys:
+    a, b = actual[key], expected[key]
+    if isinstance(b, int) and not isinstance(b, bool):
+      assert a == b, key
+    else:
+      np.testing.assert_allclose(float(a), float(b), rtol=rtol, atol=1e-7, err_msg=key)
+
+
+# ---------------------------------------------------------------------------
+# The same numbers as the training run's own measurement.
+# ---------------------------------------------------------------------------
+
+
+def test_workdir_nc_equals_the_runs_last_measurement(workdir, tmp_path):
+  result = collect_lib.collect_workdir(workdir, tmp_path / "nc", **QUIET)
+  last = records.read(workdir)[-1]
+  written = json.loads((tmp_path / "nc" / "nc.json").read_text())
+  assert written == result and result["epoch"] == last["epoch"] == 3 and result["step"] == last["step"]
+  assert result["checkpoint"] == str(workdir / "checkpoints" / "3")
+  measured = [k for k in last if k not in ("epoch", "step", "lr", "epoch_loss", "epoch_acc", "tpt_start_epoch",
+                                           "wall_time", "images_per_sec")]
+  assert {"nc1", "cdnv", "equiangular_means", "self_duality", "ncc_mismatch", "accuracy", "nc1_test",
+          "ncc_accuracy_test", "train_loss", "test_acc"} <= set(measured) <= set(result)
+  assert_same_metrics(result, last, measured)
+  stats = np.load(tmp_path / "nc" / "class_stats.npz")
+  assert stats["counts"].sum() == result["num_samples"] and stats["means"].shape == (10, 32)
+  assert np.isclose(stats["variances"] @ stats["counts"] / stats["counts"].sum(), result["trace_within"], rtol=1e-4)
+  assert stats["weight_norms"].shape == (10,) and (stats["centred_mean_norms"] > 0).all()
+  assert not (tmp_path / "nc" / "accumulators.npz").exists(), "removed once the outputs are written"
+
+  own = collect_lib.collect_workdir(workdir, tmp_path / "test_split", split="test", **QUIET)  # the test set's own NC
+  assert own["num_samples"] == result["num_samples_test"] and "nc1_test" not in own and own["split"] == "test"
+  assert_same_metrics(own, result, ["test_acc", "test_loss"])
+  assert own["ncc_accuracy"] != result["ncc_accuracy_test"]  # its own class means, not the training ones
+
+
+# ---------------------------------------------------------------------------
+# Any Flax model, any batches.
+# ---------------------------------------------------------------------------
+
+
+class TinyNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    features = nn.relu(nn.Dense(16)(nn.relu(nn.Dense(24)(x))))
+    return nn.Dense(5, name="head")(features), features
+
+
+@pytest.fixture(scope="module")
+def user_model():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 5, 300).astype(np.int32)
+  inputs = (rng.normal(size=(300, 8)) + 2.0 * np.eye(5, 8)[labels]).astype(np.float32)
+  test_labels = rng.integers(0, 5, 70).astype(np.int32)
+  test_inputs = (rng.normal(size=(70, 8)) + 2.0 * np.eye(5, 8)[test_labels]).astype(np.float32)
+  model = TinyNet()
+  params = model.init(jax.random.PRNGKey(1), inputs[:1])
+  apply_fn = lambda p, x: model.apply(p, x)
+  weights, bias = params["params"]["head"]["kernel"].T, params["params"]["head"]["bias"]
+  return dict(apply_fn=apply_fn, params=params, data=(inputs, labels, test_inputs, test_labels),
+              weights=np.asarray(weights), bias=np.asarray(bias))
+
+
+def batch_list(inputs, labels, size):
+  return [(inputs[i:i + size], labels[i:i + size]) for i in range(0, len(labels), size)]
+
+
+def test_user_model_equals_neural_collapse_in_one_go(user_model, tmp_path):
+  inputs, labels, test_inputs, test_labels = user_model["data"]
+  apply_fn, params = user_model["apply_fn"], user_model["params"]
+  _, features = apply_fn(params, inputs)
+  _, test_features = apply_fn(params, test_inputs)
+  expected = {k: records.plain(np.asarray(v)) for k, v in jax.jit(neural_collapse, static_argnums=2)(
+      features, labels, 5, user_model["weights"], user_model["bias"], test_features=test_features,
+      test_labels=test_labels).items()}
+  # a list of uneven batches (the last one short) and a callable returning a fresh generator
+  result = collect_lib.collect(apply_fn, params, batch_list(inputs, labels, 64), 5, out_dir=tmp_path / "a",
+                               weights=user_model["weights"], bias=user_model["bias"],
+                               test_batches=lambda: iter(batch_list(test_inputs, test_labels, 32)), **QUIET)
+  assert set(expected) <= set(result)
+  assert_same_metrics(result, expected, expected)
+  assert json.loads((tmp_path / "a" / "nc.json").read_text()) == result
+
+  without_classifier = collect_lib.collect(apply_fn, params, (inputs, labels), 5, batch_size=100, **QUIET)
+  assert "self_duality" not in without_classifier and "ncc_mismatch" not in without_classifier
+  assert_same_metrics(without_classifier, expected, ("nc1", "cdnv", "equinorm_means", "ncc_accuracy"))
+
+
+class CrashingBatches:
+  """Re-iterable batches that fail once, at batch ``after`` of the first iteration following a complete one
+  (pass 2 of a measurement; with ``armed``, of the first iteration that gets that far: pass 1)."""
+
+  def __init__(self, batches, after, armed=False):
+    self.batches, self.after, self.armed, self.crashed = batches, after, armed, False
+
+  def __len__(self):
+    return len(self.batches)
+
+  def __iter__(self):
+    for i, batch in enumerate(self.batches):
+      if i == self.after and self.armed and not self.crashed:
+        self.crashed = True
+        raise RuntimeError("the data source crashed")
+      yield batch
+    self.armed = True
+
+
+def test_resume_after_a_crash_and_damaged_accumulators(user_model, tmp_path):
+  inputs, labels, test_inputs, test_labels = user_model["data"]
+  common = dict(weights=user_model["weights"], bias=user_model["bias"],
+                test_batches=batch_list(test_inputs, test_labels, 32), checkpoint_every=1, **QUIET)
+  run = lambda batches, out, **kw: collect_lib.collect(user_model["apply_fn"], user_model["params"], batches, 5,
+                                                       out_dir=tmp_path / out, **{**common, **kw})
+  batches = batch_list(inputs, labels, 40)  # 8 batches per pass
+  run(batches, "straight")
+  reference = (tmp_path / "straight" / "nc.json").read_bytes()
+
+  crashing = CrashingBatches(batches, after=5)
+  with pytest.raises(RuntimeError, match="crashed"):
+    run(crashing, "resumed")
+  path = tmp_path / "resumed" / "accumulators.npz"
+  _, meta = collect_lib.load_accumulators(path)
+  assert (meta["pass"], meta["position"]) == (1, 5) and not (tmp_path / "resumed" / "nc.json").exists()
+  damaged_dir = tmp_path / "damaged"
+  shutil.copytree(tmp_path / "resumed", damaged_dir)
+  run(crashing, "resumed")
+  assert (tmp_path / "resumed" / "nc.json").read_bytes() == reference, "resumed mid-pass: bit for bit"
+
+  data = (damaged_dir / "accumulators.npz").read_bytes()
+  (damaged_dir / "accumulators.npz").write_bytes(data[: len(data) // 2])
+  warnings = []
+  collect_lib.collect(user_model["apply_fn"], user_model["params"], batches, 5, out_dir=damaged_dir,
+                      **{**common, "warn": warnings.append})
+  assert len(warnings) == 1 and "is damaged" in warnings[0] and "measuring from the start" in warnings[0]
+  assert (damaged_dir / "nc.json").read_bytes() == reference
+  assert [p.name.split("-")[0] for p in (damaged_dir / "corrupt").iterdir()] == ["accumulators.npz"]
+
+  with collect_lib.OutputLock(tmp_path / "busy"):  # one measurement per output folder
+    with pytest.raises(collect_lib.CollectError, match="in use by another measurement"):
+      run(batches, "busy")
+
+  # accumulators of another model are refused, not mixed in
+  other = jax.tree_util.tree_map(lambda x: x * 1.5, user_model["params"])
+  with pytest.raises(RuntimeError):
+    run(CrashingBatches(batches, after=3, armed=True), "other")
+  with pytest.raises(collect_lib.CollectError, match="another measurement"):
+    collect_lib.collect(user_model["apply_fn"], other, batches, 5, out_dir=tmp_path / "other", **common)
+
+
+# ---------------------------------------------------------------------------
+# The command line: kill -9 and resume; one-line errors.
+# ---------------------------------------------------------------------------
+
+
+def test_cli_kill_9_mid_pass_then_rerun_is_bit_identical(workdir, tmp_path):
+  arguments = ["--workdir", workdir, "--batch_size", 256, "--checkpoint_every", 2]  # 16 + 16 + 4 batches
+  straight = cli(*arguments, "--out", tmp_path / "straight")
+  assert straight.returncode == 0, straight.stderr[-2000:]
+  assert straight.stderr.startswith("collect: 3 passes") and "\x1b[K" not in straight.stderr  # no TTY: summary
+  killed = cli(*arguments, "--out", tmp_path / "killed", env_extra={collect_lib.KILL_ENV: "1:7"})
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  meta = collect_lib.load_accumulators(tmp_path / "killed" / "accumulators.npz")[1]
+  assert (meta["pass"], meta["position"]) == (1, 6) and not (tmp_path / "killed" / "nc.json").exists()
+  resumed = cli(*arguments, "--out", tmp_path / "killed", "--progress")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "pass 2/3 deviations: 6/16 batches" in resumed.stderr and "\x1b[K" in resumed.stderr  # the live line
+  for name in ("nc.json", "class_stats.npz"):
+    assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def one_line_error(result, code):
+  lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+  assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  return lines[0]
+
+
+def test_bad_inputs_are_one_line(workdir, tmp_path):
+  (tmp_path / "file").write_text("x")
+  (tmp_path / "empty").mkdir()
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  shutil.copy(workdir / "config.json", untrained / "config.json")
+  other_model = tmp_path / "other_model"
+  other_model.mkdir()
+  (other_model / "checkpoints").symlink_to(workdir / "checkpoints")
+  config = json.loads((workdir / "config.json").read_text())
+  config["model_options"]["width"] = 48
+  (other_model / "config.json").write_text(json.dumps(config))
+  cases = [
+      (["--workdir", other_model, "--out", tmp_path / "o"], 1, "other shapes or structure"),
+      (["--workdir", workdir], 2, "--out must be given"),
+      (["--workdir", tmp_path / "nowhere", "--out", tmp_path / "o"], 2, "does not exist"),
+      (["--workdir", tmp_path / "empty", "--out", tmp_path / "o"], 1, "has no config.json"),
+      (["--workdir", untrained, "--out", tmp_path / "o"], 1, "has no checkpoint"),
+      (["--workdir", workdir, "--out", tmp_path / "file"], 2, "is a file"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--epoch", 99], 2, "it has epochs 3"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--split", "val"], 2, "split"),
+  ]
+  for arguments, code, expected in cases:
+    assert expected in one_line_error(cli(*arguments), code), arguments
+
+
+# ---------------------------------------------------------------------------
+# Several processes.
+# ---------------------------------------------------------------------------
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(workdir, tmp_path):
+  """2 processes x 2 CPU devices (gloo over 127.0.0.1), each reading every other batch, merged in order."""
+  arguments = ["--workdir", workdir, "--batch_size", 256, "--checkpoint_every", 3]
+  single = cli(*arguments, "--out", tmp_path / "single")
+  assert single.returncode == 0, single.stderr[-2000:]
+  address = f"127.0.0.1:{_free_port()}"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
+  env.pop("XLA_FLAGS", None)
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "nc_jax.collect", *map(str, arguments), "--out", str(tmp_path / "multi"),
+       "--coordinator_address", address, "--num_processes", "2", "--process_id", str(rank)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert "collect: 3 passes, 18 batches" in outputs[0], outputs  # every other one of 16 + 16 + 4
+  one = json.loads((tmp_path / "single" / "nc.json").read_text())
+  two = json.loads((tmp_path / "multi" / "nc.json").read_text())
+  assert set(one) == set(two)
+  assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split")])
+  assert not list((tmp_path / "multi").glob("accumulators*"))
