@@ -36,8 +36,10 @@ set's own collapse (its own class means, keys without suffix). One measurement p
 (an flock on DIR/lock); in a multi-process run each process keeps DIR/accumulators.I-of-P.npz.
 
 Outputs (process 0, atomically): ``DIR/nc.json`` (every key ``neural_collapse``
-returns, as in metrics.jsonl, the ``*_test`` keys, train/test loss and accuracy
-when a loss is known, and epoch, step, num_samples, checkpoint) and
+returns, as in metrics.jsonl, the ``*_test`` keys, the later metrics of
+``nc_jax.metrics.further`` that the class statistics determine (``further_keys``),
+train/test loss and accuracy when a loss is known, and epoch, step, num_samples,
+checkpoint) and
 ``DIR/class_stats.npz`` (per-class counts, means, variances, centred-mean norms, W
 row norms).
 
@@ -549,6 +551,21 @@ def class_statistics(geometry: streaming.ClassGeometry, state: streaming.Deviati
   return stats
 
 
+def further_keys(state: streaming.DeviationState, geometry: streaming.ClassGeometry, *, global_mean: str,
+                 ddof: int) -> dict:
+  """The later metrics of ``nc_jax.metrics.further`` that pass 2's sums determine (kernel statistics,
+  cdnv_k*, equinorm_log_means*, nc1_weak and, with W, nc3_wm_structure and global_logit_*), from the
+  corrected means mu_c 2^-e = mu'_c + delta_c and variances V_c 4^-e = sum ||d||^2 / n_c - ||delta_c||^2."""
+  counts = state.counts.astype(geometry.means.dtype)
+  safe_counts = jnp.maximum(counts, 1.0)
+  correction = state.deviation_sums / safe_counts[:, None]
+  variances = jnp.maximum(state.deviation_sq - counts * jnp.sum(correction**2, axis=-1), 0.0) / safe_counts
+  ok = (state.invalid_labels == 0) & (state.nonfinite_rows == 0) & jnp.all(state.counts > 0)
+  return nc_metrics.further.further_from_statistics(
+      geometry.means + correction, variances, counts, geometry.exponent, geometry.weights, geometry.bias, ok=ok,
+      global_mean=global_mean, ddof=ddof)
+
+
 def collect(
     apply_fn: Callable,
     params,
@@ -728,6 +745,7 @@ def collect(
     result |= _jitted(nc_metrics.finalize_collapse, global_mean=global_mean, std_ddof=std_ddof,
                       divide_nc1_by_classes=divide_nc1_by_classes,
                       self_duality_squared=self_duality_squared)(main_state.nc, geometry)
+    result |= _jitted(further_keys, global_mean=global_mean, ddof=std_ddof)(main_state.nc, geometry)
     if heldout is not None:
       result |= _jitted(nc_metrics.finalize_transfer, divide_nc1_by_classes=divide_nc1_by_classes)(
           merged["heldout"].nc, geometry)

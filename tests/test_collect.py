@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from nc_jax import collect as collect_lib, records
-from nc_jax.metrics import neural_collapse
+from nc_jax.metrics import further, neural_collapse
 from nc_jax.training import train_and_evaluate
 from configs import default as default_config
 
@@ -123,6 +123,10 @@ def test_user_model_equals_neural_collapse_in_one_go(user_model, tmp_path):
   assert set(expected) <= set(result)
   assert_same_metrics(result, expected, expected)
   assert json.loads((tmp_path / "a" / "nc.json").read_text()) == result
+  later = {k: records.plain(np.asarray(v)) for k, v in further.further_collapse(
+      features, labels, 5, user_model["weights"], user_model["bias"]).items()}
+  assert set(later) <= set(result)
+  assert_same_metrics(result, later, later)
 
   without_classifier = collect_lib.collect(apply_fn, params, (inputs, labels), 5, batch_size=100, **QUIET)
   assert "self_duality" not in without_classifier and "ncc_mismatch" not in without_classifier

@@ -425,6 +425,42 @@ def _in_units(value: jax.Array, exponent: jax.Array, power: float) -> jax.Array:
   return value * jnp.exp2(power * exponent.astype(value.dtype))
 
 
+def further_from_statistics(
+    means: jax.Array,
+    variances: jax.Array,
+    counts: jax.Array,
+    exponent: jax.Array,
+    weights: Optional[jax.Array] = None,
+    bias: Optional[jax.Array] = None,
+    *,
+    ok: jax.Array = True,
+    kernel_normalize: bool = True,
+    riesz_s: Optional[float] = None,
+    cdnv_exponents: Sequence[float] = (1.0, 2.0),
+    global_mean: str = "class_means",
+    ddof: int = 1,
+) -> dict:
+  """The keys of ``further_collapse`` that depend on the class statistics only (all but nc5 and the
+  *_test ones), from the output of ``class_statistics`` or any streaming pass that keeps the same sums:
+  means (C, p) mu_c 2^-e, variances (C,) V_c 4^-e, counts (C,), exponent () int32 e, ok () bool
+  (False makes every key NaN). W (C, p) and b (C,) in their own units."""
+  centred = means - streaming.global_mean_of(means, counts, global_mean)
+  log_unit = exponent.astype(means.dtype) * math.log(2.0)
+  out = {}
+  kernels = kernel_sweep(centred, normalize=kernel_normalize, riesz_s=riesz_s, ddof=ddof, log_unit=log_unit)
+  out |= {f"kernel_{key}": value for key, value in kernels.items()}
+  for k in cdnv_exponents:
+    out[f"cdnv_k{float(k):g}"] = _in_units(cdnv(variances, centred, k), exponent, 2.0 - k)
+  out["equinorm_log_means"], out["equinorm_log_means_cov"] = log_norm_equinorm(centred, ddof, log_unit)
+  out["nc1_weak"] = nc1_weak(variances, counts, centred)
+  if weights is not None:
+    weights = weights.astype(means.dtype)
+    out["nc3_wm_structure"] = structure_error(weights, centred)
+    features_mean = _in_units(streaming.global_mean_of(means, counts, global_mean), exponent, 1.0)
+    out |= global_logits(weights, bias, features_mean)
+  return {key: jnp.where(ok, value, jnp.nan) for key, value in out.items()}
+
+
 def further_collapse(
     features: jax.Array,
     labels: jax.Array,
@@ -471,32 +507,21 @@ def further_collapse(
   the test set); no unmasked OOD row makes nc5* NaN.
   """
   means, variances, counts, exponent, ok = class_statistics(features, labels, num_classes, mask)
-  centred = means - streaming.global_mean_of(means, counts, global_mean)
-  log_unit = exponent.astype(means.dtype) * math.log(2.0)
-
-  out = {}
-  kernels = kernel_sweep(centred, normalize=kernel_normalize, riesz_s=riesz_s, ddof=ddof, log_unit=log_unit)
-  out |= {f"kernel_{key}": value for key, value in kernels.items()}
-  for k in cdnv_exponents:
-    out[f"cdnv_k{float(k):g}"] = _in_units(cdnv(variances, centred, k), exponent, 2.0 - k)
-  out["equinorm_log_means"], out["equinorm_log_means_cov"] = log_norm_equinorm(centred, ddof, log_unit)
-  out["nc1_weak"] = nc1_weak(variances, counts, centred)
-  if weights is not None:
-    weights = weights.astype(means.dtype)
-    out["nc3_wm_structure"] = structure_error(weights, centred)
-    features_mean = _in_units(streaming.global_mean_of(means, counts, global_mean), exponent, 1.0)
-    out |= global_logits(weights, bias, features_mean)
+  out = further_from_statistics(means, variances, counts, exponent, weights, bias, ok=ok,
+                                kernel_normalize=kernel_normalize, riesz_s=riesz_s, cdnv_exponents=cdnv_exponents,
+                                global_mean=global_mean, ddof=ddof)
   if ood_features is not None:
     dtype = means.dtype
     ood_state = streaming.update_class_means(streaming.init_class_means(1, ood_features.shape[1], dtype),
                                              ood_features.astype(dtype), jnp.zeros(ood_features.shape[:1], jnp.int32),
                                              ood_mask)
     ood_ok = ood_state.counts[0] > 0
+    centred = means - streaming.global_mean_of(means, counts, global_mean)
     id_means = _in_units(means, exponent, 1.0)  # the features' units, shared with the OOD mean
     id_centre = _in_units(means[0] - centred[0], exponent, 1.0)
-    out["nc5"] = jnp.where(ood_ok, ood_orthogonality(id_means, ood_state.means[0]), jnp.nan)
-    out["nc5_centred"] = jnp.where(ood_ok, ood_orthogonality(id_means, ood_state.means[0], id_centre), jnp.nan)
-  out = {key: jnp.where(ok, value, jnp.nan) for key, value in out.items()}
+    nc5 = {"nc5": ood_orthogonality(id_means, ood_state.means[0]),
+           "nc5_centred": ood_orthogonality(id_means, ood_state.means[0], id_centre)}
+    out |= {key: jnp.where(ok & ood_ok, value, jnp.nan) for key, value in nc5.items()}
 
   if test_features is not None:
     if test_labels is None:
