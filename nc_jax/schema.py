@@ -44,6 +44,7 @@ LOSSES = ("cross_entropy", "mse")  # nc_jax.training.step.LOSSES
 OPTIMIZERS = ("sgd", "adam", "adamw")  # nc_jax.training.schedule.OPTIMIZERS
 COMPUTE_DTYPES = ("float32", "bfloat16")
 EPOCH_LOOPS = ("auto", "scan", "steps")
+INPUT_PIPELINES = ("auto", "memory", "stream")  # nc_jax.data.stream.PIPELINES
 STEMS = ("small", "imagenet")  # nc_jax.models.resnet.STEMS; VGG and DenseNet take the same two
 
 # ------------------------------------------------------------- every model and its options
@@ -152,6 +153,12 @@ def base_config(*, dataset: str, data_source: str, model: str,
   config.minority_classes = 0  # the last this many classes are the minority (kept at per_class / ratio under
   #   "step"; measured as the minority under both); 0 = C // 2
   config.random_label_fraction = 0.0  # this fraction of training labels permuted among itself (seeded)
+  # "memory": the standardised sets on every device, batches gathered there (nc_jax.data.device); "stream": each
+  # process reads, decodes and standardises its rows of every batch on the host (nc_jax.data.stream, grain), the
+  # same batches in the same order; "auto": stream when the standardised train + test sets would take more than
+  # a quarter of one device's memory (ImageNet), else memory.
+  config.input_pipeline = "auto"
+  config.input_workers = 0  # grain worker processes decoding for the stream (0 = in the training process)
 
   # --- model (nc_jax.models.create)
   config.model = model  # one of MODELS
@@ -414,6 +421,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _real("imbalance_ratio", c["imbalance_ratio"], 1.0, note=" (largest class / smallest class)")
   _integer("minority_classes", c["minority_classes"], 0, note=" (0 = half the classes)")
   _real("random_label_fraction", c["random_label_fraction"], 0.0, 1.0)
+  _choice("input_pipeline", c["input_pipeline"], INPUT_PIPELINES)
+  _integer("input_workers", c["input_workers"], 0, note=" (0 = decode in the training process)")
   if c["imbalance"] != "none" and (c["per_class"] is None or str(c["per_class"]).lower() == "none"):
     _fail("per_class", c["per_class"], f"imbalance={c['imbalance']!r} needs the largest class's count: set "
           "per_class to an integer or 'paper'")
@@ -493,7 +502,8 @@ def validate_sizes(config: ml_collections.ConfigDict, *, num_train: int, num_tes
 # ------------------------------------------------------------------- older run directories
 # Keys that say how a run is kept, not what it computes: changing them between a run and its rerun leaves the
 # results as they are (a launcher comparing a workdir's config.json with a new command may ignore them).
-OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_every_seconds", "resume_from")
+OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_every_seconds", "resume_from",
+                    "input_workers")
 
 
 def fill_defaults(values: Mapping[str, Any]) -> dict:
@@ -522,7 +532,7 @@ def changed_keys(previous: Mapping[str, Any], requested: Mapping[str, Any]) -> l
                 if k not in OPERATIONAL_KEYS and previous.get(k) != requested.get(k))
 
 
-__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "IMBALANCES", "KNOWN_LR",
-           "LOSSES", "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS",
+__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "IMBALANCES", "INPUT_PIPELINES",
+           "KNOWN_LR", "LOSSES", "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS",
            "STANDARDIZATIONS", "STEMS", "base_config", "cells", "changed_keys", "fill_defaults", "mlp_variant",
            "model_options_for", "paper_config", "validate", "validate_sizes"]

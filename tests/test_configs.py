@@ -46,9 +46,10 @@ def test_smoke_variants_train_under_mock_data(cell, tmp_path):
   assert last["epoch"] == 2 and last["num_samples"] == 200
 
 
-def test_imagenet_smoke_says_streaming_is_not_supported(tmp_path):
+def test_imagenet_smoke_in_memory_says_to_stream(tmp_path):
   config = load_config(CONFIGS / "paper" / "imagenet2012_resnet152.py", "smoke")
-  with pytest.raises(ValueError, match="not supported"):
+  config.input_pipeline = "memory"  # 'auto' streams it (tests/test_stream.py trains it)
+  with pytest.raises(ValueError, match="not supported by nc_jax.data.load: stream it"):
     train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
 
 

@@ -5,7 +5,9 @@
     dataset = nc_jax.data.load("mnist1d")                              # generated offline
 
 ``load`` returns a ``Dataset`` of numpy arrays; ``nc_jax.data.device`` puts them
-on a device mesh and draws the per-epoch batches.
+on a device mesh and draws the per-epoch batches. ``nc_jax.data.stream`` reads the
+same examples in the same batches from random-access sources, each process its own
+rows (ImageNet: ``stream.open_dataset("imagenet2012", data_dir=...)``).
 """
 
 from __future__ import annotations
@@ -109,16 +111,8 @@ def load(
   train_labels = raw.train_labels
   if per_class == "paper":
     per_class = PAPER_PER_CLASS.get(name) or int(np.bincount(train_labels, minlength=raw.num_classes).min())
-  if imbalance != "none" and per_class is None:
-    raise ValueError(f"imbalance={imbalance!r} needs per_class (the largest class's count), not None")
-  if per_class is None:
-    indices = np.arange(len(train_labels))
-  elif imbalance == "none" or imbalance_ratio == 1:
-    indices = preprocess.balanced_subset(train_labels, int(per_class), raw.num_classes, seed)
-  else:
-    counts = preprocess.imbalanced_counts(int(per_class), raw.num_classes, imbalance, imbalance_ratio,
-                                          minority_classes)
-    indices = preprocess.imbalanced_subset(train_labels, counts, seed)
+  indices = preprocess.training_subset(train_labels, raw.num_classes, per_class, seed, imbalance, imbalance_ratio,
+                                       minority_classes)
   train_inputs, train_labels = raw.train_inputs[indices], train_labels[indices]
   true_labels = train_labels
   if random_label_fraction:

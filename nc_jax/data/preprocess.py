@@ -62,6 +62,20 @@ def imbalanced_subset(labels: np.ndarray, counts: np.ndarray, seed: int) -> np.n
   return np.sort(np.concatenate(chosen))
 
 
+def training_subset(labels: np.ndarray, num_classes: int, per_class: Optional[int], seed: int,
+                    imbalance: str = "none", imbalance_ratio: float = 1.0, minority_classes: int = 0) -> np.ndarray:
+  """Sorted indices (N,) of the training examples a run keeps: all (per_class None), ``balanced_subset``, or
+  ``imbalanced_subset`` of ``imbalanced_counts``. Both input paths (in memory and streamed) call this."""
+  if imbalance != "none" and per_class is None:
+    raise ValueError(f"imbalance={imbalance!r} needs per_class (the largest class's count), not None")
+  if per_class is None:
+    return np.arange(len(labels))
+  if imbalance == "none" or imbalance_ratio == 1:
+    return balanced_subset(labels, int(per_class), num_classes, seed)
+  counts = imbalanced_counts(int(per_class), num_classes, imbalance, imbalance_ratio, minority_classes)
+  return imbalanced_subset(labels, counts, seed)
+
+
 def shuffle_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
   """Labels with a ``fraction`` of them (chosen with ``seed``) permuted among themselves (Zhang et al. 2017's
   partially random labels); class counts are unchanged. Some permuted labels land on their own class."""

@@ -39,7 +39,8 @@ def from_tfds(name: str, data_dir: Optional[str] = None) -> RawSplits:
   import tensorflow_datasets as tfds  # heavy: only imported when used
 
   if name == "imagenet2012":
-    raise ValueError("imagenet2012 does not fit in host memory as arrays; streaming ImageNet is not supported yet")
+    raise ValueError("imagenet2012 does not fit in memory as arrays and is not supported by nc_jax.data.load: "
+                     "stream it (nc_jax.data.stream; --config.input_pipeline=stream, the 'auto' choice)")
   num_classes, test_split = TFDS_DATASETS[name]
   try:
     sources = tfds.data_source(name, split=["train", test_split], data_dir=data_dir, download=False)
