@@ -7,6 +7,7 @@ features without leaving the device; only scalars come back to the host.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from nc_jax import metrics as nc_metrics
@@ -63,3 +64,78 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
     result["deepfool_robustness"], result["deepfool_unfooled"] = deepfool.robustness_and_failures(
         logits_fn, deepfool_inputs)
   return result
+
+
+class StreamedEvaluator:
+  """The measurement of ``evaluate`` from batches, for sets that are not on the device (``input_pipeline='stream'``).
+
+  Two passes over the training batches (eval mode, BatchNorm running averages), as the notebook:
+    pass 1  class means (``nc_jax.metrics.streaming.update_class_means``, masked padding rows), loss and
+            correct counts; then ``finalize_class_means`` with W, b in units of the largest |class mean|
+            (``collapse.neural_collapse``'s first round);
+    pass 2  deviations from those means (``update_deviations``) -> ``finalize_collapse``;
+  and one pass over the test batches: deviations from the *training* geometry -> ``finalize_transfer``
+  (the ``*_test`` keys), loss and accuracy. Keys: those of ``evaluate`` without per-layer, MSE-decomposition
+  and minority keys (which need every feature at once); train/test loss and accuracy are means over the
+  set. Each batch's features leave the jitted forward only as the accumulators' sums; nothing of size N
+  is kept. ``batches(split)`` yields (inputs (B, ...), labels (B,), mask (B,)) sharded along 'data'.
+  """
+
+  def __init__(self, *, model, loss_fn, num_classes: int):
+    from nc_jax.metrics import streaming
+
+    self.num_classes = num_classes
+
+    def forward(variables, inputs, labels, mask):
+      logits, features = model.apply(variables, inputs, train=False)
+      mask = mask.astype(bool)
+      sums = {"loss": jnp.sum(jnp.where(mask, loss_fn(logits, labels), 0.0)),
+              "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == labels)), "count": jnp.sum(mask)}
+      return features, sums
+
+    def pass1(state, variables, inputs, labels, mask):
+      features, sums = forward(variables, inputs, labels, mask)
+      return streaming.update_class_means(state, features, labels, mask, track_max_abs=False), sums
+
+    def geometry(state, params, feature_dim):
+      weights, bias = models.classifier_weights(params, feature_dim=feature_dim, num_classes=num_classes)
+      exponent = streaming.scale_exponent(streaming.max_finite_abs(state.means))
+      return streaming.finalize_class_means(state, weights, bias, exponent=exponent)
+
+    def pass2(deviations, geometry, variables, inputs, labels, mask):
+      features, sums = forward(variables, inputs, labels, mask)
+      return streaming.update_deviations(deviations, geometry, features, labels, mask), sums
+
+    self._pass1 = jax.jit(pass1)
+    self._geometry = jax.jit(geometry, static_argnums=2)
+    self._pass2 = jax.jit(pass2)
+    self._init_deviations = jax.jit(streaming.init_deviations)
+    self._collapse = jax.jit(nc_metrics.finalize_collapse)
+    self._transfer = jax.jit(nc_metrics.finalize_transfer)
+    self._init_means = streaming.init_class_means
+    self._deepfool = jax.jit(lambda variables, inputs: deepfool.robustness_and_failures(
+        lambda x: model.apply(variables, x[None], train=False)[0][0], inputs))
+
+  def __call__(self, state: step_lib.TrainState, batches, feature_dim: int, deepfool_inputs=None) -> dict:
+    """The measurement; with ``deepfool_inputs`` (M, ...) on device also deepfool_robustness / _unfooled."""
+    variables = state.variables
+    means = self._init_means(self.num_classes, feature_dim)
+    totals = None
+    for inputs, labels, mask in batches("train"):
+      means, sums = self._pass1(means, variables, inputs, labels, mask)
+      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    geometry = self._geometry(means, state.params, feature_dim)
+    deviations = self._init_deviations(geometry)
+    for inputs, labels, mask in batches("train"):
+      deviations, _ = self._pass2(deviations, geometry, variables, inputs, labels, mask)
+    result = dict(self._collapse(deviations, geometry))
+    result["train_loss"], result["train_acc"] = totals["loss"] / totals["count"], totals["correct"] / totals["count"]
+    test_deviations, totals = self._init_deviations(geometry), None
+    for inputs, labels, mask in batches("test"):
+      test_deviations, sums = self._pass2(test_deviations, geometry, variables, inputs, labels, mask)
+      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+    result |= self._transfer(test_deviations, geometry)
+    result["test_loss"], result["test_acc"] = totals["loss"] / totals["count"], totals["correct"] / totals["count"]
+    if deepfool_inputs is not None:
+      result["deepfool_robustness"], result["deepfool_unfooled"] = self._deepfool(variables, deepfool_inputs)
+    return result

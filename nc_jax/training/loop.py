@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from nc_jax import data, models, records as records_lib, schema
-from nc_jax.data import device
+from nc_jax.data import device, stream as stream_lib
 from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
 from nc_jax.training import checkpoints, evaluate as evaluate_lib, schedule, step as step_lib
 from nc_jax.training import workdir as workdir_lib
@@ -33,16 +34,28 @@ from nc_jax.training import workdir as workdir_lib
 SUMMARY_KEYS = ("nc1", "equinorm_means", "equiangular_means", "self_duality", "ncc_mismatch")
 # Config keys that change what a run does around its compiled functions, not the functions themselves.
 RUN_ONLY_KEYS = ("measure_epochs", "checkpoint_every_epochs", "checkpoint_every_seconds", "keep_checkpoints",
-                 "resume_from", "tpt_threshold", "deepfool_samples", "data_dir")
+                 "resume_from", "tpt_threshold", "deepfool_samples", "data_dir", "input_workers")
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
+# Streamed runs also checkpoint mid-epoch (cadence, signals) into checkpoints/MID_EPOCH_DIR, keyed by the global
+# step, so epoch-keyed checkpoints/ keeps meaning "the state after epoch E" for --resume_from and collect.
+MID_EPOCH_DIR = "mid_epoch"
+MID_EPOCH_KEEP = 2
+# Multi-process runs agree on a mid-epoch stop or checkpoint every this many steps (an allgather waits for the
+# step in flight, so agreeing every step would stall the input pipeline); one process checks every step.
+AGREE_EVERY_STEPS = 16
+# Test-only: "EPOCH:STEP" forces a mid-epoch checkpoint after that step; "EPOCH:STEP:kill" then waits for it
+# to be on disk and SIGKILLs the process (a deterministic kill -9 after a mid-epoch checkpoint).
+MID_EPOCH_TEST_ENV = "NC_JAX_TEST_MID_EPOCH_CHECKPOINT"
 
 
 class Preempted(Exception):
-  """SIGTERM or SIGINT arrived; the state was checkpointed at the end of ``epoch``."""
+  """SIGTERM or SIGINT arrived; the state was checkpointed at the end of ``epoch`` (or, for a streamed run,
+  after ``step`` steps of ``epoch``)."""
 
-  def __init__(self, epoch: int, signal_name: str = "SIGTERM"):
-    super().__init__(f"stopped by {signal_name} after epoch {epoch}; checkpoint saved, rerun the command to resume")
-    self.epoch, self.signal_name = epoch, signal_name
+  def __init__(self, epoch: int, signal_name: str = "SIGTERM", step: Optional[int] = None):
+    where = f"after epoch {epoch}" if step is None else f"in epoch {epoch} after step {step}"
+    super().__init__(f"stopped by {signal_name} {where}; checkpoint saved, rerun the command to resume")
+    self.epoch, self.signal_name, self.step = epoch, signal_name, step
 
 
 class Diverged(FloatingPointError):
@@ -75,6 +88,7 @@ class Program(NamedTuple):
   train_epoch: Any
   evaluate: Any
   all_finite: Any
+  train_step: Any  # jitted (state, (inputs (B, ...), labels (B,))) -> (state, sums), state donated
 
 
 @functools.lru_cache(maxsize=4)
@@ -97,6 +111,8 @@ def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps
                  out_shardings=replicated)
   abstract_state = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), jax.eval_shape(init))
+  train_step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn,
+                                         feature_decay=config.feature_decay, num_train=num_train), donate_argnums=0)
   epoch_loop = config.epoch_loop
   if epoch_loop == "auto":
     epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
@@ -109,9 +125,7 @@ def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps
         step_lib.stepwise_epoch,
         draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
                                                batch_size=config.batch_size, mesh=mesh)),
-        step=jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn,
-                                       feature_decay=config.feature_decay, num_train=num_train),
-                     donate_argnums=0))
+        step=train_step)
   evaluate = jax.jit(functools.partial(
       evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
       batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc,
@@ -119,7 +133,7 @@ def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps
       minority_classes=_minority_classes(config, num_classes)))
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
       tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
-  return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite)
+  return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite, train_step)
 
 
 def _minority_classes(config, num_classes: int) -> tuple:
@@ -133,10 +147,22 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _load_dataset(config) -> data.Dataset:
+def _per_class(config):
   per_class = config.per_class
   if isinstance(per_class, str) and per_class not in ("paper",):
     per_class = None if per_class.lower() == "none" else int(per_class)
+  return per_class
+
+
+def _load_dataset(config, pipeline: str = "memory"):
+  """The in-memory ``data.Dataset``, or with pipeline 'stream' a ``stream.StreamedDataset`` (same subset, stats)."""
+  per_class = _per_class(config)
+  if pipeline == "stream":
+    return stream_lib.open_dataset(
+        config.dataset, source=config.data_source, data_dir=config.data_dir or None, per_class=per_class,
+        standardization=config.standardization, seed=config.data_seed, imbalance=config.imbalance,
+        imbalance_ratio=config.imbalance_ratio, minority_classes=config.minority_classes,
+        random_label_fraction=config.random_label_fraction, worker_count=config.input_workers)
   return data.load(config.dataset, source=config.data_source, data_dir=config.data_dir or None,
                    per_class=per_class, standardization=config.standardization, seed=config.data_seed,
                    imbalance=config.imbalance, imbalance_ratio=config.imbalance_ratio,
@@ -195,7 +221,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   mesh = device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
 
   # ------------------------------------------------------------------- data
-  dataset = _load_dataset(config)
+  pipeline = stream_lib.choose_pipeline(config.input_pipeline, config.dataset, _per_class(config))
+  if pipeline == "stream":  # a batch the processes cannot split is refused before any reading
+    stream_lib.process_rows(config.batch_size, jax.process_index(), jax.process_count())
+  dataset = _load_dataset(config, pipeline)
   schema.validate_sizes(config, num_train=len(dataset.train_labels), num_test=len(dataset.test_labels),
                         num_devices=mesh.size)
   num_classes = dataset.num_classes
@@ -230,26 +259,47 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
            is_main: bool, log) -> Optional[dict]:
   metrics_path = workdir / records_lib.METRICS_FILE
   records = records_lib.read(metrics_path, repair=is_main)
-  train_inputs, train_labels, test_inputs, test_labels = (
-      device.put_replicated(x, mesh) for x in
-      (dataset.train_inputs, dataset.train_labels, dataset.test_inputs, dataset.test_labels))
-  deepfool_inputs = None
-  if config.deepfool_samples:
-    chosen = np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples, replace=False)
-    deepfool_inputs = device.put_replicated(dataset.test_inputs[np.sort(chosen)], mesh)
+  streamed = isinstance(dataset, stream_lib.StreamedDataset)
+  train_stream = None
+  chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples,
+                                                              replace=False)) if config.deepfool_samples else None
+  evaluate_now = None
+  if streamed:
+    train_stream = stream_lib.TrainStream(dataset, config.batch_size, config.seed, mesh=mesh,
+                                          worker_count=config.input_workers)
+    if config.per_layer_nc or config.loss == "mse" or _minority_classes(config, num_classes):
+      # These keys need every feature at once: the standardised sets are read whole (small sets only).
+      host_train, host_test = stream_lib.materialise(dataset, "train"), stream_lib.materialise(dataset, "test")
+    else:  # two streamed passes over the training set, one over the test set (evaluate.StreamedEvaluator)
+      host_train = host_test = None
+      evaluate_now = _streamed_evaluation(config, mesh, dataset, program, num_classes, chosen)
+  else:
+    host_train, host_test = dataset.train_inputs, dataset.test_inputs
+  train_inputs = train_labels = test_inputs = test_labels = deepfool_inputs = None
+  if evaluate_now is None:
+    train_inputs, train_labels, test_inputs, test_labels = (
+        device.put_replicated(x, mesh) for x in (host_train, dataset.train_labels, host_test, dataset.test_labels))
+    if chosen is not None:
+      deepfool_inputs = device.put_replicated(host_test[chosen], mesh)
+    evaluate_now = lambda state: program.evaluate(state, train_inputs, train_labels, test_inputs, test_labels,
+                                                  deepfool_inputs)
 
   abstract_state = program.abstract_state
 
   # ----------------------------------------------------------------- resume
   ckpt = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+  mid_ckpt = None
   try:
     restored = ckpt.restore_latest(abstract_state)
+    if streamed:
+      mid_ckpt = checkpoints.Checkpoints(workdir / "checkpoints" / MID_EPOCH_DIR, keep=MID_EPOCH_KEEP)
+      restored = _newer_mid_epoch(mid_ckpt, abstract_state, restored, log, _run_digest(config))
     resumed_elsewhere = restored is None and bool(config.resume_from)
     if resumed_elsewhere:
       restored = _restore_other(config.resume_from, abstract_state)
       log(f"starting from epoch {restored[0]} of {config.resume_from}, with its "
           f"{len(restored[2].get('records', []))} measurements so far")
-    elif restored is not None:
+    elif restored is not None and not restored[2].get("epoch_totals"):
       log(f"resumed from the checkpoint of epoch {restored[0]} in {ckpt.directory}")
     if restored is None:
       if records:
@@ -261,13 +311,48 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
     else:
       start_epoch, state, meta = restored
       meta.setdefault("records", [r for r in records if r["epoch"] <= start_epoch])
+      if train_stream is not None:  # the input's own position, saved with the state (epoch ends: (epoch + 1, 0))
+        train_stream.set_state(meta.get("input_state") or {"epoch": start_epoch + 1, "step": 0})
       records = _reconcile(metrics_path, records, meta["records"], start_epoch, is_main,
                            log if not resumed_elsewhere else lambda *a, **k: None)
     return _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, program, num_classes,
-                 steps_per_epoch, dataset, (train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs),
-                 is_main, log)
+                 steps_per_epoch, dataset, (train_inputs, train_labels, evaluate_now), is_main, log, train_stream,
+                 mid_ckpt)
   finally:
-    ckpt.close(quiet=sys.exc_info()[0] is not None)
+    failing = sys.exc_info()[0] is not None
+    try:
+      if mid_ckpt is not None:
+        mid_ckpt.close(quiet=failing)
+    finally:
+      ckpt.close(quiet=failing)
+
+
+def _run_digest(config) -> str:
+  """sha256 of the config keys that change results: a mid-epoch checkpoint is resumed only by its own config
+  (epoch checkpoints are guarded by workdir.write_config, which does not look into checkpoints/mid_epoch/)."""
+  compiled = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
+  return hashlib.sha256(json.dumps(compiled, sort_keys=True).encode()).hexdigest()
+
+
+def _newer_mid_epoch(mid_ckpt, abstract_state, restored, log, digest: str):
+  """The newest good mid-epoch checkpoint as (epoch done, state, meta) if it is past ``restored``'s epoch end.
+
+  Its meta holds input_state {'epoch': e, 'step': s} (s of e's steps done) and ``epoch_totals``, the sums of
+  e's training metrics so far; it resumes as "epoch e - 1 done" with the stream and the sums at step s.
+  """
+  partial = mid_ckpt.restore_latest(abstract_state)
+  if partial is None:
+    return restored
+  _, state, meta = partial
+  position = meta["input_state"]
+  if restored is not None and position["epoch"] - 1 < restored[0]:
+    return restored  # an epoch-end checkpoint was written after it
+  if meta.get("run") != digest:
+    log(f"WARNING: ignoring the mid-epoch checkpoints in {mid_ckpt.directory}: written under another config")
+    return restored
+  log(f"resumed from the mid-epoch checkpoint of epoch {position['epoch']} step {position['step']} in "
+      f"{mid_ckpt.directory}")
+  return position["epoch"] - 1, state, meta
 
 
 def _restore_other(spec: str, abstract_state):
@@ -309,13 +394,12 @@ def _reconcile(path: pathlib.Path, on_disk: list, in_checkpoint: list, start_epo
 
 
 def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, program, num_classes, steps_per_epoch,
-          dataset, arrays, is_main, log) -> Optional[dict]:
-  train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs = arrays
+          dataset, arrays, is_main, log, train_stream=None, mid_ckpt=None) -> Optional[dict]:
+  train_inputs, train_labels, evaluate_now = arrays
   if start_epoch >= config.num_epochs:
     log(f"already trained for {config.num_epochs} epochs; nothing to do")
     return records[-1] if records else None
-  train_epoch, evaluate, all_finite, learning_rate = (program.train_epoch, program.evaluate, program.all_finite,
-                                                      program.learning_rate)
+  train_epoch, all_finite, learning_rate = program.train_epoch, program.all_finite, program.learning_rate
   measure = set(schedule.measurement_epochs(config.num_epochs, config.measure_epochs))
 
   # ------------------------------------------------------------------- loop
@@ -328,10 +412,46 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
   elapsed_before = float(meta.get("elapsed", 0.0))
   last_saved_epoch, last_saved_time = start_epoch, time.monotonic()
   epoch_seconds = []
+  # A mid-epoch checkpoint's sums of its epoch's training metrics so far, as the host values they had.
+  resumed_totals = {k: np.asarray(v["value"], v["dtype"]) for k, v in (meta.pop("epoch_totals", None) or {}).items()}
+  meta.pop("input_state", None), meta.pop("run", None)
+  test_position = os.environ.get(MID_EPOCH_TEST_ENV, "").split(":")
+  run_digest = _run_digest(config)
+
+  def mid_epoch(state, totals):
+    """After a step that is not an epoch's last: checkpoint (cadence, test hook) and stop (signals) here."""
+    nonlocal last_saved_time
+    position = train_stream.get_state()
+    forced = test_position[:2] == [str(position["epoch"]), str(position["step"])]
+    if not forced and jax.process_count() > 1 and position["step"] % AGREE_EVERY_STEPS:
+      return
+    every_seconds = config.checkpoint_every_seconds
+    due = forced or bool(every_seconds and time.monotonic() - last_saved_time >= every_seconds)
+    stopping, due = _agree(stop["signal"] is not None, due)
+    if not (stopping or due):
+      return
+    wall = elapsed_before + time.perf_counter() - started
+    totals = {k: {"value": np.asarray(v).item(), "dtype": str(np.asarray(v).dtype)}
+              for k, v in jax.device_get(totals).items()}
+    mid_ckpt.save(int(state.step), state, {**meta, "elapsed": wall, "records": records, "input_state": position,
+                                           "epoch_totals": totals, "run": run_digest})
+    last_saved_time = time.monotonic()
+    if forced and test_position[2:] == ["kill"]:
+      mid_ckpt.wait()
+      os.kill(os.getpid(), signal.SIGKILL)
+    if stopping:
+      mid_ckpt.wait()
+      raise Preempted(position["epoch"], stop["signal"] or "a signal to another process", position["step"])
+
   with _stop_on_signals(stop):
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       tic = time.perf_counter()
-      state, totals = train_epoch(state, train_inputs, train_labels, epoch)
+      if train_stream is None:
+        state, totals = train_epoch(state, train_inputs, train_labels, epoch)
+      else:
+        state, totals = _streamed_epoch(state, train_stream, epoch, program.train_step, resumed_totals or None,
+                                        mid_epoch if mid_ckpt is not None else None)
+        resumed_totals = None
       totals = jax.device_get(totals)
       seconds = time.perf_counter() - tic
       epoch_seconds.append(seconds)
@@ -357,8 +477,7 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
       measure_now = epoch in measure or epoch == config.num_epochs or tpt_starts_now
       wall = elapsed_before + time.perf_counter() - started
       if measure_now:
-        result = jax.device_get(evaluate(state, train_inputs, train_labels, test_inputs, test_labels,
-                                         deepfool_inputs))
+        result = jax.device_get(evaluate_now(state))
         raise_if_invalid(result, allow_degenerate=True)  # bad labels or data raise; degenerate geometry is logged
         degenerate = {k: int(result[k]) for k in DEGENERACY_KEYS if int(result.get(k, 0)) > 0}
         if degenerate:
@@ -375,7 +494,8 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
                      or (every_seconds and time.monotonic() - last_saved_time >= every_seconds))
       stopping, cadence_due = _agree(stop["signal"] is not None, bool(cadence_due))
       if measure_now or cadence_due or stopping or epoch == config.num_epochs:
-        ckpt.save(epoch, state, {**meta, "elapsed": wall, "records": records})
+        input_state = {} if train_stream is None else {"input_state": train_stream.get_state()}
+        ckpt.save(epoch, state, {**meta, "elapsed": wall, "records": records, **input_state})
         last_saved_epoch, last_saved_time = epoch, time.monotonic()
       if measure_now:
         # A record is appended only once its checkpoint is on disk (the checkpoint carries it too), so
@@ -387,6 +507,41 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
         ckpt.wait()
         raise Preempted(epoch, stop["signal"] or "a signal to another process")
   return last
+
+
+def _streamed_evaluation(config, mesh, dataset, program, num_classes: int, chosen):
+  """state -> the measurement's dict, from streamed batches (``evaluate.StreamedEvaluator``)."""
+  evaluator = evaluate_lib.StreamedEvaluator(model=program.model, loss_fn=step_lib.loss_function(config.loss),
+                                             num_classes=num_classes)
+  feature_dim = jax.eval_shape(lambda variables: program.model.apply(
+      variables, jnp.zeros((1, *dataset.input_shape)), train=False), program.abstract_state.variables)[1].shape[-1]
+  deepfool_inputs = None
+  if chosen is not None:
+    images = [image for image, _ in dataset.test_source.read(chosen)]
+    deepfool_inputs = device.put_replicated(dataset.transform.batch(images), mesh)
+
+  def batches(split):
+    return stream_lib.eval_batches(dataset, split, config.eval_batch_size, mesh=mesh,
+                                   worker_count=config.input_workers)
+
+  return lambda state: evaluator(state, batches, feature_dim, deepfool_inputs)
+
+
+def _streamed_epoch(state, train_stream: stream_lib.TrainStream, epoch: int, train_step, totals=None,
+                    between_steps=None):
+  """``step_lib.stepwise_epoch`` over streamed global batches: the same jitted step on the same batches, so a
+  streamed run's losses equal an in-memory run's with epoch_loop='steps'. Returns (state, summed metrics).
+
+  From a mid-epoch position the stream resumes at its step and ``totals`` are the sums of the steps before
+  it, so the epoch's sums are the same additions in the same order. ``between_steps(state, totals)`` runs
+  after every step but the epoch's last (mid-epoch checkpoints and stops)."""
+  for batch in train_stream.epoch(epoch):
+    state, metrics = train_step(state, batch)
+    totals = metrics if totals is None else jax.tree_util.tree_map(jnp.add, totals, metrics)
+    if between_steps is not None and train_stream.get_state()["step"] > 0:
+      between_steps(state, totals)
+  totals["count"] = jnp.asarray(train_stream.steps_per_epoch * train_stream.batch_size, jnp.int32)
+  return state, totals
 
 
 def _append_record(path: pathlib.Path, records: list, log) -> None:

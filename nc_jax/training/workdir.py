@@ -87,7 +87,9 @@ def _holder(descriptor: int) -> dict:
 def has_results(workdir: pathlib.Path) -> bool:
   """True if the workdir holds measurements or checkpoints that a config change would orphan."""
   checkpoints = workdir / "checkpoints"
-  has_checkpoints = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+  mid_epoch = checkpoints / "mid_epoch"  # a streamed run's checkpoints inside an epoch (keyed by step)
+  has_checkpoints = any(folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+                        for folder in (checkpoints, mid_epoch))
   metrics = workdir / records_lib.METRICS_FILE
   return has_checkpoints or (metrics.exists() and metrics.stat().st_size > 0)
 
