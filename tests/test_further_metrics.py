@@ -233,3 +233,35 @@ def test_structure_error_in_blocks_equals_the_whole_product():
                              float(further.structure_error(weights, means)), rtol=1e-5)
   etf = jnp.asarray(reference.simplex_etf(7, 9), jnp.float32)
   np.testing.assert_allclose(float(further.structure_error(2.0 * etf, etf, block_rows=2)), 0.0, atol=1e-5)
+
+
+def test_bad_inputs_are_one_line_value_errors():
+  features, labels, weights, _, *_ = _random_case()
+  features, labels = features.astype(np.float32), labels.astype(np.int32)
+  ood = np.ones((4, features.shape[1] + 1), np.float32)
+  cases = [
+      (dict(ood_features=ood), "ood_features must have shape"),
+      (dict(test_features=features[:, :3], test_labels=labels), "test_features have 3 columns"),
+      (dict(test_features=features), "must be given together"),
+      (dict(riesz_s=float("nan")), "riesz_s must be"),
+      (dict(riesz_s="a"), "riesz_s must be"),
+      (dict(cdnv_exponents=2), "cdnv_exponents must be"),
+      (dict(ddof=-1), "ddof must be"),
+  ]
+  for options, message in cases:
+    with pytest.raises(ValueError, match=message):
+      further.further_collapse(features, labels, 5, weights, **options)
+  with pytest.raises(ValueError, match="labels must be integers"):
+    further.further_collapse(features, labels.astype(np.float32), 5)
+  with pytest.raises(ValueError, match="weights must have shape"):
+    further.further_collapse(features, labels, 5, weights[:3])
+  with pytest.raises(ValueError, match="num_classes must be at least 2"):
+    further.further_collapse(features, np.zeros_like(labels), 1)
+
+
+def test_variance_over_no_more_pairs_than_ddof_is_nan_not_zero():
+  """C = 2 has 2 ordered pairs: ddof = 2 or more leaves no degree of freedom (it was -0.0)."""
+  features, labels, *_ = _random_case(num_classes=2)
+  got = further.further_collapse(features.astype(np.float32), labels.astype(np.int32), 2, ddof=2)
+  assert all(np.isnan(float(got[f"kernel_{kernel}_var"])) for kernel in further.KERNELS)
+  assert np.isfinite(float(got["kernel_distance_mean"]))

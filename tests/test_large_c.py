@@ -225,3 +225,53 @@ class TestChunking:
     chunked = neural_collapse(features, labels, 7, weights, bias, chunk_rows=100)
     for key in one:
       np.testing.assert_allclose(float(chunked[key]), float(one[key]), rtol=1e-5, err_msg=key)
+
+
+class TestAdversarialInputs:
+
+  def test_min_count_must_be_a_non_negative_int_everywhere(self):
+    features, labels, weights, bias = gaussian_classes(60, 4, 3, seed=1)
+    for bad in (-1, 2.5, True, "3"):
+      with pytest.raises(ValueError, match="min_count must be None or a non-negative"):
+        neural_collapse(features, labels, 3, min_count=bad)
+      with pytest.raises(ValueError, match="min_count must be None or a non-negative"):
+        filter_classes(features, labels, 3, min_count=bad)
+      with pytest.raises(ValueError, match="min_count must be None or a non-negative"):
+        collapse.class_geometry(features, labels, 3, min_count=bad)
+    with pytest.raises(ValueError, match="has 60 rows but labels have 5|features have 60 rows but labels have 5"):
+      filter_classes(features, labels[:5], 3, min_count=2)
+
+  @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+  def test_pair_geometry_is_scale_free_beyond_float32_squares(self, scale):
+    """Raw vectors whose squared norms over- or underflow float32 give the unit-scale angles
+    (they once gave cos = 0 at 1e20: max_angle 1/(C-1), equiangularity 0, finite and wrong)."""
+    vectors = spread_vectors(300, 16, seed=3)
+    vectors = vectors - jnp.mean(vectors, axis=0)
+    unit = geometry.pair_geometry(vectors, block_rows=7)
+    scaled = geometry.pair_geometry(vectors * scale, block_rows=7)
+    for key in ("equiangularity", "max_angle", "etf_deviation", "gnc2"):
+      np.testing.assert_allclose(float(scaled[key]), float(unit[key]), rtol=1e-5, err_msg=key)
+
+  @pytest.mark.parametrize("scale", [1e-25, 1e20])
+  def test_per_row_geometry_is_scale_free_beyond_float32_squares(self, scale):
+    """equinorm, self_duality, unc3 of raw (C, p) arrays: self_duality once read 0.0 at 1e20."""
+    means, weights = spread_vectors(10, 6, seed=5), spread_vectors(10, 6, seed=6)
+    means = means - jnp.mean(means, axis=0)
+    for name, function in (("equinorm", lambda w, m: geometry.equinorm(m)),
+                           ("self_duality", geometry.self_duality), ("unc3", geometry.unc3)):
+      np.testing.assert_allclose(float(function(weights * scale, means * scale)), float(function(weights, means)),
+                                 rtol=1e-5, err_msg=name)
+
+  def test_pair_block_rows_must_be_a_positive_int(self):
+    features, labels, weights, bias = gaussian_classes(60, 4, 3, seed=1)
+    for bad in (0, -5, 2.5, True, "abc"):
+      with pytest.raises(ValueError, match="block_rows must be None or an int >= 1"):
+        neural_collapse(features, labels, 3, pair_block_rows=bad)
+
+  def test_raise_if_invalid_names_min_count_leaving_one_class(self):
+    features, labels, _, _ = gaussian_classes(60, 4, 3, seed=1)
+    labels = np.where(np.arange(60) < 50, 0, labels)  # class 0 has 50+ samples, the others few
+    got = neural_collapse(features, labels, 3, min_count=30)
+    with pytest.raises(ValueError, match="min_count leaving fewer than 2 classes"):
+      collapse.raise_if_invalid(got, allow_degenerate=True)
+    collapse.raise_if_invalid(neural_collapse(features, labels, 3, min_count=1))  # nothing dropped: passes

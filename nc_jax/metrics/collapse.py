@@ -191,6 +191,16 @@ def raise_if_invalid(metrics: Mapping[str, jax.Array], *, allow_degenerate: bool
   invalid = _nonzero_counts(metrics, DIAGNOSTIC_KEYS)
   degenerate = [] if allow_degenerate else _nonzero_counts(metrics, DEGENERACY_KEYS)
   reasons = []
+  if not invalid:  # trace_within is NaN only for invalid inputs or, with min_count, fewer than 2 kept classes
+    for key, value in metrics.items():
+      prefix, _, name = key.rpartition("/")
+      suffix = name[len("trace_within"):]
+      filtered = f"{prefix + '/' if prefix else ''}num_filtered_classes"
+      if name.startswith("trace_within") and suffix in ("", "_test") and filtered in metrics \
+          and np.isnan(float(np.asarray(value))):
+        reasons.append(f"min_count leaving fewer than 2 classes ({prefix + ': ' if prefix else ''}filtered "
+                       f"classes: {int(np.asarray(metrics[filtered]))}; lower min_count)")
+        break
   if invalid:
     reasons.append("invalid inputs (" + "; ".join(invalid) + ")")
   if degenerate:
@@ -418,8 +428,7 @@ def neural_collapse(
   """
   features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
   check_shapes(features, labels, num_classes, weights, bias, mask)
-  if min_count is not None and (not isinstance(min_count, (int, np.integer)) or min_count < 0):
-    raise ValueError(f"min_count must be None or a non-negative Python int, got {min_count!r}")
+  streaming.check_min_count(min_count)
   geometry, state = _both_passes(features, labels, num_classes, weights, bias, mask, global_mean=global_mean,
                                  solver=solver, rcond=rcond, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias,
                                  min_count=min_count)
@@ -473,8 +482,13 @@ def filter_classes(features, labels, num_classes: int, weights=None, bias=None, 
   unchanged as -1, so ``neural_collapse`` still counts them as invalid.
   ``neural_collapse(..., min_count=k)`` gives the metrics of ``neural_collapse`` on these arrays.
   """
+  streaming.check_min_count(min_count)
+  if min_count is None:
+    raise ValueError("filter_classes needs min_count, a non-negative int: classes with fewer samples are dropped")
+  features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
+  check_shapes(features, labels, num_classes, weights, bias, mask)
   features, labels, weights, bias, mask = (None if x is None else np.asarray(x)
-                                           for x in _as_inputs(features, labels, weights, bias, mask))
+                                           for x in (features, labels, weights, bias, mask))
   active = np.ones(labels.shape, bool) if mask is None else mask.astype(bool)
   in_range = (labels >= 0) & (labels < num_classes)
   counts = np.bincount(labels[active & in_range], minlength=num_classes)

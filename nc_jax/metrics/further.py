@@ -26,12 +26,14 @@ Riesz (s > 0) energies and a NaN CDNV (see each function).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nc_jax.metrics import collapse
 from nc_jax.metrics import geometry as geo
 from nc_jax.metrics import streaming
 
@@ -74,7 +76,9 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def _spread(sum_1: jax.Array, sum_2: jax.Array, count: float, ddof: int) -> jax.Array:
-  """Variance from sums of x - x0 and (x - x0)^2 over ``count`` terms."""
+  """Variance from sums of x - x0 and (x - x0)^2 over ``count`` terms; NaN when count <= ddof."""
+  if count <= ddof:
+    return jnp.full(jnp.shape(sum_2), jnp.nan, jnp.result_type(sum_2))
   return jnp.maximum(sum_2 - sum_1**2 / count, 0.0) / (count - ddof)
 
 
@@ -461,6 +465,18 @@ def further_from_statistics(
   return {key: jnp.where(ok, value, jnp.nan) for key, value in out.items()}
 
 
+def _check_further_options(riesz_s, cdnv_exponents, ddof) -> None:
+  """One-line ValueErrors for the static options of ``further_collapse``."""
+  if riesz_s is not None and (not isinstance(riesz_s, numbers.Real) or isinstance(riesz_s, bool)
+                              or not math.isfinite(riesz_s)):
+    raise ValueError(f"riesz_s must be None (p - 2) or a finite number, got {riesz_s!r}")
+  if isinstance(cdnv_exponents, (str, bytes)) or not isinstance(cdnv_exponents, Sequence) or not all(
+      isinstance(k, numbers.Real) and not isinstance(k, bool) and math.isfinite(k) for k in cdnv_exponents):
+    raise ValueError(f"cdnv_exponents must be a sequence of finite numbers, e.g. (1.0, 2.0), got {cdnv_exponents!r}")
+  if not isinstance(ddof, (int, np.integer)) or isinstance(ddof, bool) or ddof < 0:
+    raise ValueError(f"ddof must be a non-negative int, got {ddof!r}")
+
+
 def further_collapse(
     features: jax.Array,
     labels: jax.Array,
@@ -506,6 +522,26 @@ def further_collapse(
   An empty class or an unmasked label outside [0, C) makes every key NaN (the test ones: in
   the test set); no unmasked OOD row makes nc5* NaN.
   """
+  features, labels, weights, bias, mask = collapse._as_inputs(features, labels, weights, bias, mask)
+  collapse.check_shapes(features, labels, num_classes, weights, bias, mask)
+  _check_further_options(riesz_s, cdnv_exponents, ddof)
+  feature_dim = features.shape[1]
+  if ood_features is not None:
+    ood_features = collapse.as_array(ood_features, "ood_features", "(N_ood, p)", floating=True)
+    ood_mask = collapse.as_array(ood_mask, "ood_mask", "(N_ood,)")
+    if ood_features.ndim != 2 or ood_features.shape[1] != feature_dim:
+      raise ValueError(f"ood_features must have shape (N_ood, p) with p = {feature_dim} (the features' columns), "
+                       f"got shape {tuple(ood_features.shape)}")
+    if ood_mask is not None and tuple(ood_mask.shape) != ood_features.shape[:1]:
+      raise ValueError(f"ood_mask must have shape (N_ood,) = {ood_features.shape[:1]}, got {tuple(ood_mask.shape)}")
+  if test_features is not None or test_labels is not None:
+    if test_features is None or test_labels is None:
+      raise ValueError("test_features and test_labels must be given together")
+    test_features, test_labels, _, _, test_mask = collapse._as_inputs(test_features, test_labels, None, None, test_mask)
+    collapse.check_shapes(test_features, test_labels, num_classes, mask=test_mask)
+    if test_features.shape[1] != feature_dim:
+      raise ValueError(f"test_features have {test_features.shape[1]} columns, the features {feature_dim}; "
+                       "pass held-out features of the same layer")
   means, variances, counts, exponent, ok = class_statistics(features, labels, num_classes, mask)
   out = further_from_statistics(means, variances, counts, exponent, weights, bias, ok=ok,
                                 kernel_normalize=kernel_normalize, riesz_s=riesz_s, cdnv_exponents=cdnv_exponents,
@@ -524,8 +560,6 @@ def further_collapse(
     out |= {key: jnp.where(ok & ood_ok, value, jnp.nan) for key, value in nc5.items()}
 
   if test_features is not None:
-    if test_labels is None:
-      raise ValueError("test_features needs test_labels (N_test,) as well")
     dtype = means.dtype
     test_state = streaming.update_class_means(
         streaming.init_class_means(num_classes, test_features.shape[1], dtype), test_features.astype(dtype),

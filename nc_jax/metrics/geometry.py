@@ -46,6 +46,20 @@ def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
   return matmul_highest(a, b.T)
 
 
+def _power_of_two_exponent(values: jax.Array) -> jax.Array:
+  """The int e with max finite |v| 2^-e in [0.5, 1) (0 when there is none), clipped to the normal range."""
+  magnitude = jnp.abs(values)
+  _, exponent = jnp.frexp(jnp.max(jnp.where(jnp.isfinite(magnitude), magnitude, 0.0), initial=0.0))
+  info = jnp.finfo(values.dtype)
+  return jnp.clip(exponent, info.minexp, info.maxexp - 2)
+
+
+def _scale_free(values: jax.Array) -> jax.Array:
+  """``values`` times the exact power of two that brings max |v| into [0.5, 1): for scale-invariant
+  statistics, whose squares would otherwise over- or underflow (|v| ~ 1e20 or 1e-20 in float32)."""
+  return values * jnp.ldexp(jnp.ones((), values.dtype), -_power_of_two_exponent(values))
+
+
 def _unit_rows(vectors: jax.Array) -> jax.Array:
   return vectors / jnp.linalg.norm(vectors, axis=-1, keepdims=True)
 
@@ -84,7 +98,9 @@ def _block_rows(num_classes: int, block_rows: Optional[int]) -> int:
   """Rows per tile: all C up to ``DENSE_MAX_CLASSES`` (one dense tile), else ``PAIR_BLOCK``; at most C."""
   if block_rows is None:
     block_rows = num_classes if num_classes <= DENSE_MAX_CLASSES else PAIR_BLOCK
-  return max(1, min(int(block_rows), num_classes))
+  elif not isinstance(block_rows, (int, np.integer)) or isinstance(block_rows, bool) or block_rows < 1:
+    raise ValueError(f"pair_block_rows / block_rows must be None or an int >= 1 (rows per tile), got {block_rows!r}")
+  return min(int(block_rows), num_classes)
 
 
 def _tile_share(part, on_diagonal):
@@ -224,6 +240,15 @@ def pair_geometry(
   dtype = vectors.dtype
   eps = float(jnp.finfo(dtype).eps)
   valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)
+  # Exact power-of-two units with max |v_ij| in [0.5, 1): no norm over- or underflows (|v| ~ 1e20 would
+  # otherwise give norms of inf, unit rows of 0 and finite, wrong angles); the unit-bearing inputs follow.
+  exponent = _power_of_two_exponent(jnp.where(valid[:, None], vectors, 0.0))
+  vectors = vectors * jnp.ldexp(jnp.ones((), dtype), -exponent)
+  unit_sq = jnp.ldexp(jnp.ones((), dtype), -2 * exponent)
+  if variances is not None:
+    variances = variances.astype(dtype) * unit_sq
+  if coincident_floor_sq is not None:
+    coincident_floor_sq = coincident_floor_sq * unit_sq
   kept = jnp.sum(valid, dtype=dtype)
   num_pairs = kept * (kept - 1.0)
   norms = jnp.where(valid, jnp.linalg.norm(vectors, axis=-1), 0.0)
@@ -306,7 +331,7 @@ def equinorm(vectors: jax.Array, ddof: int = 1, valid: Optional[jax.Array] = Non
     ddof: 1 is the notebook's unbiased std (torch.std), 0 the population std.
     valid: (C,) bool, the classes to include (None: all).
   """
-  norms = jnp.linalg.norm(vectors, axis=-1)
+  norms = jnp.linalg.norm(_scale_free(vectors if valid is None else jnp.where(valid[:, None], vectors, 0.0)), axis=-1)
   if valid is None:
     return jnp.std(norms, ddof=ddof) / jnp.mean(norms)
   return _masked_std(norms, valid, ddof) / _masked_mean(norms, valid)
@@ -355,6 +380,7 @@ def self_duality(weights: jax.Array, centred_means: jax.Array, squared: bool = T
   """
   if valid is not None:
     weights, centred_means = (jnp.where(valid[:, None], x, 0.0) for x in (weights, centred_means))
+  weights, centred_means = _scale_free(weights), _scale_free(centred_means)
   difference = weights / jnp.linalg.norm(weights) - centred_means / jnp.linalg.norm(centred_means)
   distance_sq = jnp.sum(difference**2)
   return distance_sq if squared else jnp.sqrt(distance_sq)
@@ -379,7 +405,7 @@ def unc3(weights: jax.Array, centred_means: jax.Array, ddof: int = 1, valid: Opt
   Both (C, p), over the rows ``valid`` (C,) (None: all). 0 when every classifier row makes the
   same angle with its class mean.
   """
-  alignment = jnp.sum(_unit_rows(weights) * _unit_rows(centred_means), axis=-1)
+  alignment = jnp.sum(_unit_rows(_scale_free(weights)) * _unit_rows(_scale_free(centred_means)), axis=-1)
   if valid is None:
     return jnp.std(alignment, ddof=ddof) / jnp.mean(alignment)
   return _masked_std(alignment, valid, ddof) / _masked_mean(alignment, valid)

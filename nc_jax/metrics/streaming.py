@@ -356,6 +356,14 @@ def _logit_units(weights: jax.Array, bias: Optional[jax.Array], exponent: jax.Ar
   return jnp.ldexp(weights, -logit_exponent), jnp.ldexp(bias, -(exponent + logit_exponent))
 
 
+def check_min_count(min_count) -> None:
+  """Raises ValueError unless ``min_count`` is None or a non-negative Python int (not a bool)."""
+  if min_count is not None and (not isinstance(min_count, (int, jnp.integer)) or isinstance(min_count, bool)
+                                or min_count < 0):
+    raise ValueError(f"min_count must be None or a non-negative Python int (classes with fewer samples are "
+                     f"left out), got {min_count!r}")
+
+
 def finalize_class_means(
     state: ClassMeansState,
     weights: Optional[jax.Array] = None,
@@ -372,6 +380,7 @@ def finalize_class_means(
   e (``exponent``) defaults to the power of two of max(max_abs, max |mu_cj|). With
   ``min_count`` k, classes with fewer than k samples are dropped (``ClassGeometry.kept``).
   """
+  check_min_count(min_count)
   num_classes, feature_dim = state.means.shape
   if exponent is None:
     exponent = scale_exponent(jnp.maximum(state.max_abs, max_finite_abs(state.means)))
