@@ -159,6 +159,9 @@ def iterable_batches(batches, *, process_index: int = 0, process_count: int = 1,
   def read(start: int):
     mine = itertools.islice(iter(fresh()), process_index, None, process_count)
     for batch in itertools.islice(mine, start, None):
+      if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CollectError(f"each batch must be an (inputs, labels) pair, got a {type(batch).__name__}"
+                           + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
       inputs, labels = batch
       yield np.asarray(inputs), np.asarray(labels)
 
@@ -194,6 +197,12 @@ def as_batches(batches, batch_size: Optional[int] = None, *, split: str = "train
 
 def _padded(inputs: np.ndarray, labels: np.ndarray, pad_to: Optional[int]):
   """(inputs, labels, mask) with rows repeated from the first up to ``pad_to`` rows and masked out."""
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise CollectError(f"a batch's labels must be integers of shape (B,), got {labels.dtype} of shape "
+                       f"{labels.shape}; yield (inputs (B, ...), labels (B,) int) pairs")
+  if inputs.ndim < 1 or len(inputs) != len(labels):
+    raise CollectError(f"a batch has inputs of shape {inputs.shape} but {len(labels)} labels; "
+                       "yield (inputs (B, ...), labels (B,)) pairs with B rows each")
   size = len(labels)
   mask = np.ones((size,), bool)
   if pad_to is None or size >= pad_to or size == 0:
@@ -623,6 +632,12 @@ def collect(
   Returns:
     {key: Python scalar}: every key of ``neural_collapse`` (and the ``*_test`` ones), the loss keys, ``info``.
   """
+  if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
+    raise CollectError(f"num_classes must be an int >= 2, got {num_classes!r}")
+  if not isinstance(checkpoint_every, (int, np.integer)) or isinstance(checkpoint_every, bool):
+    raise CollectError(f"checkpoint_every must be an int >= 0 (0: no checkpoints), got {checkpoint_every!r}", 2)
+  if out_dir is not None and pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
+    raise CollectError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir", 2)
   process_index, process_count = jax.process_index(), jax.process_count()
   if isinstance(batches, str) or (hasattr(batches, "train_inputs") and hasattr(batches, "test_labels")):
     if isinstance(batches, str):
@@ -644,7 +659,16 @@ def collect(
   # ------------------------------------------------------------- shapes
   first_inputs, first_labels = next(main.read(0))
   first_inputs, _, _ = _padded(first_inputs, first_labels, main.pad_to)
-  logits_shape, features_shape = jax.eval_shape(apply_fn, params, first_inputs)
+  shapes = jax.eval_shape(apply_fn, params, first_inputs)
+  if not isinstance(shapes, (tuple, list)) or len(shapes) != 2 or not all(
+      hasattr(s, "shape") and len(s.shape) >= 1 for s in shapes):
+    raise CollectError("apply_fn(params, inputs) must return (logits (B, C), features (B, p) or (B, ...)), got "
+                       + str(jax.tree_util.tree_map(lambda s: tuple(s.shape), shapes)))
+  logits_shape, features_shape = shapes
+  if features_shape.shape[0] != len(first_inputs) or not jnp.issubdtype(features_shape.dtype, jnp.floating):
+    raise CollectError(f"apply_fn's features have shape {tuple(features_shape.shape)} and dtype "
+                       f"{features_shape.dtype} for a batch of {len(first_inputs)}; they must be floating point, "
+                       "(B, p) or (B, ...)")
   feature_dim = math.prod(features_shape.shape[1:])
   dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(features_shape.dtype, jnp.float32))  # bf16 -> f32
   if weights is not None:
@@ -686,6 +710,12 @@ def collect(
     if out_dir is not None:
       out_dir.mkdir(parents=True, exist_ok=True)
       path = _accumulator_path(out_dir)
+      # Temporary files of a writer killed before its rename (never the result; ours to remove: the lock
+      # is held, and each process names only its own accumulator file).
+      owned = [path.name] + ([NC_FILE, STATS_FILE] if process_index == 0 else [])
+      for name in owned:
+        for stale in out_dir.glob(f".{name}.tmp*"):
+          stale.unlink(missing_ok=True)
       state, pass_index, position = _resume_point(path, template, fingerprint, warn)
     pass_index, position = _agreed_resume_point(pass_index, position)
     state = dict(template if state is None else state)
@@ -742,6 +772,15 @@ def collect(
     # ------------------------------------------------------------- finalize
     result = dict(info or {})
     main_state = merged["main"]
+    first_counts, second_counts = (np.asarray(jax.device_get(counts)) for counts in
+                                   (merged["means"].counts, main_state.nc.counts))
+    if not np.array_equal(first_counts, second_counts):
+      if path is not None and path.exists():
+        path.unlink()  # built from inconsistent reads: a rerun must measure from the start
+      raise CollectError(
+          f"batches gave {int(first_counts.sum())} labelled samples in pass 1 (class means) but "
+          f"{int(second_counts.sum())} in pass 2 (deviations), or other per-class counts: every read must yield "
+          "the same data (a callable must return a fresh iterator over it, without random drops or sampling)")
     result |= _jitted(nc_metrics.finalize_collapse, global_mean=global_mean, std_ddof=std_ddof,
                       divide_nc1_by_classes=divide_nc1_by_classes,
                       self_duality_squared=self_duality_squared)(main_state.nc, geometry)
@@ -844,8 +883,9 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str
     else:
       state, _ = manager.restore(epoch, program.abstract_state)
   except checkpoints.CheckpointDamaged as error:
-    raise CollectError(f"checkpoint {directory / str(epoch)} is damaged ({error}); choose another --epoch "
-                       f"({', '.join(map(str, epochs))})") from None
+    others = [str(e) for e in epochs if e != epoch]
+    raise CollectError(f"checkpoint {directory / str(epoch)} is damaged ({error}); "
+                       + (f"choose another --epoch ({', '.join(others)})" if others else "it is the only one")) from None
   except checkpoints.CheckpointMismatch as error:
     raise CollectError(f"{error}; config.json and checkpoints/ of {workdir} are not of the same run") from None
   finally:

@@ -280,3 +280,51 @@ def test_two_processes_equal_one(workdir, tmp_path):
   assert set(one) == set(two)
   assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split")])
   assert not list((tmp_path / "multi").glob("accumulators*"))
+
+
+def test_bad_user_inputs_are_one_line_collect_errors(user_model, tmp_path):
+  inputs, labels, _, _ = user_model["data"]
+  apply_fn, params = user_model["apply_fn"], user_model["params"]
+  good = batch_list(inputs, labels, 100)
+  cases = [
+      (dict(batches=[(inputs[:10], labels[:10].astype(np.float32))]), "labels must be integers"),
+      (dict(batches=[(inputs[:10], labels[:9])]), "but 9 labels"),
+      (dict(batches=[inputs[:10]]), "must be an (inputs, labels) pair"),
+      (dict(batches=(b for b in good)), "must be re-iterable"),
+      (dict(batches=[]), "yield nothing"),
+      (dict(apply_fn=lambda p, x: apply_fn(p, x)[1]), "must return (logits"),
+      (dict(apply_fn=lambda p, x: (apply_fn(p, x)[0], x.sum())), "must return (logits"),
+      (dict(apply_fn=lambda p, x: (apply_fn(p, x)[0], apply_fn(p, x)[1].astype(np.int32))), "floating point"),
+      (dict(num_classes=1), "num_classes must be an int >= 2"),
+      (dict(checkpoint_every="a"), "checkpoint_every must be an int"),
+      (dict(out_dir=tmp_path / "file"), "is a file"),
+  ]
+  (tmp_path / "file").write_text("x")
+  for options, message in cases:
+    arguments = dict(apply_fn=apply_fn, params=params, batches=good, num_classes=5) | options
+    with pytest.raises(collect_lib.CollectError) as error:
+      collect_lib.collect(**arguments, **QUIET)
+    assert message in str(error.value) and "\n" not in str(error.value), (options, str(error.value))
+
+
+def test_temporary_files_of_a_killed_writer_are_removed(user_model, tmp_path):
+  inputs, labels, _, _ = user_model["data"]
+  out = tmp_path / "out"
+  out.mkdir()
+  stale = [out / ".nc.json.tmp999999", out / ".class_stats.npz.tmp999999", out / ".accumulators.npz.tmp999999"]
+  for path in stale:
+    path.write_text("partial")
+  collect_lib.collect(user_model["apply_fn"], user_model["params"], batch_list(inputs, labels, 100), 5,
+                      out_dir=out, checkpoint_every=1, **QUIET)
+  assert not any(path.exists() for path in stale) and (out / "nc.json").exists()
+
+
+def test_a_stream_that_changes_between_passes_is_refused(user_model, tmp_path):
+  """A callable handing back one generator (or a loader that drops random batches) gives pass 2 other
+  samples than pass 1: the per-class counts differ, which is refused rather than measured."""
+  inputs, labels, _, _ = user_model["data"]
+  shared = iter(batch_list(inputs, labels, 50))
+  with pytest.raises(collect_lib.CollectError, match="every read must yield the same data"):
+    collect_lib.collect(user_model["apply_fn"], user_model["params"], lambda: shared, 5, out_dir=tmp_path / "o",
+                        checkpoint_every=1, **QUIET)
+  assert not (tmp_path / "o" / "accumulators.npz").exists()
