@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import io
@@ -142,6 +141,19 @@ def array_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int, *, pr
 
   digest = _digest_arrays(labels, inputs[:batch_size], np.asarray([len(inputs), batch_size]))
   return Batches(read, len(mine), len(labels), digest, pad_to=batch_size)
+
+
+def streamed_batches(data, split: str, batch_size: int, *, process_index: int = 0, process_count: int = 1) -> Batches:
+  """Batches of a split of an ``nc_jax.data.stream.StreamedDataset`` (a set that is not loaded whole: ImageNet),
+  read and preprocessed batch by batch in set order, split over processes as ``array_batches`` splits arrays."""
+  from nc_jax.data import stream
+
+  labels = data.train_labels if split == "train" else data.test_labels
+  mine = len(range(process_index, -(-len(labels) // batch_size), process_count))
+  read = lambda start: stream.whole_batches(data, split, batch_size, process_index=process_index,
+                                            process_count=process_count, start=start)
+  return Batches(read, mine, len(labels), _digest_arrays(labels, np.asarray([len(labels), batch_size])),
+                 pad_to=batch_size)
 
 
 def iterable_batches(batches, *, process_index: int = 0, process_count: int = 1,
@@ -445,34 +457,13 @@ class Progress:
 # ----------------------------------------------------------------------------
 
 
-class OutputLock:
-  """An exclusive ``flock`` on DIR/lock while a measurement writes DIR (released by the kernel if it dies)."""
+def OutputLock(out_dir: pathlib.Path):  # noqa: N802  (used as a class: ``with OutputLock(DIR):``)
+  """An exclusive ``flock`` on DIR/lock while a measurement writes DIR (released by the kernel if it dies):
+  ``nc_jax.training.workdir.Lock`` with this command's words."""
+  from nc_jax.training import workdir as workdir_lib
 
-  def __init__(self, out_dir: pathlib.Path):
-    self.path = pathlib.Path(out_dir) / "lock"
-    self.descriptor: Optional[int] = None
-
-  def __enter__(self) -> "OutputLock":
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
-      os.close(descriptor)
-      raise CollectError(f"--out {self.path.parent} is in use by another measurement ({holder}); wait for it, "
-                         "stop it, or choose another --out") from None
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-    self.descriptor = descriptor
-    return self
-
-  def __exit__(self, *exc) -> None:
-    if self.descriptor is not None:
-      os.ftruncate(self.descriptor, 0)
-      fcntl.flock(self.descriptor, fcntl.LOCK_UN)
-      os.close(self.descriptor)
-      self.descriptor = None
+  pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  return workdir_lib.Lock(out_dir, what="measurement", flag="--out", error=CollectError)
 
 
 def _accumulator_path(out_dir: pathlib.Path) -> pathlib.Path:
@@ -868,7 +859,10 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str
   if epoch is not None and epoch not in epochs:
     raise CollectError(f"--epoch {epoch}: {workdir} has no checkpoint of epoch {epoch}; it has epochs "
                        f"{', '.join(map(str, epochs))}", 2)
-  dataset = loop._load_dataset(config)
+  from nc_jax.data import stream
+
+  pipeline = stream.choose_pipeline(config.input_pipeline, config.dataset, loop._per_class(config))
+  dataset = loop._load_dataset(config, pipeline)  # a StreamedDataset where the run streamed
   mesh = device.data_mesh()
   compiled = {k: v for k, v in loop._config_dict(config).items() if k not in loop.RUN_ONLY_KEYS}
   program = loop._program(json.dumps(compiled, sort_keys=True), mesh, dataset.num_classes, dataset.input_shape,
@@ -918,14 +912,18 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
   config, dataset, model, variables, epoch, step, checkpoint = restore_workdir(workdir, epoch, warn=warn)
   batch_size = batch_size or config.eval_batch_size
   apply_fn = lambda v, x: model.apply(v, x, train=False)
-  feature_shape = jax.eval_shape(apply_fn, variables, dataset.train_inputs[:1])[1].shape
+  feature_shape = jax.eval_shape(apply_fn, variables, np.zeros((1, *dataset.input_shape), np.float32))[1].shape
   weights, bias = models.classifier_weights(variables["params"], feature_dim=math.prod(feature_shape[1:]),
                                             num_classes=dataset.num_classes)
   index, count = jax.process_index(), jax.process_count()
-  train = array_batches(dataset.train_inputs, dataset.train_labels, batch_size, process_index=index,
-                        process_count=count)
-  test = array_batches(dataset.test_inputs, dataset.test_labels, batch_size, process_index=index,
-                       process_count=count)
+  if hasattr(dataset, "train_inputs"):
+    train = array_batches(dataset.train_inputs, dataset.train_labels, batch_size, process_index=index,
+                          process_count=count)
+    test = array_batches(dataset.test_inputs, dataset.test_labels, batch_size, process_index=index,
+                         process_count=count)
+  else:
+    train, test = (streamed_batches(dataset, split_name, batch_size, process_index=index, process_count=count)
+                   for split_name in ("train", "test"))
   main, heldout = {"both": (train, test), "train": (train, None), "test": (test, None)}[split]
   info = {"workdir": str(pathlib.Path(workdir).absolute()), "checkpoint": str(checkpoint), "epoch": epoch,
           "step": step, "split": split, "batch_size": batch_size}

@@ -76,6 +76,21 @@ def test_workdir_nc_equals_the_runs_last_measurement(workdir, tmp_path):
   assert own["ncc_accuracy"] != result["ncc_accuracy_test"]  # its own class means, not the training ones
 
 
+def test_a_streamed_run_is_measured_from_the_stream(tmp_path):
+  """A run trained with input_pipeline='stream' is measured batch by batch from its sources (the way ImageNet
+  must be), and gives the run's own last measurement."""
+  config = default_config.get_config("smoke")
+  config.update(num_epochs=2, measure_epochs=(2,), deepfool_samples=0, input_pipeline="stream", epoch_loop="steps")
+  train_and_evaluate(config, str(tmp_path / "run"), log=lambda *a, **k: None)
+  restored = collect_lib.restore_workdir(tmp_path / "run")[1]
+  assert not hasattr(restored, "train_inputs"), "the streamed dataset, not arrays"
+  result = collect_lib.collect_workdir(tmp_path / "run", tmp_path / "nc", **QUIET)
+  last = records.read(tmp_path / "run")[-1]
+  assert_same_metrics(result, last, ["nc1", "cdnv", "equiangular_means", "self_duality", "ncc_mismatch",
+                                     "accuracy", "nc1_test", "ncc_accuracy_test", "train_loss", "test_acc",
+                                     "num_samples"])
+
+
 # ---------------------------------------------------------------------------
 # Any Flax model, any batches.
 # ---------------------------------------------------------------------------

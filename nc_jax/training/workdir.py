@@ -43,10 +43,13 @@ def check_usable(workdir: pathlib.Path) -> None:
 
 
 class Lock:
-  """Exclusive lock on a workdir for the life of a run (``with Lock(workdir):``)."""
+  """Exclusive lock on a workdir for the life of a run (``with Lock(workdir):``); also serves other folders
+  that one process at a time may write (``nc_jax.collect``'s --out: ``what="measurement", flag="--out"``)."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, *, what: str = "run", flag: str = "--workdir",
+               error: type = WorkdirError):
     self.path = pathlib.Path(workdir) / LOCK_FILE
+    self.what, self.flag, self.error = what, flag, error
     self.descriptor: Optional[int] = None
     self.previous_holder: Optional[dict] = None
 
@@ -59,8 +62,9 @@ class Lock:
       os.close(descriptor)
       who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}"
              if holder else "another process")
-      raise WorkdirError(f"workdir {self.path.parent} is in use by another run ({who}); wait for it to "
-                         "finish, stop it, or choose another --workdir") from None
+      raise self.error(f"{'workdir' if self.flag == '--workdir' else self.flag} {self.path.parent} is in use by "
+                       f"another {self.what} ({who}); wait for it to finish, stop it, or choose another "
+                       f"{self.flag}") from None
     self.previous_holder = _holder(descriptor)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(descriptor, 0)
