@@ -339,3 +339,90 @@ def test_schema_checks_the_input_keys():
     schema.validate(config)
   with pytest.raises(schema.ConfigError, match="config.input_workers = -1"):
     schema.validate(_smoke("cifar10_resnet18", input_workers=-1))
+
+
+# ------------------------------------------------- the three ImageNet cells on a real imagenet2012 dataset
+IMAGENET_TRAIN, IMAGENET_VALIDATION = 1000, 200  # one JPEG per class; a validation split of 200
+
+
+class Imagenet2012Fixture(tfds.builder_cls("imagenet2012"), skip_registration=True):
+  """tfds's own imagenet2012 builder (its name, version and features: JPEG 'image', 1000-class 'label',
+  'file_name'), its examples generated here instead of read from the ILSVRC tars, so tfds.data_source finds
+  the files as it would a real build. Images of 30..70 px per side, landscape and portrait, through the resize
+  to 256 and the 224 centre crop."""
+
+  name = "imagenet2012"
+  __module__ = "imagenet2012_fixture"  # one-part module name, as NcStreamFixture's
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples(np.arange(1000), 0),
+            "validation": self._generate_examples(np.random.default_rng(1).integers(0, 1000, IMAGENET_VALIDATION), 1)}
+
+  def _generate_examples(self, labels, seed):
+    rng = np.random.default_rng(seed)
+    for i, label in enumerate(labels):
+      height, width = int(rng.integers(30, 51)), int(rng.integers(40, 71))
+      shape = (height, width, 3) if i % 2 else (width, height, 3)
+      image = np.clip(rng.integers(0, 96, shape) + (label * np.array([7, 13, 29])) % 160, 0, 255).astype(np.uint8)
+      yield i, {"image": stream.encode_image(image, "JPEG"), "label": int(label),
+                "file_name": f"n{label:08d}_{i}.JPEG"}
+
+
+@pytest.fixture(scope="module")
+def imagenet_dir(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("imagenet")
+  Imagenet2012Fixture(data_dir=str(directory), file_format="array_record").download_and_prepare()
+  return str(directory)
+
+
+def test_imagenet_fixture_is_read_as_imagenet2012(imagenet_dir):
+  source = stream.TfdsSource("imagenet2012", "train", imagenet_dir)
+  assert len(source) == IMAGENET_TRAIN
+  assert len(stream.TfdsSource("imagenet2012", "validation", imagenet_dir)) == IMAGENET_VALIDATION
+  assert sorted(source.labels().tolist()) == list(range(1000))
+  images = [image for image, _ in source.read(range(4))]  # JPEG records, decoded by tfds with PIL
+  assert {image.shape[:2] for image in images} != {images[0].shape[:2]} and all(i.dtype == np.uint8 for i in images)
+  assert all(30 <= min(i.shape[:2]) and max(i.shape[:2]) <= 70 for i in images)
+
+
+def _cut_down(net, config):
+  """Each cell's smoke model with its ImageNet stem, head and 224 px input, cut to CPU seconds per epoch."""
+  if net == "resnet152":
+    config.model_options.stage_sizes = (1, 1, 1, 1)
+  elif net == "vgg19":
+    assert config.model_options.stem == "imagenet" and config.model_options.width_multiplier == 1 / 16
+    # one conv per stage (VGG19 has 2, 2, 4, 4, 4): the five stages and pools keep the 7x7 map the imagenet
+    # classifier pools to; the two 224 px convs took half the epoch (~30 s of a ~70 s test, busy CPU)
+    config.model_options.config = (64, "M", 128, "M", 256, "M", 512, "M", 512, "M")
+  elif net == "densenet201":
+    assert config.model_options.stem == "imagenet" and config.model_options.block_sizes == (1, 1, 1, 1)
+    config.model_options.init_features = 8  # the 7x7/2 stem at 8 channels, not 64 (64: ~70 s a test, 8: ~30 s)
+  return config
+
+
+@pytest.mark.parametrize("net", ["resnet152", "vgg19", "densenet201"])
+def test_imagenet_cell_trains_from_the_fixture_dataset_by_streaming(imagenet_dir, tmp_path, monkeypatch, net):
+  from nc_jax.training import train_and_evaluate
+  opened = []
+  open_dataset = stream.open_dataset
+  monkeypatch.setattr(stream, "open_dataset", lambda *a, **k: opened.append(open_dataset(*a, **k)) or opened[-1])
+  config = _cut_down(net, _smoke(f"imagenet2012_{net}", data_dir=imagenet_dir, per_class="1", batch_size=40,
+                                 eval_batch_size=200, num_epochs=1, measure_epochs=(1,), deepfool_samples=0))
+  assert config.input_pipeline == "auto" and stream.choose_pipeline("auto", "imagenet2012", "1") == "stream"
+  last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+  assert len(opened) == 1 and opened[0].input_shape == (224, 224, 3)  # streamed: resized to 256, cropped to 224
+  assert len(opened[0].test_labels) == IMAGENET_VALIDATION
+  assert last["epoch"] == 1 and last["num_samples"] == 1000 and np.isfinite(last["train_loss"])
+  assert all(np.isfinite(last[key]) for key in ("nc1", "equiangular_means")), {k: last[k] for k in ("nc1",
+                                                                                                   "equiangular_means")}
+
+
+@pytest.mark.parametrize("net", ["densenet201"])  # vgg19: trained from the fixture above (45 s more here)
+def test_imagenet_cell_trains_from_the_stream_under_mock_data(tmp_path, net):
+  from nc_jax.training import train_and_evaluate
+  config = _cut_down(net, _smoke(f"imagenet2012_{net}", batch_size=40, eval_batch_size=200, num_epochs=1,
+                                 measure_epochs=(1,), deepfool_samples=0))
+  with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kwargs: _BalancedImagenet(split == "train")):
+    last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
+  assert last["epoch"] == 1 and last["num_samples"] == 1000 and np.isfinite(last["train_loss"])
+  assert all(np.isfinite(last[key]) for key in ("nc1", "equiangular_means"))
