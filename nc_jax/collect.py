@@ -1026,7 +1026,39 @@ def main(argv) -> None:
     raise
 
 
+class _WithoutClosedLoopTracebacks(io.TextIOBase):
+  """stderr without the "RuntimeError: Event loop is closed" tracebacks that orbax's background threads print
+  after a failed restore (the failure itself is this command's one line); everything else passes through."""
+
+  def __init__(self, stream):
+    self.stream, self.held, self.line = stream, [], ""
+
+  def write(self, text: str) -> int:
+    self.line += text
+    while "\n" in self.line:
+      line, self.line = self.line.split("\n", 1)
+      self._line(line + "\n")
+    return len(text)
+
+  def _line(self, line: str) -> None:
+    if not self.held and not line.startswith("Traceback (most recent call last)"):
+      self.stream.write(line)
+    elif line.startswith((" ", "Traceback (most recent call last)")):
+      self.held.append(line)
+    else:  # the exception line ends the traceback
+      if not line.startswith("RuntimeError: Event loop is closed"):
+        self.stream.write("".join(self.held) + line)
+      self.held = []
+
+  def flush(self) -> None:
+    if self.line and not self.held:
+      self.stream.write(self.line)
+      self.line = ""
+    self.stream.flush()
+
+
 if __name__ == "__main__":
   from absl import app
+  sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
   FLAGS = _flags()
   app.run(main, flags_parser=_parse_flags)

@@ -1,5 +1,6 @@
 """nc_jax.collect: Neural Collapse of a trained model in streaming passes, resumable, multi-process."""
 
+import io
 import json
 import os
 import pathlib
@@ -343,3 +344,16 @@ def test_a_stream_that_changes_between_passes_is_refused(user_model, tmp_path):
     collect_lib.collect(user_model["apply_fn"], user_model["params"], lambda: shared, 5, out_dir=tmp_path / "o",
                         checkpoint_every=1, **QUIET)
   assert not (tmp_path / "o" / "accumulators.npz").exists()
+
+
+def test_stderr_drops_only_the_closed_event_loop_tracebacks():
+  """orbax's background threads print "Event loop is closed" tracebacks after a failed restore (under load);
+  the CLI's stderr drops those and nothing else."""
+  sink = io.StringIO()
+  stderr = collect_lib._WithoutClosedLoopTracebacks(sink)
+  closed = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
+  other = 'Traceback (most recent call last):\n  File "y.py", line 2, in h\nValueError: a real one\n'
+  stderr.write(closed + "error: the one line\n" + closed[:30])
+  stderr.write(closed[30:] + other + "tail without newline")
+  stderr.flush()
+  assert sink.getvalue() == "error: the one line\n" + other + "tail without newline"
