@@ -111,9 +111,12 @@ def test_a_mid_epoch_checkpoint_of_another_config_is_not_resumed(tmp_path, monke
     patch.setattr(stream.TrainStream, "__next__", next_then_signal)
     with pytest.raises(Preempted, match="in epoch 1 after step 3"):
       train_and_evaluate(smoke(num_epochs=2, measure_epochs=(2,)), str(tmp_path), **QUIET)
-  lines = []  # nothing measured, no epoch checkpoint: the workdir accepts another lr, which starts afresh
-  train_and_evaluate(smoke(num_epochs=2, measure_epochs=(2,), lr=0.01), str(tmp_path), log=lines.append)
-  assert any("ignoring the mid-epoch checkpoints" in line for line in lines), lines
+  # a mid-epoch checkpoint is a result: another lr is refused (it would orphan it), as after an epoch checkpoint
+  with pytest.raises(ValueError, match=r"different config \(lr: 0.0184 -> 0.01\)"):
+    train_and_evaluate(smoke(num_epochs=2, measure_epochs=(2,), lr=0.01), str(tmp_path), **QUIET)
+  lines = []  # with --overwrite it starts afresh, never from the other config's mid-epoch state
+  train_and_evaluate(smoke(num_epochs=2, measure_epochs=(2,), lr=0.01), str(tmp_path), overwrite=True,
+                     log=lines.append)
   assert not any(line.startswith("resumed") for line in lines) and any("epochs 1..2" in line for line in lines)
 
 
