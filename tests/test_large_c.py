@@ -103,6 +103,64 @@ class TestTiledEqualsDense:
       assert int(pair_keys(vectors, block_rows=block_rows)["num_coincident"]) == 3
 
 
+def eight_device_mesh():
+  return jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+
+
+def _scan_lengths_inside_shard_map(closed_jaxpr):
+  """Lengths of the scans (fori_loops with static bounds) inside any shard_map of a closed jaxpr."""
+  lengths = []
+
+  def walk(jaxpr, in_shard_map):
+    for eqn in jaxpr.eqns:
+      here = in_shard_map or eqn.primitive.name == "shard_map"
+      if here and eqn.primitive.name == "scan":
+        lengths.append(eqn.params["length"])
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub, here)
+
+  walk(closed_jaxpr.jaxpr, False)
+  return lengths
+
+
+class TestTilesShardedAcrossDevices:
+  """``mesh=``: the tiles i <= j dealt round-robin to 8 (fake CPU) devices, summed by one psum."""
+
+  @pytest.mark.parametrize("block_rows", [64, 37, 7, 299])
+  def test_sums_and_counts_equal_the_one_device_sweep(self, block_rows):
+    """Ragged last tiles, padding tiles (T not a multiple of 8) and dropped classes: same sums."""
+    vectors, valid = spread_vectors(300, 5, seed=3), jnp.arange(300) % 7 != 2
+    statistic = lambda gram, a, b, mask: {"n": jnp.sum(mask, dtype=jnp.int32),
+                                          "s": jnp.sum(jnp.where(mask, a[:, None] + b[None, :] - 2.0 * gram, 0.0))}
+    one = jax.jit(lambda v: geometry.pair_sums(statistic, v, valid=valid, block_rows=block_rows))(vectors)
+    shared = jax.jit(lambda v: geometry.pair_sums(statistic, v, valid=valid, block_rows=block_rows,
+                                                  mesh=eight_device_mesh()))(vectors)
+    kept = int(jnp.sum(valid))
+    assert int(shared["n"]) == int(one["n"]) == kept * (kept - 1) // 2
+    assert float(shared["s"]) == pytest.approx(float(one["s"]), rel=1e-6)
+
+  def test_each_device_sweeps_its_share_of_the_tiles(self):
+    """300 classes in tiles of 37 rows: 9 x 10 / 2 = 45 tiles i <= j, so ceil(45 / 8) = 6 per device."""
+    count = lambda gram, a, b, mask: jnp.sum(mask, dtype=jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda v: geometry.pair_sums(count, v, block_rows=37, mesh=eight_device_mesh()))(
+        spread_vectors(300, 5))
+    assert _scan_lengths_inside_shard_map(jaxpr) == [6]
+    one_device = jax.make_jaxpr(lambda v: geometry.pair_sums(count, v, block_rows=37))(spread_vectors(300, 5))
+    assert _scan_lengths_inside_shard_map(one_device) == []
+
+  def test_suite_with_a_pair_mesh_equals_the_suite_without(self):
+    """neural_collapse(pair_mesh=...) on features sharded over the 8 devices: every key as on one device."""
+    features, labels, weights, bias = gaussian_classes(1200, 24, 300, seed=5)
+    mesh = eight_device_mesh()
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    sharded = jax.device_put(jnp.asarray(features), rows), jax.device_put(jnp.asarray(labels), rows)
+    one = jax.jit(lambda h, y: neural_collapse(h, y, 300, weights, bias, pair_block_rows=64))(*sharded)
+    shared = jax.jit(lambda h, y: neural_collapse(h, y, 300, weights, bias, pair_block_rows=64, pair_mesh=mesh))(
+        *sharded)
+    for key in one:
+      np.testing.assert_allclose(float(shared[key]), float(one[key]), rtol=1e-5, err_msg=key)
+
+
 class TestSuiteAtLargeC:
 
   def test_tiled_suite_matches_float64_reference_and_dense_path(self):

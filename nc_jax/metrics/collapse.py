@@ -356,6 +356,7 @@ def neural_collapse(
     chunk_rows: Union[int, None, str] = "auto",
     min_count: Optional[int] = None,
     pair_block_rows: Optional[int] = None,
+    pair_mesh: Optional[jax.sharding.Mesh] = None,
 ) -> dict:
   """All Neural Collapse metrics of penultimate-layer features; pure and jittable.
 
@@ -393,6 +394,9 @@ def neural_collapse(
       same on the host.
     pair_block_rows: rows per tile of the pair statistics (None: one dense tile up to
       ``geometry.DENSE_MAX_CLASSES`` classes, else ``geometry.PAIR_BLOCK``).
+    pair_mesh: a ``jax.sharding.Mesh`` (the one the features live on): beyond the dense
+      threshold its devices share the tiles of the pair statistics, each sweeping ~1/D of
+      them (``geometry.pair_sums``); None: one device sweeps them all.
 
   Returns:
     dict of scalar arrays:
@@ -434,7 +438,7 @@ def neural_collapse(
                                  min_count=min_count)
   metrics = finalize_collapse(
       state, geometry, global_mean=global_mean, divide_nc1_by_classes=divide_nc1_by_classes,
-      std_ddof=std_ddof, self_duality_squared=self_duality_squared, block_rows=pair_block_rows)
+      std_ddof=std_ddof, self_duality_squared=self_duality_squared, block_rows=pair_block_rows, mesh=pair_mesh)
   if (test_features is None) != (test_labels is None):
     raise ValueError("test_features and test_labels must be given together")
   if test_features is not None:

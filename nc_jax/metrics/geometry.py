@@ -114,7 +114,7 @@ def _tile_share(part, on_diagonal):
 
 
 def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: Optional[jax.Array] = None,
-              block_rows: Optional[int] = None):
+              block_rows: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
   """Sums of a pair statistic over the Gram matrix G = V V^T of ``vectors`` V (C, p), tile by tile.
 
   Contract of ``statistic(gram, rows_a, rows_b, mask) -> pytree of arrays``:
@@ -136,9 +136,13 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
   for counts (its mask is symmetric). Floating partials are accumulated across tiles with Kahan
   compensation, so the result matches a one-tile sum to float32 rounding. Temporary memory is
   O(block_rows^2 + block_rows p) per tile, no copy of V; with one tile (C <= block rows) it is
-  the dense (C, C) computation, without a loop. Tiles run one after another: on a mesh each tile's
-  product follows V's sharding (p sharded: a partial sum per device), but the loop over tiles is
-  not itself split across devices.
+  the dense (C, C) computation, without a loop. Without ``mesh`` the tiles run one after another
+  on one device. With a ``mesh`` of D > 1 devices the T = n_b(n_b + 1)/2 tiles i <= j (n_b =
+  ceil(C / block_rows)) are dealt round-robin to the D devices (``jax.shard_map`` over every mesh
+  axis; V and ``row_data`` replicated to each): each device sweeps ceil(T/D) tiles with its own
+  Kahan sums, then one ``psum`` adds the D partial sums. The result equals the one-device sweep
+  up to float32 rounding of that last sum; per-device work and temporary memory are those of
+  ceil(T/D) tiles.
 
   Args:
     statistic: the per-tile function above.
@@ -146,6 +150,8 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
     row_data: pytree of (C, ...) arrays sliced along with the rows, or None for ||v_c||^2 (C,).
     valid: (C,) bool, False for classes left out of every pair, or None (all).
     block_rows: rows per tile; None: all C up to ``DENSE_MAX_CLASSES``, else ``PAIR_BLOCK``.
+    mesh: a ``jax.sharding.Mesh`` whose devices share the tiles (the mesh the inputs live on), or
+      None. Ignored on the dense path (one tile) and for a one-device mesh.
   """
   num_classes = vectors.shape[0]
   if row_data is None:
@@ -159,25 +165,27 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
   num_blocks = -(-num_classes // block)
   offsets = jnp.arange(block)
 
-  def tile(i, j):
+  def tile(i, j, vectors, row_data, valid, live=True):
     # The last block starts at C - block (no padded copy of V): its rows below i * block belong to
-    # the block before, and are masked out here.
+    # the block before, and are masked out here. A tile that is not ``live`` (padding of a device's
+    # share) has an empty mask, so it adds 0.
     start = lambda k: jnp.minimum(k * block, num_classes - block)
     rows = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start(k), block)
     ids_a, ids_b = start(i) + offsets, start(j) + offsets
     own_a, own_b = rows(valid, i) & (ids_a >= i * block), rows(valid, j) & (ids_b >= j * block)
-    mask = own_a[:, None] & own_b[None, :] & (ids_a[:, None] != ids_b[None, :])
+    mask = own_a[:, None] & own_b[None, :] & (ids_a[:, None] != ids_b[None, :]) & live
     part = statistic(_gram(rows(vectors, i), rows(vectors, j)), jax.tree_util.tree_map(lambda x: rows(x, i), row_data),
                      jax.tree_util.tree_map(lambda x: rows(x, j), row_data), mask)
     return _tile_share(part, i == j)
 
-  shapes = jax.eval_shape(tile, 0, 0)
+  shapes = jax.eval_shape(tile, 0, 0, vectors, row_data, valid)
   zeros = [jnp.zeros(shape.shape, shape.dtype) for shape in jax.tree_util.tree_leaves(shapes)]
+  unflatten = lambda leaves: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), leaves)
 
-  def add(j, carry, i):
+  def add(carry, part):
     totals, compensations = carry
     new_totals, new_compensations = [], []
-    for total, compensation, part in zip(totals, compensations, jax.tree_util.tree_leaves(tile(i, j))):
+    for total, compensation, part in zip(totals, compensations, jax.tree_util.tree_leaves(part)):
       if jnp.issubdtype(part.dtype, jnp.integer):
         new_totals.append(total + part)
         new_compensations.append(compensation)
@@ -188,11 +196,42 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
         new_compensations.append((summed - total) - corrected)
     return new_totals, new_compensations
 
-  def row_of_tiles(i, carry):
-    return jax.lax.fori_loop(i, num_blocks, lambda j, carry: add(j, carry, i), carry)
+  if mesh is None or mesh.size == 1:
+    def row_of_tiles(i, carry):
+      return jax.lax.fori_loop(i, num_blocks, lambda j, carry: add(carry, tile(i, j, vectors, row_data, valid)), carry)
 
-  totals, _ = jax.lax.fori_loop(0, num_blocks, row_of_tiles, (zeros, list(zeros)))
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), totals)
+    totals, _ = jax.lax.fori_loop(0, num_blocks, row_of_tiles, (zeros, list(zeros)))
+    return unflatten(totals)
+  return unflatten(_sharded_tile_sweep(tile, add, zeros, num_blocks, mesh, vectors, row_data, valid))
+
+
+def _sharded_tile_sweep(tile, add, zeros, num_blocks: int, mesh, vectors, row_data, valid):
+  """``pair_sums``'s sweep with the tiles i <= j dealt round-robin to the devices of ``mesh``."""
+  num_devices = mesh.size
+  tiles_i, tiles_j = np.triu_indices(num_blocks)
+  per_device = -(-len(tiles_i) // num_devices)
+  padding = per_device * num_devices - len(tiles_i)
+  live = np.concatenate([np.ones(len(tiles_i), bool), np.zeros(padding, bool)])
+  tiles_i, tiles_j = np.pad(tiles_i, (0, padding)), np.pad(tiles_j, (0, padding))
+  # Device d gets tiles d, d + D, d + 2D, ...: rows of the (per_device, D) layout, read as columns.
+  deal = lambda x: jnp.asarray(x.reshape(per_device, num_devices).T)
+  # One flat axis over the mesh's devices (whatever its own axes and their types are).
+  axes = "pair_tiles"
+  mesh = jax.sharding.Mesh(np.asarray(mesh.devices).reshape(-1), (axes,))
+  spec = jax.sharding.PartitionSpec(axes)
+  replicated = jax.sharding.PartitionSpec()
+
+  def local_sweep(tiles_i, tiles_j, live, vectors, row_data, valid):
+    def step(k, carry):
+      return add(carry, tile(tiles_i[0, k], tiles_j[0, k], vectors, row_data, valid, live[0, k]))
+
+    totals, compensations = jax.lax.fori_loop(0, per_device, step, (zeros, list(zeros)))
+    return [jax.lax.psum(t, axes) - jax.lax.psum(c, axes) if jnp.issubdtype(t.dtype, jnp.floating)
+            else jax.lax.psum(t, axes) for t, c in zip(totals, compensations)]
+
+  sweep = jax.shard_map(local_sweep, mesh=mesh, in_specs=(spec, spec, spec, replicated, replicated, replicated),
+                        out_specs=replicated, check_vma=False)  # the psum makes every output replicated
+  return sweep(deal(tiles_i), deal(tiles_j), deal(live), vectors, row_data, valid)
 
 
 def _pilot_rows(num_classes: int, block: int) -> np.ndarray:
@@ -214,8 +253,10 @@ def pair_geometry(
     variances: Optional[jax.Array] = None,
     coincident_floor_sq: Optional[jax.Array] = None,
     block_rows: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> dict:
-  """Every NC2 pair statistic of the rows of ``vectors`` V (C, p), in one sweep of ``pair_sums``.
+  """Every NC2 pair statistic of the rows of ``vectors`` V (C, p), in one sweep of ``pair_sums``
+  (its tiles shared by the devices of ``mesh``, if given).
 
   Over the n = C'(C'-1) ordered pairs c != c' of valid classes (C' = sum(valid) as a float, C by
   default), with cos_cc' = <v_c, v_c'>/(||v_c|| ||v_c'||), G = V V^T and E = I - 11^T/C' over the
@@ -272,7 +313,7 @@ def pair_geometry(
     gram_frob_sq = jnp.sum(matmul_highest(scaled.T, scaled) ** 2)
   else:
     gram_frob_sq = pair_sums(lambda g, a, b, m: jnp.sum(jnp.where(m, (g * a[:, None] * b[None, :]) ** 2, 0.0)),
-                             unit, ratio, valid=valid, block_rows=block) + jnp.sum(ratio**4)
+                             unit, ratio, valid=valid, block_rows=block, mesh=mesh) + jnp.sum(ratio**4)
   gram_frob = jnp.sqrt(gram_frob_sq)
 
   row_data = {"ratio": ratio, "norm_sq": norms**2}
@@ -305,7 +346,7 @@ def pair_geometry(
         sums["coincident"] = jnp.sum(mask & (distance_sq <= resolution), dtype=jnp.int32)
     return sums
 
-  sums = pair_sums(statistic, unit, row_data, valid=valid, block_rows=block)
+  sums = pair_sums(statistic, unit, row_data, valid=valid, block_rows=block, mesh=mesh)
   undirected = jnp.any(valid & (norms == 0.0))
   spread = lambda s1, s2, count: jnp.maximum(s2 - s1**2 / count, 0.0) / (count - ddof)
   diagonal = jnp.sum(jnp.where(valid, (ratio**2 / gram_frob - (1.0 - 1.0 / kept) / jnp.sqrt(kept - 1.0)) ** 2, 0.0))

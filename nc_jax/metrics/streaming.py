@@ -594,7 +594,8 @@ def _degeneracy_floor_sq(means: jax.Array, kept: Optional[jax.Array]) -> jax.Arr
 
 
 def mean_degeneracy(means: jax.Array, centred: jax.Array, *, kept: Optional[jax.Array] = None,
-                    pairs: bool = True, block_rows: Optional[int] = None) -> dict:
+                    pairs: bool = True, block_rows: Optional[int] = None,
+                    mesh: Optional[jax.sharding.Mesh] = None) -> dict:
   """Counts of class-mean geometry that float32 cannot resolve, from (C, p) means and centred
   means (any common units), over the ``kept`` classes (C,) bool (None: all).
 
@@ -612,7 +613,7 @@ def mean_degeneracy(means: jax.Array, centred: jax.Array, *, kept: Optional[jax.
   result = {"num_degenerate_means": jnp.sum(degenerate, dtype=jnp.int32)}
   if pairs:
     result["num_coincident_means"] = geo.pair_geometry(centred, valid=kept, coincident_floor_sq=floor_sq,
-                                                       block_rows=block_rows)["num_coincident"]
+                                                       block_rows=block_rows, mesh=mesh)["num_coincident"]
   return result
 
 
@@ -685,6 +686,7 @@ def finalize_collapse(
     std_ddof: int = 1,
     self_duality_squared: bool = True,
     block_rows: Optional[int] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> dict:
   """Metrics of the data seen in pass 2, with its own (corrected) class means.
 
@@ -692,7 +694,8 @@ def finalize_collapse(
   trace_between are brought back to the features' units. Every pair statistic
   (CDNV, the NC2 of means and of W, num_coincident_means) comes from the tiled
   ``geometry.pair_geometry`` (``block_rows`` rows per tile, default: dense up to
-  ``geometry.DENSE_MAX_CLASSES`` classes): two sweeps over C x C tiles, no C x C array.
+  ``geometry.DENSE_MAX_CLASSES`` classes): two sweeps over C x C tiles, no C x C array;
+  with a ``mesh`` the tiles of each sweep are shared by its devices (``geometry.pair_sums``).
   With ``geometry.kept``, C is C' = the number kept in every formula. Returns a dict of
   scalars; see ``collapse.neural_collapse`` for the keys.
   """
@@ -720,7 +723,8 @@ def finalize_collapse(
 
   degeneracy = mean_degeneracy(means, centred, kept=kept, pairs=False)
   pairs = geo.pair_geometry(centred, ddof=std_ddof, valid=kept, variances=class_variance,
-                            coincident_floor_sq=_degeneracy_floor_sq(means, kept), block_rows=block_rows)
+                            coincident_floor_sq=_degeneracy_floor_sq(means, kept), block_rows=block_rows,
+                            mesh=mesh)
   degeneracy["num_coincident_means"] = pairs["num_coincident"]
   metrics = {
       "nc1": nc1,
@@ -738,7 +742,7 @@ def finalize_collapse(
   diagnostics = _sample_diagnostics(state, kept) | degeneracy
   if geometry.weights is not None:
     weights = unit_scaled(_kept_rows(geometry.weights.astype(centred.dtype), kept))  # scale-free geometry of W
-    weight_pairs = geo.pair_geometry(weights, ddof=std_ddof, valid=kept, block_rows=block_rows)
+    weight_pairs = geo.pair_geometry(weights, ddof=std_ddof, valid=kept, block_rows=block_rows, mesh=mesh)
     metrics.update({
         "equinorm_weights": geo.equinorm(weights, std_ddof, valid=kept),
         "equiangular_weights": weight_pairs["equiangularity"],

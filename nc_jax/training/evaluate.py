@@ -7,6 +7,8 @@ features without leaving the device; only scalars come back to the host.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -45,7 +47,8 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
   weights, bias = models.classifier_weights(state.params, feature_dim=train_features.shape[-1],
                                             num_classes=num_classes)
   result = nc_metrics.neural_collapse(train_features, train_labels, num_classes, weights, bias,
-                                      test_features=test_features, test_labels=test_labels)
+                                      test_features=test_features, test_labels=test_labels,
+                                      pair_mesh=mesh)  # beyond C = 256 the devices share the pair tiles
   result["train_loss"], result["train_acc"] = step_lib.mean_loss_and_accuracy(train_logits, train_labels, loss_fn)
   result["test_loss"], result["test_acc"] = step_lib.mean_loss_and_accuracy(test_logits, test_labels, loss_fn)
   if per_layer:
@@ -81,7 +84,8 @@ class StreamedEvaluator:
   is kept. ``batches(split)`` yields (inputs (B, ...), labels (B,), mask (B,)) sharded along 'data'.
   """
 
-  def __init__(self, *, model, loss_fn, num_classes: int):
+  def __init__(self, *, model, loss_fn, num_classes: int, mesh=None):
+    """``mesh``: the devices that share the pair statistics' tiles (``geometry.pair_sums``), or None."""
     from nc_jax.metrics import streaming
 
     self.num_classes = num_classes
@@ -110,7 +114,7 @@ class StreamedEvaluator:
     self._geometry = jax.jit(geometry, static_argnums=2)
     self._pass2 = jax.jit(pass2)
     self._init_deviations = jax.jit(streaming.init_deviations)
-    self._collapse = jax.jit(nc_metrics.finalize_collapse)
+    self._collapse = jax.jit(functools.partial(nc_metrics.finalize_collapse, mesh=mesh))
     self._transfer = jax.jit(nc_metrics.finalize_transfer)
     self._init_means = streaming.init_class_means
     self._deepfool = jax.jit(lambda variables, inputs: deepfool.robustness_and_failures(
