@@ -3,6 +3,7 @@
     python benchmarks/metrics.py [--sizes small|all] [--no-baselines] [--no-append]
     python benchmarks/metrics.py --large-c [--no-append]   # vocabulary-sized C only
     python benchmarks/metrics.py --tiles [--no-append]     # dense vs tiled pair statistics
+    python benchmarks/metrics.py --large-c --peer DIR      # + rhubarbwu/neural-collapse on the same features
 
 For each (N, p, C) it times, on the same features:
   floor     one jitted pass argmax(H W^T + b) (what any NC4 evaluation must at least do);
@@ -21,6 +22,10 @@ numpy64 and notebook run on the host CPU whatever the device; --no-baselines ski
 against the floor chunked over N as the suite's pass 2 is, one call each after compiling,
 each size in a fresh process: compiled temporary memory (memory_analysis) and the
 process's peak RSS, against the input size (features + W).
+--peer DIR adds, for each --large-c size, the peer library rhubarbwu/neural-collapse (PyTorch, CPU)
+run on the same features in its own fresh process (benchmarks/peer.py says what it runs), its time
+against the suite's, and the largest relative difference of the metrics both compute. DIR is a copy
+of its repository (`git clone https://github.com/rhubarbwu/neural-collapse`); it needs torch and scipy.
 --tiles times ``geometry.pair_geometry`` as one dense tile and in tiles of PAIR_BLOCK rows,
 the measurement behind ``geometry.DENSE_MAX_CLASSES``.
 Prints a markdown table and appends it, with the machine and versions, to BENCHMARKS.md.
@@ -58,7 +63,7 @@ def make_data(num_samples, feature_dim, num_classes, seed=0):
   features = means[labels]
   features += 0.5 * rng.standard_normal(size=features.shape, dtype=np.float32)
   features += 1.0  # a common offset, like ReLU features
-  weights = rng.normal(size=(num_classes, feature_dim)).astype(np.float32) / np.sqrt(feature_dim)
+  weights = (rng.normal(size=(num_classes, feature_dim)) / np.sqrt(feature_dim)).astype(np.float32)
   bias = np.zeros(num_classes, np.float32)
   return features, labels, weights, bias
 
@@ -171,16 +176,52 @@ def large_c_row(size):
          "floor_temp": floor_temp, "suite_temp": suite_temp, "input": (h.nbytes + w.nbytes),
          "rows": rows, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
   result = suite(h, y, w, b)
+  row["values"] = {k: float(result[k]) for k in ("nc1", "nc1_tirer", "cdnv", "ncc_mismatch")}
   row["filtered"] = int(result["num_filtered_classes"])
   row["finite"] = all(bool(np.isfinite(result[k])) for k in ("nc1", "cdnv", "equiangular_means", "gnc2_means",
                                                               "etf_deviation_weights", "ncc_mismatch"))
   return row
 
 
+def peer_process_row(peer_dir, size, tile_size, grid_budget_s):
+  """The peer's row on make_data's features for ``size``, in a fresh process (its own peak RSS)."""
+  import peer  # noqa: PLC0415  (torch only when asked for)
+  features, labels, weights, _ = make_data(*size)  # bias is zero: the peer's NC4 has no bias
+  return peer.peer_row(peer_dir, features, labels, weights, tile_size=tile_size, grid_budget_s=grid_budget_s)
+
+
+def _peer_difference(ours: dict, theirs: dict) -> str:
+  """Largest relative difference over the metrics both compute (theirs mapped to our keys)."""
+  pairs = {"nc1": "nc1", "nc1_tirer": "nc1_quotient", "cdnv": "cdnv"}
+  diffs = {ours_key: abs(theirs[key] - ours[ours_key]) / abs(ours[ours_key]) for ours_key, key in pairs.items()
+           if np.isfinite(theirs[key])}
+  diffs["ncc_mismatch (abs)"] = abs((1 - theirs["ncc_agreement"]) - ours["ncc_mismatch"])
+  worst = max(diffs, key=diffs.get)
+  return f"{diffs[worst]:.1e} ({worst}; {len(diffs)} compared)"
+
+
+def format_peer(rows, header):
+  lines = [header, "",
+           "| N, p, C | nc-jax suite (s) | peer total (s) | peer passes (s) | peer C x C grids (s) "
+           "| peer other measures (s) | peer / nc-jax | peer peak RSS (GiB) | nc-jax peak RSS (GiB) "
+           "| largest difference |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+  for row in rows:
+    theirs = row["peer"]
+    est = " est." if theirs["estimated"] else ""
+    lines.append(
+        f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]:,} | {row['suite']:.3g} | "
+        f"{theirs['total_s']:.3g}{est} | {theirs['passes_s']:.3g} | {theirs['grids_s']:.3g}{est} | "
+        f"{theirs['measures_s']:.3g} | {theirs['total_s'] / row['suite']:.2g}x{est} | "
+        f"{theirs['peak_rss'] / 2**30:.2f} | {row['peak_rss'] / 2**30:.2f} | "
+        f"{_peer_difference(row['values'], theirs['values'])} |")
+  return "\n".join(lines)
+
+
 def format_large_c(rows, header):
   lines = [header, "",
-           "| N, p, C | floor (s) | suite (s) | suite/floor | temp suite (GB) | temp floor (GB) | peak RSS (GB) "
-           "| input (GB) | chunk rows | classes dropped (min_count=1) | metrics finite |",
+           "| N, p, C | floor (s) | suite (s) | suite/floor | temp suite (GiB) | temp floor (GiB) | peak RSS (GiB) "
+           "| input (GiB) | chunk rows | classes dropped (min_count=1) | metrics finite |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
   for row in rows:
     gb = lambda key: f"{row[key] / 2**30:.2f}"
@@ -236,6 +277,13 @@ def main():
   parser.add_argument("--no-append", action="store_true")
   parser.add_argument("--large-c", action="store_true", help=f"only the vocabulary-sized rows {LARGE_C}")
   parser.add_argument("--tiles", action="store_true", help="only dense vs tiled pair statistics")
+  parser.add_argument("--size", action="append", metavar="N,p,C",
+                      help="with --large-c: measure this size instead of the defaults (repeatable)")
+  parser.add_argument("--peer", metavar="DIR", help="with --large-c: also run rhubarbwu/neural-collapse from DIR")
+  parser.add_argument("--peer-tile", type=int, default=256, help="the peer's tile_size (its examples use 64; "
+                      "256 was fastest per grid entry here)")
+  parser.add_argument("--peer-grid-budget", type=float, default=120.0,
+                      help="seconds per peer C x C grid before its time is extrapolated from the tile pairs done")
   args = parser.parse_args()
   rows = []
   signal.signal(signal.SIGTERM, signal.default_int_handler)  # a time limit's SIGTERM keeps the rows measured so far
@@ -247,18 +295,32 @@ def main():
     common.report(format_tiles(tile_rows(args.repeats), header), append=not args.no_append)
     return
   if args.large_c:
+    sizes = [tuple(int(v) for v in size.split(",")) for size in args.size] if args.size else LARGE_C
     try:
-      for size in LARGE_C:
+      for size in sizes:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-          rows.append(pool.apply(large_c_row, (size,)))
-        print(f"done {size}: {rows[-1]}", flush=True)
+          row = pool.apply(large_c_row, (size,))
+        print(f"done {size}: {row}", flush=True)
+        if args.peer:
+          with multiprocessing.get_context("spawn").Pool(1) as pool:
+            row["peer"] = pool.apply(peer_process_row, (args.peer, size, args.peer_tile, args.peer_grid_budget))
+          print(f"peer done {size}: {row['peer']}", flush=True)
+        rows.append(row)
     except KeyboardInterrupt:
-      print(f"stopped after {len(rows)} of {len(LARGE_C)} sizes", flush=True)
+      print(f"stopped after {len(rows)} of {len(sizes)} sizes", flush=True)
       if not rows:
         raise SystemExit(143)
     header = (f"### benchmarks/metrics.py --large-c, {datetime.date.today()}: {machine}; one call each after "
               "compiling; synthetic Gaussian classes (N/C samples per class)")
     common.report(format_large_c(rows, header), append=not args.no_append)
+    if args.peer:
+      import torch  # noqa: PLC0415
+      theirs = rows[0]["peer"]
+      header = (f"### benchmarks/metrics.py --large-c --peer, {datetime.date.today()}: rhubarbwu/neural-collapse "
+                f"(torch {torch.__version__}, CPU, {theirs['threads']} threads, tile_size {theirs['tile']}, batches of "
+                f"1024) against nc-jax's suite on the same features, same run; 'est.': C x C grids stopped after "
+                f"{args.peer_grid_budget:.0f} s each and extrapolated from the tile pairs done")
+      common.report(format_peer(rows, header), append=not args.no_append)
     return
   try:
     for size in SIZES[args.sizes]:
