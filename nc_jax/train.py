@@ -13,13 +13,14 @@ to do), 2 bad command line, 130 SIGINT / 143 SIGTERM after checkpointing.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shlex
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from nc_jax import cli
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py")
 
@@ -28,24 +29,8 @@ flags.DEFINE_string("workdir", "workdirs/default", "Where config.json, metrics.j
 flags.DEFINE_bool("overwrite", False, "Discard a previous run with a different config in --workdir.")
 flags.DEFINE_string("resume_from", None, "OTHER_WORKDIR[:EPOCH]: start from that run's checkpoint (latest good "
                     "one without EPOCH) when --workdir has none; sets config.resume_from.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, for multi-process runs.")
-flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
-flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.DEFINE_string("cpu_collectives", "gloo", "CPU collectives backend for multi-process CPU runs.")
+cli.define_distributed_flags()
 FLAGS = flags.FLAGS
-
-
-def _fail(message: str, code: int = 1) -> None:
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
-
-def _one_line(error: BaseException) -> str:
-  """An exception's message as one line: the last line of an embedded traceback, else all lines joined."""
-  text = str(error).strip()
-  if "Traceback (most recent call last)" in text:
-    return text.splitlines()[-1].strip()
-  return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -55,7 +40,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     FLAGS.config.get("model")  # config_flags defers a failed load to the first use: fail here instead
     return remaining
   except flags.Error as error:
-    message = _one_line(error)
+    message = cli.one_line(error)
   except (AttributeError, KeyError) as error:  # ml_collections: an override of an undeclared key
     text = str(error).replace("\\n", "\n").replace("\\'", "'")  # a KeyError's repr inside an AttributeError
     lines = [line.strip().strip("'\"").strip() for line in text.splitlines() if line.strip().strip("'\"")]
@@ -65,48 +50,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     hint = " ".join(lines[1:]).strip() or "see the config file (and nc_jax/schema.py) for the keys it declares"
     message = f"{key}: no such config key; {hint}"
   except Exception as error:  # noqa: BLE001  (a config file that does not load: missing, or raising)
-    reason = next((line.strip() for line in str(error).splitlines() if "Errno" in line), _one_line(error))
+    reason = next((line.strip() for line in str(error).splitlines() if "Errno" in line), cli.one_line(error))
     message = f"cannot load the config: {reason}"
-  _fail(message, 2)
-
-
-def _cluster_detected() -> bool:
-  """True on multi-host TPU VMs and multi-task SLURM jobs, where jax.distributed finds its peers itself."""
-  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-    return True
-  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-
-
-def _initialize_distributed() -> None:
-  import jax
-
-  if FLAGS.coordinator_address or FLAGS.num_processes:
-    if None in (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id):
-      _fail("--coordinator_address, --num_processes and --process_id go together", 2)
-    if jax.config.jax_platforms in (None, "", "cpu") and FLAGS.cpu_collectives:
-      jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif _cluster_detected():
-    jax.distributed.initialize()
-
-
-def _quiet_closed_event_loops(hook):
-  """An unraisable-exception hook that drops "Event loop is closed" (orbax's threads after a failed save)."""
-  def quiet(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-      hook(unraisable)
-  return quiet
-
-
-def _os_error(error: BaseException):
-  """The OSError behind an exception (orbax wraps them), or None."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    if isinstance(error, OSError):
-      return error
-    seen.add(id(error))
-    error = error.__cause__ or error.__context__
-  return None
+  cli.fail(message, 2)
 
 
 def rerun_command(argv: list[str], *, workdir: str, resume_from: str, lr: float) -> str:
@@ -127,13 +73,7 @@ def rerun_command(argv: list[str], *, workdir: str, resume_from: str, lr: float)
 
 
 def main(argv) -> None:
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}", 2)
-  # orbax logs every save at INFO, and a failed background save at ERROR from several threads, with tracebacks;
-  # every failure reaches main() as an exception and is reported there, in one line.
-  logging.set_verbosity(logging.FATAL)
-  sys.unraisablehook = _quiet_closed_event_loops(sys.unraisablehook)
-  _initialize_distributed()
+  cli.start(argv)
   from nc_jax import records, schema
   from nc_jax.training import Diverged, Preempted, train_and_evaluate
   from nc_jax.training.workdir import WorkdirError
@@ -147,29 +87,29 @@ def main(argv) -> None:
     print(stopped, flush=True)
     sys.exit(130 if stopped.signal_name == "SIGINT" else 143)
   except KeyboardInterrupt:
-    _fail("interrupted twice; stopped without a final checkpoint. Rerun the command to resume from the last one", 130)
+    cli.fail("interrupted twice; stopped without a final checkpoint. Rerun the command to resume from the last one",
+             130)
   except Diverged as diverged:
     if diverged.last_good_epoch is None:
-      _fail(str(diverged))
+      cli.fail(str(diverged))
     new_workdir = f"{FLAGS.workdir.rstrip('/')}_lr{diverged.lr / 10:.3g}"
     command = rerun_command(sys.argv, workdir=new_workdir, resume_from=f"{FLAGS.workdir}:{diverged.last_good_epoch}",
                             lr=diverged.lr / 10)
-    _fail(f"training loss is {diverged.loss} at epoch {diverged.epoch}; stopped. The last good checkpoint is epoch "
-          f"{diverged.last_good_epoch}; to go on from it with a 10x lower lr: {command}")
+    cli.fail(f"training loss is {diverged.loss} at epoch {diverged.epoch}; stopped. The last good checkpoint is "
+             f"epoch {diverged.last_good_epoch}; to go on from it with a 10x lower lr: {command}")
   except (schema.ConfigError, WorkdirError, records.RecordsError) as error:
-    _fail(str(error))
+    cli.fail(str(error))
   except Exception as error:  # noqa: BLE001  (one line for the user; the traceback helps nobody here)
-    os_error = _os_error(error)
+    os_error = cli.os_error(error)
     if isinstance(os_error, FileNotFoundError) and os_error.strerror is None and os_error.filename is None:
-      _fail(_one_line(os_error))  # raised with a message of its own (missing data, ...): the message is the fix
+      cli.fail(cli.one_line(os_error))  # raised with a message of its own (missing data, ...): the message is the fix
     if os_error is not None:
-      where = f" ({os_error.filename})" if os_error.filename else ""
-      _fail(f"{_one_line(os_error) if os_error.strerror is None else os_error.strerror}{where}; nothing already "
-            "written is lost: free space or fix permissions, then rerun the same command to resume")
+      cli.fail(f"{cli.describe_os_error(os_error)}; nothing already written is lost: free space or fix "
+               "permissions, then rerun the same command to resume")
     if isinstance(error, (ValueError, FileNotFoundError, RuntimeError, ImportError)):
-      _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+      cli.fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     raise
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, _parse_flags)

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from nc_jax import collect as collect_lib, records
+from nc_jax import cli as cli_lib, collect as collect_lib, records
+from nc_jax.collect import outputs
 from nc_jax.metrics import further, neural_collapse
 from nc_jax.training import train_and_evaluate
 from configs import default as default_config
@@ -294,7 +295,7 @@ def test_two_processes_equal_one(workdir, tmp_path):
   one = json.loads((tmp_path / "single" / "nc.json").read_text())
   two = json.loads((tmp_path / "multi" / "nc.json").read_text())
   assert set(one) == set(two)
-  assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split")])
+  assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256")])
   assert not list((tmp_path / "multi").glob("accumulators*"))
 
 
@@ -321,6 +322,57 @@ def test_bad_user_inputs_are_one_line_collect_errors(user_model, tmp_path):
     with pytest.raises(collect_lib.CollectError) as error:
       collect_lib.collect(**arguments, **QUIET)
     assert message in str(error.value) and "\n" not in str(error.value), (options, str(error.value))
+
+
+def test_rank_1_features_are_refused_naming_the_shape(user_model):
+  """Features of shape (B,) (one number per example) are not silently taken as p = 1."""
+  inputs, labels, _, _ = user_model["data"]
+  apply_fn = lambda p, x: (user_model["apply_fn"](p, x)[0], user_model["apply_fn"](p, x)[1][:, 0])
+  with pytest.raises(collect_lib.CollectError) as error:
+    collect_lib.collect(apply_fn, user_model["params"], batch_list(inputs, labels, 100), 5, **QUIET)
+  message = str(error.value)
+  assert "shape (100,)" in message and "shape (batch, p)" in message and "\n" not in message, message
+
+
+class Killed(Exception):
+  """Stands for a SIGKILL between two writes."""
+
+
+def test_a_kill_between_the_two_output_writes_is_detected_and_rewritten(user_model, tmp_path, monkeypatch):
+  """class_stats.npz is written first, nc.json last with the sha256 of class_stats.npz: a kill between the two
+  leaves a new class_stats.npz beside an older nc.json, which read_outputs refuses and the next run rewrites."""
+  inputs, labels, _, _ = user_model["data"]
+  out = tmp_path / "out"
+  run = lambda params, **kw: collect_lib.collect(user_model["apply_fn"], params, batch_list(inputs, labels, 100), 5,
+                                                 out_dir=out, weights=user_model["weights"], bias=user_model["bias"],
+                                                 **{**QUIET, **kw})
+  first = run(user_model["params"])
+  result, stats = collect_lib.read_outputs(out)
+  assert result == first
+  assert first[collect_lib.STATS_DIGEST_KEY] == outputs.sha256((out / "class_stats.npz").read_bytes())
+  assert stats["counts"].sum() == first["num_samples"]
+
+  write = outputs.write_atomically
+  def killed_before_nc_json(path, payload):
+    if path.name == collect_lib.NC_FILE:
+      raise Killed
+    write(path, payload)
+  monkeypatch.setattr(outputs, "write_atomically", killed_before_nc_json)
+  other = jax.tree_util.tree_map(lambda x: x * 1.5, user_model["params"])
+  with pytest.raises(Killed):
+    run(other)
+  monkeypatch.undo()
+  assert json.loads((out / "nc.json").read_text()) == first, "the older nc.json, beside a newer class_stats.npz"
+  with pytest.raises(collect_lib.CollectError, match="stopped between writing the two") as error:
+    collect_lib.read_outputs(out)
+  assert "\n" not in str(error.value)
+
+  warnings = []
+  again = run(other, warn=warnings.append)
+  assert len(warnings) == 1 and "measuring again rewrites both" in warnings[0], warnings
+  result, stats = collect_lib.read_outputs(out)
+  assert result == again and again["nc1"] != first["nc1"]
+  assert again[collect_lib.STATS_DIGEST_KEY] != first[collect_lib.STATS_DIGEST_KEY]
 
 
 def test_temporary_files_of_a_killed_writer_are_removed(user_model, tmp_path):
@@ -350,7 +402,7 @@ def test_stderr_drops_only_the_closed_event_loop_tracebacks():
   """orbax's background threads print "Event loop is closed" tracebacks after a failed restore (under load);
   the CLI's stderr drops those and nothing else."""
   sink = io.StringIO()
-  stderr = collect_lib._WithoutClosedLoopTracebacks(sink)
+  stderr = cli_lib.WithoutClosedLoopTracebacks(sink)
   closed = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nRuntimeError: Event loop is closed\n'
   other = 'Traceback (most recent call last):\n  File "y.py", line 2, in h\nValueError: a real one\n'
   stderr.write(closed + "error: the one line\n" + closed[:30])

@@ -256,3 +256,62 @@ def test_per_layer_nc_is_logged(tmp_path):
   last = train_and_evaluate(config, str(tmp_path), log=lambda *a, **k: None)
   for layer in ("layer0", "layer1", "layer2"):
     assert np.isfinite(last[f"layer/{layer}/nc1"]) and 0 <= last[f"layer/{layer}/ncc_accuracy"] <= 1
+
+
+# ---------------------------------------------------------------------------
+# What the two command lines (nc_jax.train, nc_jax.collect) share: nc_jax.cli.
+# ---------------------------------------------------------------------------
+
+
+def test_cli_distributed_flags_are_defined_once_per_flag_values():
+  from absl import flags
+  from nc_jax import cli
+
+  values = flags.FlagValues()
+  assert cli.define_distributed_flags(values) is cli.define_distributed_flags(values)  # the second: nothing new
+  values(["prog", "--coordinator_address", "10.0.0.1:1234", "--num_processes", "2", "--process_id", "1"])
+  assert (values.coordinator_address, values.num_processes, values.process_id, values.cpu_collectives) == (
+      "10.0.0.1:1234", 2, 1, "gloo")
+
+
+def test_cli_errors_become_one_line():
+  from nc_jax import cli
+
+  try:
+    try:
+      raise OSError(28, "No space left on device", "/run/metrics.jsonl")
+    except OSError as error:
+      raise RuntimeError("the checkpoint could not be saved") from error
+  except RuntimeError as wrapped:
+    found = cli.os_error(wrapped)
+  assert isinstance(found, OSError) and cli.describe_os_error(found) == "No space left on device (/run/metrics.jsonl)"
+  assert cli.os_error(ValueError("no file here")) is None
+  assert cli.one_line(ValueError("first\n  second\n")) == "first second"
+  assert cli.one_line(RuntimeError("Traceback (most recent call last):\n  File 'x'\nKeyError: 'k'")) == "KeyError: 'k'"
+  assert cli.one_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("module", ["nc_jax.train", "nc_jax.collect"])
+def test_both_command_lines_drop_closed_event_loop_tracebacks_from_stderr(module):
+  """Each entry point runs absl's app with stderr through cli.WithoutClosedLoopTracebacks (orbax's threads print
+  'Event loop is closed' tracebacks after a failed save or restore)."""
+  code = ("import runpy, sys; from absl import app; "
+          "app.run = lambda main, flags_parser: print(type(sys.stderr).__name__); "
+          f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0 and result.stdout.split() == ["WithoutClosedLoopTracebacks"], result.stderr
+
+
+def test_the_stderr_filter_keeps_the_terminal_test():
+  """collect's progress line is live by default when stderr is a terminal: the filter must say so."""
+  import io
+  from nc_jax import cli
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  assert cli.WithoutClosedLoopTracebacks(Terminal()).isatty()
+  assert not cli.WithoutClosedLoopTracebacks(io.StringIO()).isatty()

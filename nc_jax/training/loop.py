@@ -169,6 +169,25 @@ def _load_dataset(config, pipeline: str = "memory"):
                    minority_classes=config.minority_classes, random_label_fraction=config.random_label_fraction)
 
 
+def load_dataset(config: ml_collections.ConfigDict):
+  """A run's data, as ``train_and_evaluate`` loads it for ``config``: the in-memory ``data.Dataset``, or a
+  ``stream.StreamedDataset`` (same subset and statistics, read batch by batch) where the run streams
+  (``config.input_pipeline``; 'auto' streams what does not fit in memory)."""
+  pipeline = stream_lib.choose_pipeline(config.input_pipeline, config.dataset, _per_class(config))
+  return _load_dataset(config, pipeline)
+
+
+def build_program(config: ml_collections.ConfigDict, mesh, num_classes: int, input_shape: tuple,
+                  steps_per_epoch: int, num_train: int = 0) -> Program:
+  """A config's ``Program`` (model, lr schedule, jitted init/steps/evaluation, the state's abstract shapes
+  with their shardings on ``mesh``), exactly as ``train_and_evaluate`` builds it: from the config without
+  its ``RUN_ONLY_KEYS``, cached per (config, mesh, shapes). input_shape is one example's (no batch axis);
+  num_train (N) is needed only with ``feature_decay``."""
+  compiled_keys = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
+  return _program(json.dumps(compiled_keys, sort_keys=True), mesh, num_classes, tuple(input_shape),
+                  steps_per_epoch, num_train)
+
+
 def _resume_source(spec: str) -> tuple[pathlib.Path, Optional[int]]:
   directory, _, epoch = spec.rpartition(":") if ":" in spec and spec.rpartition(":")[2].isdigit() else (spec, "", "")
   return pathlib.Path(directory).absolute(), int(epoch) if epoch else None
@@ -512,7 +531,7 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
 def _streamed_evaluation(config, mesh, dataset, program, num_classes: int, chosen):
   """state -> the measurement's dict, from streamed batches (``evaluate.StreamedEvaluator``)."""
   evaluator = evaluate_lib.StreamedEvaluator(model=program.model, loss_fn=step_lib.loss_function(config.loss),
-                                             num_classes=num_classes)
+                                             num_classes=num_classes, mesh=mesh)
   feature_dim = jax.eval_shape(lambda variables: program.model.apply(
       variables, jnp.zeros((1, *dataset.input_shape)), train=False), program.abstract_state.variables)[1].shape[-1]
   deepfool_inputs = None

@@ -1,0 +1,90 @@
+"""A finished measurement's two files, written as a checkable pair: ``nc.json`` and ``class_stats.npz``.
+
+class_stats.npz is written first, then nc.json, each atomically; nc.json records the sha256 of
+class_stats.npz's bytes under ``class_stats_sha256``. A kill between the two renames leaves a new
+class_stats.npz beside an older nc.json whose recorded digest no longer matches: ``read_outputs`` refuses
+such a pair, and the next measurement into the folder warns and rewrites both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pathlib
+from typing import Optional
+
+import numpy as np
+
+from nc_jax.collect.accumulator_files import write_atomically
+from nc_jax.collect.errors import CollectError
+
+NC_FILE = "nc.json"
+STATS_FILE = "class_stats.npz"
+STATS_DIGEST_KEY = "class_stats_sha256"
+
+
+def stats_payload(stats: dict[str, np.ndarray]) -> bytes:
+  """class_stats.npz's bytes (``np.savez`` of ``stats``: the same arrays give the same bytes)."""
+  buffer = io.BytesIO()
+  np.savez(buffer, **stats)
+  return buffer.getvalue()
+
+
+def sha256(payload: bytes) -> str:
+  """The hex sha256 of ``payload``."""
+  return hashlib.sha256(payload).hexdigest()
+
+
+def stamped(result: dict, payload: bytes) -> dict:
+  """``result`` with the sha256 of class_stats.npz's bytes ``payload`` under ``STATS_DIGEST_KEY``."""
+  return {**result, STATS_DIGEST_KEY: sha256(payload)}
+
+
+def write_outputs(out_dir: pathlib.Path, result: dict, payload: bytes) -> None:
+  """Writes ``payload`` (``stats_payload``) to out_dir/class_stats.npz, then ``result`` (``stamped`` with
+  that payload) to out_dir/nc.json, each atomically, in that order."""
+  write_atomically(out_dir / STATS_FILE, payload)
+  write_atomically(out_dir / NC_FILE, (json.dumps(result, indent=1, sort_keys=True) + "\n").encode())
+
+
+def mismatch(out_dir: pathlib.Path) -> Optional[str]:
+  """Why out_dir's nc.json and class_stats.npz are not one measurement's pair, or None when they are (or
+  when nc.json is absent, unreadable or predates the recorded digest: nothing to check against)."""
+  out_dir = pathlib.Path(out_dir)
+  try:
+    expected = json.loads((out_dir / NC_FILE).read_text()).get(STATS_DIGEST_KEY)
+  except (OSError, ValueError, AttributeError):
+    return None
+  if expected is None:
+    return None
+  try:
+    actual = sha256((out_dir / STATS_FILE).read_bytes())
+  except FileNotFoundError:
+    return f"{out_dir / STATS_FILE} is missing beside {out_dir / NC_FILE}"
+  if actual != expected:
+    return (f"{out_dir / STATS_FILE} (sha256 {actual[:12]}...) is not the one {out_dir / NC_FILE} was written "
+            f"with ({expected[:12]}...): a measurement was stopped between writing the two")
+  return None
+
+
+def read_outputs(out_dir) -> tuple[dict, dict[str, np.ndarray]]:
+  """(nc.json's metrics, class_stats.npz's arrays) of a finished measurement in ``out_dir``.
+
+  CollectError when nc.json is missing or when class_stats.npz is not the file nc.json was written with
+  (its sha256 differs: a measurement was stopped between the two writes); rerun it to rewrite both.
+  """
+  out_dir = pathlib.Path(out_dir)
+  if not (out_dir / NC_FILE).exists():
+    raise CollectError(f"{out_dir} has no {NC_FILE}: no measurement finished there; run (or rerun) it")
+  problem = mismatch(out_dir)
+  if problem is not None:
+    raise CollectError(f"{problem}; rerun the measurement to rewrite both")
+  try:
+    result = json.loads((out_dir / NC_FILE).read_text())
+    with np.load(out_dir / STATS_FILE, allow_pickle=False) as stored:
+      stats = {name: stored[name] for name in stored.files}
+  except Exception as error:  # json, zipfile and numpy raise many types for a damaged file
+    raise CollectError(f"{out_dir}: cannot read the measurement ({' '.join(str(error).split())[:200]}); "
+                       "rerun it") from None
+  return result, stats

@@ -1,0 +1,141 @@
+"""NC of a run directory made by ``python -m nc_jax.train``: its checkpoint restored with the run's own model
+and data (``nc_jax.training.loop.build_program`` / ``load_dataset``), then measured by ``collect``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from nc_jax.collect.batches import array_batches, streamed_batches
+from nc_jax.collect.errors import CollectError, warn as default_warn
+from nc_jax.collect.measure import collect
+
+SPLITS = ("both", "train", "test")
+
+
+def _read_workdir_config(workdir: pathlib.Path):
+  """The run's config.json as a ConfigDict; CollectError (naming the fix) for anything else."""
+  import ml_collections
+  from nc_jax import records
+  if not workdir.exists():
+    raise CollectError(f"--workdir {workdir} does not exist", 2)
+  if not workdir.is_dir():
+    raise CollectError(f"--workdir {workdir} is a file, not a run directory", 2)
+  path = workdir / records.CONFIG_FILE
+  if not path.exists():
+    raise CollectError(f"{workdir} has no {records.CONFIG_FILE}: not a run directory of python -m nc_jax.train")
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise CollectError(f"{path} is damaged (not JSON: {error})") from None
+
+
+def _check_out_dir(out_dir: pathlib.Path) -> None:
+  """Refuses an --out that is a file or lies under one, or whose nearest existing folder is not writable."""
+  for parent in [out_dir, *out_dir.parents]:
+    if parent.exists():
+      if not parent.is_dir():
+        raise CollectError(f"--out {out_dir}: {parent} is a file, not a directory; choose another --out", 2)
+      if not os.access(parent, os.W_OK | os.X_OK):
+        raise CollectError(f"--out {out_dir}: {parent} is not writable; choose another --out")
+      return
+
+
+def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str], None] = default_warn):
+  """(config, dataset, model, variables, epoch, step, checkpoint path) of a run directory's checkpoint.
+
+  The data, the model and the checkpoint's abstract state are the run's own: ``nc_jax.training.loop``'s
+  ``load_dataset`` and ``build_program`` make them as training made them; ``variables`` ({'params',
+  'batch_stats'}) are this process's numpy copies. ``epoch`` None: the newest checkpoint that is not damaged.
+  """
+  from nc_jax.data import device
+  from nc_jax.training import checkpoints, loop
+
+  workdir = pathlib.Path(workdir).absolute()
+  config = _read_workdir_config(workdir)
+  directory = workdir / "checkpoints"
+  epochs = []
+  if directory.is_dir():
+    epochs = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if not epochs:
+    raise CollectError(f"{workdir} has no checkpoint in {directory}: train it first (python -m nc_jax.train "
+                       f"--workdir {workdir} ...)")
+  if epoch is not None and epoch not in epochs:
+    raise CollectError(f"--epoch {epoch}: {workdir} has no checkpoint of epoch {epoch}; it has epochs "
+                       f"{', '.join(map(str, epochs))}", 2)
+  dataset = loop.load_dataset(config)  # a StreamedDataset where the run streamed
+  program = loop.build_program(config, device.data_mesh(), dataset.num_classes, dataset.input_shape,
+                               max(len(dataset.train_labels) // config.batch_size, 1), len(dataset.train_labels))
+  manager = checkpoints.Checkpoints(directory, read_only=True)
+  try:
+    if epoch is None:
+      restored = manager.restore_latest(program.abstract_state, warn=warn)
+      if restored is None:
+        raise CollectError(f"no good checkpoint in {directory} (epochs {', '.join(map(str, epochs))} are damaged)")
+      epoch, state, _ = restored
+    else:
+      state, _ = manager.restore(epoch, program.abstract_state)
+  except checkpoints.CheckpointDamaged as error:
+    others = [str(e) for e in epochs if e != epoch]
+    advice = f"choose another --epoch ({', '.join(others)})" if others else "it is the only one"
+    raise CollectError(f"checkpoint {directory / str(epoch)} is damaged ({error}); {advice}") from None
+  except checkpoints.CheckpointMismatch as error:
+    raise CollectError(f"{error}; config.json and checkpoints/ of {workdir} are not of the same run") from None
+  finally:
+    manager.close()
+  local = lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+  variables = jax.tree_util.tree_map(local, state.variables)
+  return config, dataset, program.model, variables, epoch, int(local(state.step)), directory / str(epoch)
+
+
+def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[int] = None,
+                    batch_size: Optional[int] = None, checkpoint_every: int = 0, progress: Optional[bool] = None,
+                    quiet: bool = False, warn: Callable[[str], None] = default_warn) -> dict:
+  """NC of a run's checkpoint, measured as ``nc_jax.training.evaluate`` measures it; writes ``out_dir``.
+
+  split: 'both' (default: the training set, the paper's measurement, plus the test set's ``*_test`` keys
+  against the training means: metrics.jsonl's keys), 'train', or 'test' (the test set's own collapse, its
+  own class means; the keys without suffix). Features are eval-mode (BatchNorm running statistics), W and
+  b the head's (``models.classifier_weights``), batches of ``batch_size`` (default the run's
+  ``eval_batch_size``) in dataset order, the last one padded and masked, like ``forward_all``.
+  """
+  from nc_jax import models
+  from nc_jax.training import step as step_lib
+
+  if split not in SPLITS:
+    raise CollectError(f"--split {split!r}: choose one of {', '.join(SPLITS)}", 2)
+  if batch_size is not None and batch_size < 1:
+    raise CollectError(f"--batch_size {batch_size}: must be at least 1", 2)
+  out_dir = pathlib.Path(out_dir).absolute()
+  _check_out_dir(out_dir)
+  config, dataset, model, variables, epoch, step, checkpoint = restore_workdir(workdir, epoch, warn=warn)
+  batch_size = batch_size or config.eval_batch_size
+  apply_fn = lambda v, x: model.apply(v, x, train=False)
+  feature_shape = jax.eval_shape(apply_fn, variables, np.zeros((1, *dataset.input_shape), np.float32))[1].shape
+  weights, bias = models.classifier_weights(variables["params"], feature_dim=math.prod(feature_shape[1:]),
+                                            num_classes=dataset.num_classes)
+  index, count = jax.process_index(), jax.process_count()
+  if hasattr(dataset, "train_inputs"):
+    train = array_batches(dataset.train_inputs, dataset.train_labels, batch_size, process_index=index,
+                          process_count=count)
+    test = array_batches(dataset.test_inputs, dataset.test_labels, batch_size, process_index=index,
+                         process_count=count)
+  else:
+    train, test = (streamed_batches(dataset, split_name, batch_size, process_index=index, process_count=count)
+                   for split_name in ("train", "test"))
+  main, heldout = {"both": (train, test), "train": (train, None), "test": (test, None)}[split]
+  info = {"workdir": str(pathlib.Path(workdir).absolute()), "checkpoint": str(checkpoint), "epoch": epoch,
+          "step": step, "split": split, "batch_size": batch_size}
+  config_text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+  return collect(apply_fn, variables, main, dataset.num_classes, out_dir=out_dir, weights=np.asarray(weights),
+                 bias=np.asarray(bias), test_batches=heldout, loss_fn=step_lib.loss_function(config.loss),
+                 checkpoint_every=checkpoint_every, progress=progress, quiet=quiet, info=info,
+                 fingerprint=f"{config_text}|{checkpoint}|{epoch}|{split}",
+                 loss_names=("test", "test") if split == "test" else ("train", "test"), warn=warn)
+
