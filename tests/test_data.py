@@ -138,6 +138,22 @@ class TestPreprocessing:
     with pytest.raises(ValueError, match="unknown dataset 'cifar11'.*cifar10"):
       data.load("cifar11")
 
+  @pytest.mark.parametrize("name,source,why,choices", [
+      ("cifar10", "generated", "only mnist1d and synthetic are generated", "source='tfds'"),
+      ("cifar10", "idx", "'idx' reads MNIST-format files (mnist, fashion_mnist) only", "source='tfds'"),
+      ("cifar10", "web", "unknown source", "source='tfds'"),
+      ("mnist", "generated", "only mnist1d and synthetic are generated", "source='tfds' or 'idx'"),
+      ("mnist1d", "web", "unknown source", "source='generated'")])
+  def test_a_source_the_dataset_lacks_names_the_sources_it_has(self, name, source, why, choices):
+    with pytest.raises(ValueError) as error:
+      data.load(name, source=source)
+    message = str(error.value)
+    assert message.startswith(f"source={source!r} cannot read {name!r}: {why}") and "\n" not in message
+    assert message.endswith(f"; for {name} use {choices}")  # never the rejected value as a choice
+
+  def test_generated_datasets_accept_any_known_source(self):
+    assert data.load("synthetic", source="tfds", train_per_class=3, test_per_class=2).num_classes == 10
+
   def test_per_class_larger_than_a_class_is_refused(self):
     with pytest.raises(ValueError, match="per_class=500 is more than some classes hold"):
       data.load("synthetic", train_per_class=20, per_class=500)

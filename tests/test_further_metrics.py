@@ -265,3 +265,22 @@ def test_variance_over_no_more_pairs_than_ddof_is_nan_not_zero():
   got = further.further_collapse(features.astype(np.float32), labels.astype(np.int32), 2, ddof=2)
   assert all(np.isnan(float(got[f"kernel_{kernel}_var"])) for kernel in further.KERNELS)
   assert np.isfinite(float(got["kernel_distance_mean"]))
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+def test_test_means_geometry_is_geometrys_own_numbers_from_one_sweep(ddof):
+  """mean_geometry takes equiangularity, max_angle and etf_deviation from one ``pair_geometry`` sweep:
+  bit for bit what geometry's three functions give, each with its own sweep."""
+  rng = np.random.default_rng(10)
+  centred = jnp.asarray(rng.normal(size=(9, 6)) * 1e3, jnp.float32)
+  weights = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+  got = further.mean_geometry(centred, weights, ddof)
+  scaled = further.streaming.unit_scaled(centred)
+  expected = {"equinorm_means_test": geometry.equinorm(scaled, ddof),
+              "equiangular_means_test": geometry.equiangularity(scaled, ddof),
+              "max_angle_means_test": geometry.max_angle(scaled),
+              "etf_deviation_means_test": geometry.etf_deviation(scaled),
+              "self_duality_test": geometry.self_duality(further.streaming.unit_scaled(weights), scaled)}
+  assert set(got) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), err_msg=key)

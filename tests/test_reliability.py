@@ -7,27 +7,19 @@ default config's smoke variant (a width-32 MLP on MNIST-1D, seconds per run).
 
 import json
 import os
-import pathlib
-import resource
 import shutil
 import signal
 import subprocess
-import sys
-import time
 
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import default as default_config
 from nc_jax import records, schema
-from nc_jax.training import Diverged, Preempted, checkpoints, train_and_evaluate
+from nc_jax.training import Diverged, Preempted, train_and_evaluate
 from nc_jax.training import workdir as workdir_lib
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-NOISE = ("wall_time", "images_per_sec")  # the only fields that may differ between runs
-QUIET = dict(log=lambda *a, **k: None)
+from tests import run_helpers
+from tests.run_helpers import QUIET, REPO, cli, comparable, cpu_env, saved_epochs, train_command
+from tests.run_helpers import final_state  # noqa: F401  (test_variants_training imports it from here)
 
 
 def smoke(**overrides):
@@ -35,14 +27,6 @@ def smoke(**overrides):
   config.update({**dict(num_epochs=12, measure_epochs=(1, 3, 6, 12), checkpoint_every_epochs=2,
                         deepfool_samples=0), **overrides})
   return config
-
-
-def comparable(run):
-  return [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(run)]
-
-
-def saved_epochs(run):
-  return sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def stop_after(config, workdir, epoch, signum=signal.SIGINT):
@@ -79,24 +63,8 @@ def copy_of(run, tmp_path):
   return target
 
 
-def final_state(run):
-  """The last checkpoint's arrays (host numpy), read through the verifying restore."""
-  manager = checkpoints.Checkpoints(run / "checkpoints", read_only=True)
-  try:
-    epoch = manager.latest_epoch()
-    restored = manager.manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                      meta=ocp.args.JsonRestore()))
-    return epoch, jax.tree_util.tree_leaves(jax.device_get(restored["state"]))
-  finally:
-    manager.close()
-
-
 def assert_same_run(run, straight):
-  assert comparable(run) == comparable(straight)
-  (epoch, leaves), (straight_epoch, straight_leaves) = final_state(run), final_state(straight)
-  assert epoch == straight_epoch == 12
-  for a, b in zip(leaves, straight_leaves):
-    np.testing.assert_array_equal(a, b)
+  run_helpers.assert_same_run(run, straight, last_epoch=12)
 
 
 def data_files(step):
@@ -135,6 +103,63 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_on(damage, st
   assert_same_run(run, straight)
   train_and_evaluate(smoke(), str(run), **QUIET)  # and a rerun of the finished run changes nothing
   assert_same_run(run, straight)
+
+
+def metadata_truncated(text):
+  return text[: len(text) // 2]
+
+
+def metadata_garbage(text):
+  return "\x00garbage{{"
+
+
+def metadata_without_tree(text):
+  return "{}"  # valid JSON, none of orbax's keys
+
+
+def metadata_without_keys(text):
+  """Valid JSON in orbax's shape whose entries lack their 'key' (what was reported as "KeyError: 'key'")."""
+  tree = json.loads(text)
+  for entry in tree["tree_metadata"].values():
+    for key in entry["key_metadata"]:
+      del key["key"]
+  return json.dumps(tree)
+
+
+STATE_METADATA = "its state/_METADATA, orbax's index of the state's arrays, "
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (metadata_truncated, "is not valid JSON (character "), (metadata_garbage, "is not valid JSON (character 0 of "),
+    (metadata_without_tree, "is JSON but not in orbax's layout (no key 'tree_metadata')"),
+    (metadata_without_keys, "is JSON but not in orbax's layout (no key 'key')")], ids=lambda v: getattr(v, "__name__", ""))
+def test_a_damaged_state_metadata_file_is_named_and_the_run_goes_on_from_the_previous_checkpoint(
+    damage, expected, stopped, straight, tmp_path, capsys):
+  run = copy_of(stopped, tmp_path)
+  metadata = run / "checkpoints" / "9" / "state" / "_METADATA"
+  metadata.write_text(damage(metadata.read_text()))
+  train_and_evaluate(smoke(), str(run), **QUIET)
+  err = capsys.readouterr().err
+  assert f"checkpoints/9 is damaged ({STATE_METADATA}{expected}" in err, err
+  assert "KeyError" not in err and "moved to " in err and "trying an older one" in err
+  assert [p.name.split("-")[0] for p in (run / "checkpoints" / "corrupt").iterdir()] == ["9"]
+  assert_same_run(run, straight)  # from checkpoint 8, as for any other damage
+
+
+def test_collect_names_a_damaged_state_metadata_file_and_uses_or_offers_the_other_checkpoints(stopped, tmp_path):
+  from nc_jax import collect as collect_lib
+  run = copy_of(stopped, tmp_path)
+  metadata = run / "checkpoints" / "9" / "state" / "_METADATA"
+  metadata.write_text(metadata_without_keys(metadata.read_text()))
+  with pytest.raises(collect_lib.CollectError) as error:
+    collect_lib.restore_workdir(run, 9)
+  message = str(error.value)
+  assert message == (f"checkpoint {run / 'checkpoints' / '9'} is damaged ({STATE_METADATA}is JSON but not in orbax's "
+                     "layout (no key 'key')); choose another --epoch (6, 8)")
+  warnings = []
+  assert collect_lib.restore_workdir(run, warn=warnings.append)[4] == 8  # the newest good one
+  assert len(warnings) == 1 and f"checkpoints/9 is damaged ({STATE_METADATA}" in warnings[0]
+  assert (run / "checkpoints" / "9").is_dir()  # read-only: nothing moved
 
 
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9, -1])
@@ -274,17 +299,6 @@ def test_a_refused_value_writes_nothing(tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def cli(workdir, *arguments, limit_file_bytes=None, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
-             "--workdir", str(workdir), *arguments]
-  limit = None if limit_file_bytes is None else (
-      lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes)))
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                        preexec_fn=limit)
-
-
 def one_line_error(result):
   lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
   assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -325,11 +339,8 @@ def test_workdir_that_is_a_file_is_one_line(tmp_path):
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signals_checkpoint_and_exit_cleanly(signum, code, tmp_path):
   arguments = ["--config.num_epochs=40", "--config.measure_epochs=40", "--config.model_options.width=256"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-  env.pop("XLA_FLAGS", None)
-  process = subprocess.Popen(
-      [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"), "--workdir",
-       str(tmp_path), *arguments], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  process = subprocess.Popen(train_command(tmp_path, *arguments), cwd=REPO, env=cpu_env({"PYTHONUNBUFFERED": "1"}),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in process.stdout:  # wait until training is under way
     if line.startswith("epoch    3"):
       break
@@ -364,11 +375,8 @@ def test_kill_9_with_the_newest_checkpoint_damaged_then_rerun(tmp_path):
                "--config.model_options.width=256", "--config.deepfool_samples=0"]
   assert cli(tmp_path / "straight", *arguments).returncode == 0
   run = tmp_path / "killed"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-  env.pop("XLA_FLAGS", None)
-  process = subprocess.Popen(
-      [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"), "--workdir",
-       str(run), *arguments], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  process = subprocess.Popen(train_command(run, *arguments), cwd=REPO, env=cpu_env({"PYTHONUNBUFFERED": "1"}),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   for line in process.stdout:
     if line.startswith("epoch   16"):  # checkpoints 12 and 15 are on disk (or being written)
       break

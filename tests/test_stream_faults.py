@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -20,10 +19,8 @@ from configs import default as default_config
 from nc_jax import records
 from nc_jax.data import stream
 from nc_jax.training import Preempted, checkpoints, loop, train_and_evaluate
+from tests.run_helpers import QUIET, REPO, assert_same_run, cli, comparable, cpu_env, train_command
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-NOISE = ("wall_time", "images_per_sec")
-QUIET = dict(log=lambda *a, **k: None)
 STREAMED = ["--config.input_pipeline=stream", "--config.epoch_loop=steps"]
 
 
@@ -32,29 +29,6 @@ def smoke(**overrides):
   config.update({**dict(num_epochs=4, measure_epochs=(1, 2, 3, 4), deepfool_samples=0, input_pipeline="stream",
                         epoch_loop="steps", batch_size=504), **overrides})  # 7 steps per epoch
   return config
-
-
-def comparable(run):
-  return [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(run)]
-
-
-def final_leaves(run):
-  manager = checkpoints.Checkpoints(run / "checkpoints", read_only=True)
-  try:
-    epoch = manager.latest_epoch()
-    restored = manager.manager.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                      meta=ocp.args.JsonRestore()))
-    return epoch, jax.tree_util.tree_leaves(jax.device_get(restored["state"]))
-  finally:
-    manager.close()
-
-
-def assert_same_run(run, straight):
-  assert comparable(run) == comparable(straight)  # every key but wall time and images/s, bit for bit
-  (epoch, leaves), (straight_epoch, straight_leaves) = final_leaves(run), final_leaves(straight)
-  assert epoch == straight_epoch
-  for a, b in zip(leaves, straight_leaves):
-    np.testing.assert_array_equal(a, b)
 
 
 def mid_epoch_metas(run):
@@ -127,14 +101,6 @@ def test_seconds_cadence_checkpoints_mid_epoch_without_changing_the_run(straight
   assert_same_run(tmp_path, straight)
 
 
-def cli(workdir, *arguments, env_extra=None, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-  env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke"),
-             "--workdir", str(workdir), *arguments]
-  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
 def test_kill_9_after_a_mid_epoch_checkpoint_then_rerun_is_exact(tmp_path):
   arguments = [*STREAMED, "--config.num_epochs=4", "--config.measure_epochs=1,2,3,4", "--config.deepfool_samples=0",
@@ -174,19 +140,16 @@ def test_two_processes_of_four_devices_stream_their_shards_and_match_one_process
   arguments = [*STREAMED, "--config.dataset=fashion_mnist", "--config.data_source=idx", "--config.per_class=20",
                "--config.batch_size=40", "--config.eval_batch_size=1000", "--config.num_epochs=3",
                "--config.measure_epochs=1,3", "--config.deepfool_samples=0"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8",
-         stream.READ_LOG_ENV: str(tmp_path / "single.reads")}
-  env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "nc_jax.train", "--config", str(REPO / "configs/default.py:smoke")]
-  single = subprocess.run([*command, "--workdir", str(tmp_path / "single"), *arguments], cwd=REPO, env=env,
+  env = cpu_env({"JAX_NUM_CPU_DEVICES": "8", stream.READ_LOG_ENV: str(tmp_path / "single.reads")})
+  single = subprocess.run(train_command(tmp_path / "single", *arguments), cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
 
   def two_processes(**env_extra):
     address = f"127.0.0.1:{_free_port()}"
     processes = [subprocess.Popen(
-        [*command, "--workdir", str(tmp_path / "multi"), *arguments, "--coordinator_address", address,
-         "--num_processes", "2", "--process_id", str(rank)], cwd=REPO, env={**env, **env_extra},
+        train_command(tmp_path / "multi", *arguments, "--coordinator_address", address, "--num_processes", "2",
+                      "--process_id", str(rank)), cwd=REPO, env={**env, **env_extra},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     return [p.communicate(timeout=300)[0] for p in processes], [p.returncode for p in processes]
 
@@ -293,10 +256,8 @@ def test_streaming_a_set_12x_larger_needs_no_more_host_memory(tmp_path):
   for count in (2000, 24000):
     builder = _noise_builder(count)
     builder(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    result = subprocess.run([sys.executable, "-c", MEASURE_RSS, builder.name, str(tmp_path)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", MEASURE_RSS, builder.name, str(tmp_path)], cwd=REPO,
+                            env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.splitlines()[-1])
     assert measured["train"] == count and measured["rows"] >= 2 * count

@@ -21,7 +21,7 @@ from nc_jax.data import preprocess, sources
 
 PAPER_PER_CLASS = {"mnist": 5000, "fashion_mnist": 6000, "cifar10": 5000, "cifar100": 500,
                    "svhn_cropped": 4600, "stl10": 500, "imagenet2012": 600}
-DATASETS = tuple(sources.TFDS_DATASETS) + ("mnist1d", "synthetic")
+DATASETS = tuple(sources.TFDS_DATASETS) + sources.GENERATED_DATASETS
 SOURCES = ("tfds", "idx", "generated")
 
 
@@ -55,19 +55,37 @@ class Dataset:
     return self.train_inputs.shape[1:]
 
 
+def _sources_of(name: str) -> tuple[str, ...]:
+  """The sources that can read dataset ``name`` ('generated' data ignores ``source``)."""
+  if name in sources.GENERATED_DATASETS:
+    return ("generated",)
+  return ("tfds", "idx") if name in sources.IDX_DATASETS else ("tfds",)
+
+
+def _check_source(name: str, source: str) -> None:
+  if source in _sources_of(name) or (name in sources.GENERATED_DATASETS and source in SOURCES):
+    return
+  if source == "generated":
+    why = f"only {' and '.join(sources.GENERATED_DATASETS)} are generated"
+  elif source == "idx":
+    why = f"'idx' reads MNIST-format files ({', '.join(sources.IDX_DATASETS)}) only"
+  else:
+    why = (f"unknown source; there are 'tfds' (prepared tfds datasets), 'idx' ({', '.join(sources.IDX_DATASETS)}) "
+           f"and 'generated' ({', '.join(sources.GENERATED_DATASETS)})")
+  choices = " or ".join(repr(s) for s in _sources_of(name))
+  raise ValueError(f"source={source!r} cannot read {name!r}: {why}; for {name} use source={choices}")
+
+
 def _raw(name: str, source: str, data_dir: Optional[str], seed: int, synthetic_options: dict) -> sources.RawSplits:
+  _check_source(name, source)
   if name == "mnist1d":
     return sources.from_mnist1d(seed=synthetic_options.get("mnist1d_seed", 42),
                                 num_samples=synthetic_options.get("num_samples", 5000))
   if name == "synthetic":
     return sources.synthetic(seed=seed, **synthetic_options)
   if source == "idx":
-    if name not in ("mnist", "fashion_mnist"):
-      raise ValueError(f"source='idx' reads MNIST-format files (mnist, fashion_mnist), not {name!r}")
     return sources.from_idx(name, data_dir)
-  if source == "tfds":
-    return sources.from_tfds(name, data_dir)
-  raise ValueError(f"unknown source {source!r} for {name!r}; choose one of {SOURCES}")
+  return sources.from_tfds(name, data_dir)
 
 
 def load(
@@ -90,8 +108,8 @@ def load(
   Args:
     name: one of DATASETS.
     source: 'tfds' (paper datasets via ``tfds.data_source``) or 'idx' (MNIST-format
-      files; Fashion-MNIST's default folder is Debian's dataset-fashion-mnist, MNIST's must be given). Ignored for
-      'mnist1d' and 'synthetic', which are generated.
+      files, mnist and fashion_mnist only; Fashion-MNIST's default folder is Debian's dataset-fashion-mnist,
+      MNIST's must be given). 'mnist1d' and 'synthetic' are generated: any of SOURCES is accepted and ignored.
     data_dir: tfds data_dir, or the IDX folder.
     per_class: training examples kept per class: 'paper' (PAPER_PER_CLASS; for
       generated data the smallest class count), an int, or None (keep all, unbalanced).

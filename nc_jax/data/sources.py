@@ -23,6 +23,8 @@ TFDS_DATASETS = {  # name -> (num_classes, test split)
     "stl10": (10, "test"),
     "imagenet2012": (1000, "validation"),
 }
+IDX_DATASETS = ("mnist", "fashion_mnist")  # MNIST-format files: what ``from_idx`` reads
+GENERATED_DATASETS = ("mnist1d", "synthetic")  # made here: ``from_mnist1d``, ``synthetic``
 
 
 @dataclasses.dataclass(frozen=True)

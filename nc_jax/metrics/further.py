@@ -48,13 +48,6 @@ KERNELS = ("distance", "log", "riesz")
 PILOT_ROWS = 2048  # classes in the pilot subset that sets the shifts of the pair sums
 
 
-def pilot_rows(num_classes: int) -> np.ndarray:
-  """At most ``PILOT_ROWS`` class indices spread evenly over [0, C) (all of them when C <= PILOT_ROWS)."""
-  if num_classes <= PILOT_ROWS:
-    return np.arange(num_classes)
-  return np.unique(np.linspace(0, num_classes - 1, PILOT_ROWS).round().astype(np.int64))
-
-
 def pair_distance_sq(gram: jax.Array, norm_sq_a: jax.Array, norm_sq_c: jax.Array) -> jax.Array:
   """Per pair: ||v_a - v_c||^2 = ||v_a||^2 + ||v_c||^2 - 2 <v_a, v_c>, clipped at 0.
 
@@ -69,10 +62,6 @@ def pair_unresolved(gram: jax.Array, norm_sq_a: jax.Array, norm_sq_c: jax.Array,
   eps = float(jnp.finfo(gram.dtype).eps)
   tolerance = 2.0 * math.sqrt(feature_dim) * eps * (norm_sq_a[:, None] + norm_sq_c[None, :])
   return pair_distance_sq(gram, norm_sq_a, norm_sq_c) <= tolerance
-
-
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=values.dtype), 1.0)
 
 
 def _spread(sum_1: jax.Array, sum_2: jax.Array, count: float, ddof: int) -> jax.Array:
@@ -168,18 +157,18 @@ def kernel_sweep(
     distance_sq = pair_distance_sq(gram, norm_sq_a, norm_sq_c)
     return 0.5 * jnp.log(jnp.where(unresolved, 1.0, distance_sq)) + log_unit, unresolved
 
-  pilot = pilot_rows(num_classes)
+  pilot = geo._pilot_rows(num_classes, PILOT_ROWS)  # evenly strided; all C up to PILOT_ROWS
   pilot_log, pilot_unresolved = log_distance(geo.matmul_highest(vectors[pilot], vectors[pilot].T),
                                              norm_sq[pilot], norm_sq[pilot])
   pilot_pairs = ~np.eye(len(pilot), dtype=bool)
   pilot_resolved = pilot_pairs & ~pilot_unresolved
-  log_shift = _masked_mean(-pilot_log, pilot_resolved)
+  log_shift = geo._masked_mean(-pilot_log, pilot_resolved)
   top, value_shift = {}, {}
   for name, power in powers.items():
     exponent = jnp.where(pilot_resolved, power * pilot_log, -jnp.inf)
     top[name] = jnp.max(exponent)
     top[name] = jnp.where(jnp.isfinite(top[name]), top[name], 0.0)
-    value_shift[name] = _masked_mean(jnp.exp(exponent - top[name]), pilot_pairs)
+    value_shift[name] = geo._masked_mean(jnp.exp(exponent - top[name]), pilot_pairs)
 
   def statistic(gram, norm_sq_a, norm_sq_c, mask):
     logs, unresolved = log_distance(gram, norm_sq_a, norm_sq_c)
@@ -369,11 +358,12 @@ def mean_geometry(centred_means: jax.Array, weights: Optional[jax.Array] = None,
   equinorm_means, equiangular_means, max_angle_means, etf_deviation_means, and with W (C, p)
   self_duality (squared, the paper's NC3). For the test-set means (Hui, Belkin & Nakkiran 2022)."""
   centred = streaming.unit_scaled(centred_means)  # all four are scale-invariant
+  pairs = geo.pair_geometry(centred, ddof=ddof)  # what equiangularity, max_angle and etf_deviation each sweep for
   out = {
       "equinorm_means": geo.equinorm(centred, ddof),
-      "equiangular_means": geo.equiangularity(centred, ddof),
-      "max_angle_means": geo.max_angle(centred),
-      "etf_deviation_means": geo.etf_deviation(centred),
+      "equiangular_means": pairs["equiangularity"],
+      "max_angle_means": pairs["max_angle"],
+      "etf_deviation_means": pairs["etf_deviation"],
   }
   if weights is not None:
     out["self_duality"] = geo.self_duality(streaming.unit_scaled(weights.astype(centred.dtype)), centred)

@@ -11,7 +11,9 @@ metadata) or whose content does not match its checksum (a flipped bit) is
 *damaged*: ``restore_latest`` moves it to ``checkpoints/corrupt/<epoch>-<time>/``
 (kept for inspection; orbax ignores that folder), warns, and tries the next
 older one, so the run goes on from the newest good checkpoint and re-creates the
-later ones as it passes their epochs.
+later ones as it passes their epochs. The warning names the file when it is one of
+the checkpoint's JSON files (``state/_METADATA``, ``meta/metadata``) that is not JSON
+or not in orbax's layout, instead of the parser's bare ``KeyError: 'key'``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import sys
 import time
+import traceback
 from typing import Any, Callable, Optional
 
 import jax
@@ -73,6 +77,43 @@ def checksum(state, meta: dict) -> str:
     digest.update(memoryview(array).cast("B"))
   digest.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
   return digest.hexdigest()
+
+
+# The JSON files of a checkpoint that a restore parses, and what each holds (orbax's layout).
+_JSON_FILES = {"state/_METADATA": "orbax's index of the state's arrays", "meta/metadata": "the run's meta and checksum"}
+
+
+def _error_chain(error: BaseException) -> list[BaseException]:
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen:
+    chain.append(error)
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return chain
+
+
+def _damaged_json(step: pathlib.Path, error: BaseException) -> Optional[str]:
+  """What a failed restore of checkpoint ``step`` tripped on, when it is one of its JSON files, else None.
+
+  A file that is not JSON (truncated, overwritten) is named as such; valid JSON that orbax's tree-metadata
+  parser rejects (missing or wrongly typed keys: KeyError 'key', 'tree_metadata'...) names state/_METADATA.
+  """
+  for name, holds in _JSON_FILES.items():
+    try:
+      text = (step / name).read_bytes()
+      json.loads(text)
+    except OSError:
+      continue  # a missing or unreadable file is orbax's to report
+    except ValueError as problem:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      where = f" (character {problem.pos} of {len(text)})" if isinstance(problem, json.JSONDecodeError) else ""
+      return f"its {name}, {holds}, is not valid JSON{where}: truncated or overwritten"
+  for link in _error_chain(error):
+    in_parser = any(f"{os.sep}metadata{os.sep}" in frame.filename or frame.name == "_read_metadata_file"
+                    for frame in traceback.extract_tb(link.__traceback__))
+    if in_parser and isinstance(link, (KeyError, TypeError, AttributeError, IndexError)):
+      detail = f"no key {link.args[0]!r}" if isinstance(link, KeyError) and link.args else _first_line(link, 120)
+      return f"its state/_METADATA, {_JSON_FILES['state/_METADATA']}, is JSON but not in orbax's layout ({detail})"
+  return None
 
 
 def _collect_abandoned_reads() -> None:
@@ -136,7 +177,8 @@ class Checkpoints:
       if isinstance(error, ValueError) and any(sign in first_line for sign in _MISMATCH_SIGNS):
         raise CheckpointMismatch(f"checkpoint {self.directory / str(epoch)} holds a state of other shapes or "
                                  f"structure than this config's model and optimizer ({first_line.rstrip(':')})") from None
-      raise CheckpointDamaged(f"{type(error).__name__}: {first_line}") from None
+      raise CheckpointDamaged(_damaged_json(self.directory / str(epoch), error)
+                              or f"{type(error).__name__}: {first_line}") from None
     expected = meta.get("sha256")
     if expected is None:
       _warn(f"checkpoint {self.directory / str(epoch)} has no checksum (written by an older nc-jax); not verified")
@@ -151,15 +193,15 @@ class Checkpoints:
     Damaged checkpoints met on the way are moved aside (unless read-only) with a warning.
     """
     damaged, found = [], None
-    for epoch in sorted(self.epochs(), reverse=True):
-      if before is not None and epoch > before:
-        continue
+    candidates = [epoch for epoch in sorted(self.epochs(), reverse=True) if before is None or epoch <= before]
+    for i, epoch in enumerate(candidates):
       try:
         state, meta = self.restore(epoch, abstract_state)
       except CheckpointDamaged as error:
         damaged.append(epoch)
+        next_step = "trying an older one" if i + 1 < len(candidates) else "there is no older one"
         warn(f"checkpoint {self.directory / str(epoch)} is damaged ({error}); "
-             + ("trying an older one" if self.read_only else f"moved to {self.directory / CORRUPT_DIR}/, trying an older one"))
+             + (next_step if self.read_only else f"moved to {self.directory / CORRUPT_DIR}/, {next_step}"))
         continue
       found = (epoch, state, meta)
       break
