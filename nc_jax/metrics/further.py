@@ -157,18 +157,18 @@ def kernel_sweep(
     distance_sq = pair_distance_sq(gram, norm_sq_a, norm_sq_c)
     return 0.5 * jnp.log(jnp.where(unresolved, 1.0, distance_sq)) + log_unit, unresolved
 
-  pilot = geo._pilot_rows(num_classes, PILOT_ROWS)  # evenly strided; all C up to PILOT_ROWS
+  pilot = geo.pilot_rows(num_classes, PILOT_ROWS)  # evenly strided; all C up to PILOT_ROWS
   pilot_log, pilot_unresolved = log_distance(geo.matmul_highest(vectors[pilot], vectors[pilot].T),
                                              norm_sq[pilot], norm_sq[pilot])
   pilot_pairs = ~np.eye(len(pilot), dtype=bool)
   pilot_resolved = pilot_pairs & ~pilot_unresolved
-  log_shift = geo._masked_mean(-pilot_log, pilot_resolved)
+  log_shift = geo.masked_mean(-pilot_log, pilot_resolved)
   top, value_shift = {}, {}
   for name, power in powers.items():
     exponent = jnp.where(pilot_resolved, power * pilot_log, -jnp.inf)
     top[name] = jnp.max(exponent)
     top[name] = jnp.where(jnp.isfinite(top[name]), top[name], 0.0)
-    value_shift[name] = geo._masked_mean(jnp.exp(exponent - top[name]), pilot_pairs)
+    value_shift[name] = geo.masked_mean(jnp.exp(exponent - top[name]), pilot_pairs)
 
   def statistic(gram, norm_sq_a, norm_sq_c, mask):
     logs, unresolved = log_distance(gram, norm_sq_a, norm_sq_c)

@@ -234,14 +234,15 @@ def _sharded_tile_sweep(tile, add, zeros, num_blocks: int, mesh, vectors, row_da
   return sweep(deal(tiles_i), deal(tiles_j), deal(live), vectors, row_data, valid)
 
 
-def _pilot_rows(num_classes: int, block: int) -> np.ndarray:
+def pilot_rows(num_classes: int, block: int) -> np.ndarray:
   """At most ``block`` class indices spread evenly over [0, C) (all of them when C <= block)."""
   if block >= num_classes:
     return np.arange(num_classes)
   return np.unique(np.linspace(0, num_classes - 1, block).round().astype(np.int64))
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``values`` where ``mask`` (same shape) is True; 0 when none is."""
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=values.dtype), 1.0)
 
 
@@ -298,13 +299,13 @@ def pair_geometry(
   etf_off = 1.0 / (kept * jnp.sqrt(kept - 1.0))  # -E_cc'/||E||_F for c != c'
   block = _block_rows(num_classes, block_rows)
 
-  pilot = _pilot_rows(num_classes, block)
+  pilot = pilot_rows(num_classes, block)
   pilot_cos = _gram(unit[pilot], unit[pilot])
   pilot_mask = _off_diagonal(len(pilot)) & valid[pilot][:, None] & valid[pilot][None, :]
   pilot_distance = jnp.maximum(2.0 - 2.0 * pilot_cos, 0.0)
   pilot_separate = pilot_mask & (pilot_distance > 0)
-  cos_shift = _masked_mean(pilot_cos, pilot_mask)
-  log_shift = _masked_mean(-0.5 * jnp.log(jnp.where(pilot_separate, pilot_distance, 1.0)), pilot_separate)
+  cos_shift = masked_mean(pilot_cos, pilot_mask)
+  log_shift = masked_mean(-0.5 * jnp.log(jnp.where(pilot_separate, pilot_distance, 1.0)), pilot_separate)
   if block >= num_classes:
     gram_hat = pilot_cos * ratio[:, None] * ratio[None, :]
     gram_frob_sq = jnp.sum(jnp.where(pilot_mask, gram_hat**2, 0.0)) + jnp.sum(ratio**4)
@@ -375,13 +376,13 @@ def equinorm(vectors: jax.Array, ddof: int = 1, valid: Optional[jax.Array] = Non
   norms = jnp.linalg.norm(_scale_free(vectors if valid is None else jnp.where(valid[:, None], vectors, 0.0)), axis=-1)
   if valid is None:
     return jnp.std(norms, ddof=ddof) / jnp.mean(norms)
-  return _masked_std(norms, valid, ddof) / _masked_mean(norms, valid)
+  return _masked_std(norms, valid, ddof) / masked_mean(norms, valid)
 
 
 def _masked_std(values: jax.Array, valid: jax.Array, ddof: int) -> jax.Array:
   """Std over the entries of ``values`` (C,) where ``valid``, two-pass."""
   count = jnp.sum(valid, dtype=values.dtype)
-  centred = jnp.where(valid, values - _masked_mean(values, valid), 0.0)
+  centred = jnp.where(valid, values - masked_mean(values, valid), 0.0)
   return jnp.sqrt(jnp.sum(centred**2) / (count - ddof))
 
 
@@ -449,4 +450,4 @@ def unc3(weights: jax.Array, centred_means: jax.Array, ddof: int = 1, valid: Opt
   alignment = jnp.sum(_unit_rows(_scale_free(weights)) * _unit_rows(_scale_free(centred_means)), axis=-1)
   if valid is None:
     return jnp.std(alignment, ddof=ddof) / jnp.mean(alignment)
-  return _masked_std(alignment, valid, ddof) / _masked_mean(alignment, valid)
+  return _masked_std(alignment, valid, ddof) / masked_mean(alignment, valid)
