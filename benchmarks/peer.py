@@ -62,6 +62,7 @@ def _budgeted_tiling(kernels, measure, util, budget_s: float, record: dict):
       done[0] += 1
       return kernel(tile_i, tile_j)
 
+    grid = None
     try:
       grid = original(data, counted, tile_size)
       elapsed = time.perf_counter() - start
@@ -70,8 +71,9 @@ def _budgeted_tiling(kernels, measure, util, budget_s: float, record: dict):
       elapsed = time.perf_counter() - start
       record["grid_s"] = record.get("grid_s", 0.0) + elapsed * tiles * tiles / done[0]
       record["estimated"] = True
-      grid = util.pt.zeros((size, size))  # the reduction's cost does not depend on the values
     record["loop_s"] = record.get("loop_s", 0.0) + elapsed
+    if grid is None:  # outside the except block, so the partial C x C grid is freed first
+      grid = util.pt.zeros((size, size))  # the reduction's cost does not depend on the values
     return grid
 
   kernels.tiling = tiling
