@@ -13,18 +13,27 @@ to do), 2 bad command line, 130 SIGINT / 143 SIGTERM after checkpointing.
 
 from __future__ import annotations
 
+import difflib
 import pathlib
+import re
 import shlex
 import sys
 
 from absl import flags
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from nc_jax import cli
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py")
+CONFIG_CHOICES = "--config=configs/NAME.py[:variant] (the experiments are in configs/ and configs/paper/)"
 
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (get_config), optionally FILE:variant.")
+# No default here: config_flags loads a default, overrides and all, while it defines the flag (at import, where
+# a mistake escapes as a traceback); _parse_flags names DEFAULT_CONFIG on the command line instead.
+try:
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config), optionally FILE:variant.")
+except flags.Error:  # a --flagfile it cannot read (it reads them to find --config): _parse_flags says which
+  config_flags.DEFINE_config_file("config", None, "Config file (get_config), optionally FILE:variant.", sys_argv=[])
+flags.FLAGS["config"].default_as_str = repr(DEFAULT_CONFIG)  # what --help shows
 flags.DEFINE_string("workdir", "workdirs/default", "Where config.json, metrics.jsonl and checkpoints/ go.")
 flags.DEFINE_bool("overwrite", False, "Discard a previous run with a different config in --workdir.")
 flags.DEFINE_string("resume_from", None, "OTHER_WORKDIR[:EPOCH]: start from that run's checkpoint (latest good "
@@ -34,25 +43,95 @@ FLAGS = flags.FLAGS
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with each mistake (missing config file, unknown key, bad value) as one line."""
+  """absl's parsing, with each mistake (missing config file, unknown key, bad value) as one line and exit 2."""
   try:
+    argv = FLAGS.read_flags_from_files(list(argv), force_gnu=False)  # --flagfile expanded, for the hints too
+    if _config_spec(argv) is None:
+      argv.insert(1, f"--config={DEFAULT_CONFIG}")
     remaining = FLAGS(argv)
     FLAGS.config.get("model")  # config_flags defers a failed load to the first use: fail here instead
     return remaining
   except flags.Error as error:
-    message = cli.one_line(error)
+    message = _flag_error(str(error), argv)
   except (AttributeError, KeyError) as error:  # ml_collections: an override of an undeclared key
-    text = str(error).replace("\\n", "\n").replace("\\'", "'")  # a KeyError's repr inside an AttributeError
-    lines = [line.strip().strip("'\"").strip() for line in text.splitlines() if line.strip().strip("'\"")]
-    name = lines[0] if lines else "?"
-    key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=")[0].split(".")),
-               f"--config.{name}")
-    hint = " ".join(lines[1:]).strip() or "see the config file (and nc_jax/schema.py) for the keys it declares"
-    message = f"{key}: no such config key; {hint}"
+    message = _unknown_key(str(error), argv)
   except Exception as error:  # noqa: BLE001  (a config file that does not load: missing, or raising)
-    reason = next((line.strip() for line in str(error).splitlines() if "Errno" in line), cli.one_line(error))
-    message = f"cannot load the config: {reason}"
+    message = _load_error(error, argv)
   cli.fail(message, 2)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config (FILE or FILE:variant) in ``argv``, or None when it names none."""
+  spec = None
+  for i, argument in enumerate(argv[1:], 1):
+    found = re.match(r"^--?config(=|$)", argument)
+    if found:
+      spec = argument[found.end():] if found.group(1) else (argv[i + 1] if i + 1 < len(argv) else "")
+  return spec
+
+
+def _config_keys(argv: list[str]) -> dict:
+  """Every key of the config that ``argv`` names, dotted ('model_options.width'), with its value; {} when the
+  config does not load."""
+  def walk(config, prefix):
+    for key, value in config.items():
+      keys[prefix + key] = value
+      if isinstance(value, config_dict.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+  keys, values = {}, flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=values, sys_argv=["load"])  # no overrides
+  try:
+    values(["load", f"--config={_config_spec(argv)}"])
+    walk(values.config, "")
+  except Exception:  # noqa: BLE001  (only a hint is lost)
+    return {}
+  return keys
+
+
+def _load_error(error: Exception, argv: list[str]) -> str:
+  """One line for a config file that does not load: unreadable (pass another one), or raising (fix it)."""
+  errno = re.search(r"\[Errno \d+\][^\n]*", str(error))
+  spec = _config_spec(argv)
+  if errno or not spec:
+    return f"cannot load the config: {errno.group(0) if errno else cli.one_line(error)}; pass {CONFIG_CHOICES}"
+  return f"cannot load the config {spec}: {type(error).__name__}: {cli.one_line(error)}; fix the file"
+
+
+def _unknown_key(text: str, argv: list[str]) -> str:
+  """One line for ml_collections' KeyError/AttributeError on an override of a key the config does not declare:
+  the --config.KEY given, the close keys the config does declare, and where they are listed."""
+  keys = _config_keys(argv)
+  overrides = [a.split("=")[0].lstrip("-")[len("config."):] for a in argv[1:] if re.match(r"^--?config\.", a)]
+  missing = re.search(r"'(\w+)'", text)  # the first part of the path that is not there
+  name = next((o for o in overrides if keys and o not in keys), None) or next(
+      (o for o in overrides if missing and missing.group(1) in o.split(".")), missing.group(1) if missing else "?")
+  parts = name.split(".")
+  depth = next((i for i in range(len(parts)) if ".".join(parts[:i + 1]) not in keys), len(parts) - 1)
+  parent = ".".join(parts[:depth])  # close keys are looked for beside the first part that is not there
+  siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+  close = [siblings[c] for c in difflib.get_close_matches(parts[depth], list(siblings), n=3)]
+  hint = f"did you mean {' or '.join('--config.' + c for c in close)}? " if close else ""
+  where = _config_spec(argv) or DEFAULT_CONFIG
+  return f"--config.{name}: no such config key; {hint}{where} declares the keys (nc_jax/schema.py says what each means)"
+
+
+def _flag_error(text: str, argv: list[str]) -> str:
+  """One line for absl's error on a flag: for a --config.KEY=VALUE of the wrong type, what KEY takes."""
+  line = " ".join(cli.one_line(RuntimeError(text)).split()).removeprefix("ERROR:: ")
+  if "before a value for --config was specified" in text:  # config_flags' FlagOrderError
+    return f"{line}; put --config FILE before the --config.KEY=VALUE overrides"
+  if text.startswith("flag --config="):  # the config file raised (an unknown variant, ...): its last line
+    return f"cannot load the config: {line.split(': ', 1)[-1]}"
+  found = re.match(r"flag --config\.([\w.]+)=", text)
+  if not found:
+    return line
+  value = _config_keys(argv).get(found.group(1))
+  kinds = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple like '(1, 2)'",
+           config_dict.ConfigDict: "a dict like '{\"key\": value}'"}
+  kind = next((kinds[t] for t in kinds if isinstance(value, t)), None)
+  if kind is None:
+    return line
+  return f"{line.removeprefix('flag ')}; config.{found.group(1)} takes {kind} (the config file has {value!r})"
 
 
 def rerun_command(argv: list[str], *, workdir: str, resume_from: str, lr: float) -> str:

@@ -14,7 +14,6 @@ sharding), so no data is read and nothing is computed.
 
 import collections
 import functools
-import json
 import re
 
 import jax
@@ -111,16 +110,14 @@ def lower_everywhere(fn, *args) -> dict:
 
 
 def trainer_program(config, dataset: str):
-  """The trainer's jitted train epoch and evaluation for ``config`` (``loop._program``, exactly as
+  """The trainer's jitted train epoch and evaluation for ``config`` (``loop.build_program``, exactly as
   ``train_and_evaluate`` builds them on the 8-device mesh) and abstract arguments of the data's real shapes."""
   shape, num_classes, num_train, num_test = DATA[dataset]
   num_train, num_test = LOWERED_SIZES.get(dataset, (num_train, num_test))
   config.epoch_loop = "scan"  # what 'auto' picks on accelerators (CPU steps conv nets from the host)
   schema.validate(config)
   schema.validate_sizes(config, num_train=num_train, num_test=num_test, num_devices=mesh().size)
-  compiled = {k: v for k, v in loop._config_dict(config).items() if k not in loop.RUN_ONLY_KEYS}
-  program = loop._program(json.dumps(compiled, sort_keys=True), mesh(), num_classes, shape,
-                          num_train // config.batch_size)
+  program = loop.build_program(config, mesh(), num_classes, shape, num_train // config.batch_size)
   inputs, labels = abstract((num_train, *shape)), abstract((num_train,), jnp.int32)
   train_args = (program.abstract_state, inputs, labels, abstract((), jnp.int32))
   eval_args = (program.abstract_state, inputs, labels, abstract((num_test, *shape)), abstract((num_test,), jnp.int32),

@@ -183,6 +183,34 @@ class TestTrainAndEvaluate:
     assert result.returncode == 1 and "config.dataset = 'cifar11': must be one of" in result.stderr
 
 
+@pytest.mark.parametrize("arguments,code,expected", [
+    # No --config: config_flags loads the default with the overrides while it defines the flag, at import.
+    (["--config.no_such_key=3"], 2, ["--config.no_such_key: no such config key", "configs/default.py"]),
+    (["--config.model_options.widht=3"], 2, ["--config.model_options.widht: no such config key",
+                                              "did you mean --config.model_options.width?"]),
+    (["--config.lr=abc"], 2, ["--config.lr=abc", "config.lr takes a number"]),
+    (["--config.model_options.fixed_etf=maybe"], 2, ["fixed_etf=maybe", "takes True or False"]),
+    (["--config.model=nosuch"], 1, ["config.model = 'nosuch': must be one of", "'resnet18'"]),
+    (["--config.dataset=nosuch"], 1, ["config.dataset = 'nosuch': must be one of", "'cifar10'"]),
+    (["--config=/no/such/file.py"], 2, ["cannot load the config", "/no/such/file.py", "--config=configs/NAME.py"]),
+    (["--config=configs/default.py:nosuch"], 2, ["unknown variant 'nosuch'", "'smoke'"]),
+    (["--config=configs/default.py", "--config.no_such_key=3"], 2, ["--config.no_such_key", "configs/default.py"]),
+    (["--config.lr=0.1", "--config=configs/default.py"], 2, ["--config.lr=0.1", "put --config FILE before"]),
+    (["--flagfile=/no/such/flags"], 2, ["/no/such/flags"]),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_a_bad_command_line_is_one_line_naming_the_key_or_value(arguments, code, expected, tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", *arguments, "--workdir", str(tmp_path / "run")]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
+  assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  for part in expected:
+    assert part in lines[0], lines[0]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9_is_bit_identical(tmp_path):
   overrides = ["--config.num_epochs=24", "--config.measure_epochs=" + ",".join(map(str, range(1, 25))),

@@ -51,7 +51,7 @@ def train_features(config, workdir: pathlib.Path):
   """(logits, features, labels, variables) of the trained model on its whole training set, eval mode."""
   variables = final_variables(workdir)
   model = models.create(config.model, NUM_CLASSES, **config.model_options)
-  dataset = loop._load_dataset(config)
+  dataset = loop.load_dataset(config)  # in memory: mnist1d is small
   logits, features = model.apply(variables, dataset.train_inputs, train=False)
   return np.asarray(logits), np.asarray(features), dataset.train_labels, variables
 

@@ -147,6 +147,12 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _compiled_json(config: ml_collections.ConfigDict) -> str:
+  """The config without its ``RUN_ONLY_KEYS``, as sorted JSON: what a run's compiled functions (and results)
+  depend on; ``build_program`` caches on it and ``_run_digest`` hashes it."""
+  return json.dumps({k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}, sort_keys=True)
+
+
 def _per_class(config):
   per_class = config.per_class
   if isinstance(per_class, str) and per_class not in ("paper",):
@@ -183,9 +189,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, num_classes: int, inp
   with their shardings on ``mesh``), exactly as ``train_and_evaluate`` builds it: from the config without
   its ``RUN_ONLY_KEYS``, cached per (config, mesh, shapes). input_shape is one example's (no batch axis);
   num_train (N) is needed only with ``feature_decay``."""
-  compiled_keys = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
-  return _program(json.dumps(compiled_keys, sort_keys=True), mesh, num_classes, tuple(input_shape),
-                  steps_per_epoch, num_train)
+  return _program(_compiled_json(config), mesh, num_classes, tuple(input_shape), steps_per_epoch, num_train)
 
 
 def _resume_source(spec: str) -> tuple[pathlib.Path, Optional[int]]:
@@ -254,9 +258,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
 
   # ----------------------------------- model, optimiser, state, jitted steps
   # Built (abstractly) before anything is written, so a model the data cannot feed is refused first.
-  compiled_keys = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
-  program = _program(json.dumps(compiled_keys, sort_keys=True), mesh, num_classes, dataset.input_shape,
-                     steps_per_epoch, len(dataset.train_labels))
+  program = build_program(config, mesh, num_classes, dataset.input_shape, steps_per_epoch,
+                          len(dataset.train_labels))
 
   # ---------------------------------------------------------------- workdir
   lock = workdir_lib.Lock(workdir) if is_main else contextlib.nullcontext()
@@ -349,8 +352,7 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
 def _run_digest(config) -> str:
   """sha256 of the config keys that change results: a mid-epoch checkpoint is resumed only by its own config
   (epoch checkpoints are guarded by workdir.write_config, which does not look into checkpoints/mid_epoch/)."""
-  compiled = {k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}
-  return hashlib.sha256(json.dumps(compiled, sort_keys=True).encode()).hexdigest()
+  return hashlib.sha256(_compiled_json(config).encode()).hexdigest()
 
 
 def _newer_mid_epoch(mid_ckpt, abstract_state, restored, log, digest: str):
