@@ -95,10 +95,13 @@ def parse_flags(argv: Sequence[str], values: Optional[flags.FlagValues] = None, 
   try:
     remaining = values(list(argv))
   except flags.Error as error:
-    fail(" ".join(one_line(error).split()), 2)
+    fail(f"{' '.join(one_line(error).split())}; --help lists the flags", 2)
   missing = [name for name in required if getattr(values, name) is None]
   if missing:
     fail(f"{' and '.join('--' + name for name in missing)} must be given" + (f": {usage}" if usage else ""), 2)
+  empty = [name for name in required if not str(getattr(values, name)).strip()]
+  if empty:  # pathlib reads '' as the current folder, where nothing was meant to go
+    fail(f"{' and '.join('--' + name for name in empty)} is empty" + (f": {usage}" if usage else ""), 2)
   return remaining
 
 
@@ -115,9 +118,14 @@ def initialize_distributed(values: Optional[flags.FlagValues] = None, *, detect_
   import jax
 
   values = flags.FLAGS if values is None else values
-  if values.coordinator_address or values.num_processes:
-    if None in (values.coordinator_address, values.num_processes, values.process_id):
-      fail("--coordinator_address, --num_processes and --process_id go together", 2)
+  given = [values.coordinator_address, values.num_processes, values.process_id]
+  if any(value is not None for value in given):
+    if None in given or not values.coordinator_address:
+      fail("--coordinator_address, --num_processes and --process_id go together: pass all three (e.g. "
+           "--coordinator_address=HOST:PORT --num_processes=2 --process_id=0) or none", 2)
+    if values.num_processes < 1 or not 0 <= values.process_id < values.num_processes:
+      fail(f"--process_id={values.process_id} --num_processes={values.num_processes}: need num_processes >= 1 and "
+           f"0 <= process_id < num_processes (one process each, numbered from 0)", 2)
     if jax.config.jax_platforms in (None, "", "cpu") and values.cpu_collectives:
       jax.config.update("jax_cpu_collectives_implementation", values.cpu_collectives)
     jax.distributed.initialize(values.coordinator_address, values.num_processes, values.process_id)

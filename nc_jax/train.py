@@ -46,10 +46,18 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with each mistake (missing config file, unknown key, bad value) as one line and exit 2."""
   try:
     argv = FLAGS.read_flags_from_files(list(argv), force_gnu=False)  # --flagfile expanded, for the hints too
-    if _config_spec(argv) is None:
+    spec = _config_spec(argv)
+    if spec is None:
       argv.insert(1, f"--config={DEFAULT_CONFIG}")
+    elif spec.endswith(":"):  # get_config('') is the file's default (full-size) job: ':$UNSET' would run it
+      cli.fail(f"--config={spec} names an empty variant after ':'; drop the ':' for the file's default job or "
+               f"name a variant ({spec}smoke, ...)", 2)
     remaining = FLAGS(argv)
     FLAGS.config.get("model")  # config_flags defers a failed load to the first use: fail here instead
+    if not FLAGS.workdir.strip():  # pathlib reads '' as the current folder: the run would land there
+      cli.fail("--workdir is empty: pass the run's folder, e.g. --workdir=workdirs/NAME", 2)
+    if FLAGS.resume_from is not None and not FLAGS.resume_from.strip():
+      cli.fail("--resume_from is empty: pass OTHER_WORKDIR[:EPOCH], or leave the flag out", 2)
     return remaining
   except flags.Error as error:
     message = _flag_error(str(error), argv)
@@ -124,13 +132,16 @@ def _flag_error(text: str, argv: list[str]) -> str:
     return f"cannot load the config: {line.split(': ', 1)[-1]}"
   found = re.match(r"flag --config\.([\w.]+)=", text)
   if not found:
-    return line
+    return f"{line}; --help lists the flags"
   value = _config_keys(argv).get(found.group(1))
   kinds = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple like '(1, 2)'",
            config_dict.ConfigDict: "a dict like '{\"key\": value}'"}
   kind = next((kinds[t] for t in kinds if isinstance(value, t)), None)
   if kind is None:
     return line
+  if isinstance(value, config_dict.ConfigDict):  # its repr is many lines of YAML: name the keys instead
+    return (f"{line.removeprefix('flag ')}; config.{found.group(1)} is a group: set one of its keys, "
+            f"--config.{found.group(1)}.KEY=VALUE (KEY one of {', '.join(sorted(value.keys()))})")
   return f"{line.removeprefix('flag ')}; config.{found.group(1)} takes {kind} (the config file has {value!r})"
 
 

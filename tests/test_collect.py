@@ -34,10 +34,10 @@ def workdir(tmp_path_factory):
   return directory
 
 
-def cli(*arguments, env_extra=None, timeout=300):
+def cli(*arguments, env_extra=None, timeout=300, cwd=REPO):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, "-m", "nc_jax.collect", *map(str, arguments)], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "nc_jax.collect", *map(str, arguments)], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
 
@@ -260,9 +260,78 @@ def test_bad_inputs_are_one_line(workdir, tmp_path):
       (["--workdir", workdir, "--out", tmp_path / "file"], 2, "is a file"),
       (["--workdir", workdir, "--out", tmp_path / "o", "--epoch", 99], 2, "it has epochs 3"),
       (["--workdir", workdir, "--out", tmp_path / "o", "--split", "val"], 2, "split"),
+      (["--out", tmp_path / "o"], 2, "--workdir must be given"),
+      (["--workdir", tmp_path / "file", "--out", tmp_path / "o"], 2, "is a file, not a run directory"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--batch_size", 0], 2, "--batch_size 0: must be at least 1"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--batch_size", -1], 2, "--batch_size -1: must be at least 1"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--batch_size", "abc"], 2, "--batch_size=abc"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--bogus", 3], 2, "'bogus'; --help lists the flags"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "extra"], 2, "unexpected arguments ['extra']"),
+      (["--workdir", workdir, "--out", tmp_path / "o", "--num_processes", 2], 2, "go together: pass all three"),
   ]
   for arguments, code, expected in cases:
     assert expected in one_line_error(cli(*arguments), code), arguments
+  assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_workdir_or_out_is_refused_not_the_current_folder(workdir, tmp_path):
+  """pathlib reads '' as '.': `--out ""` (an unset $OUT) once wrote nc.json and class_stats.npz into the
+  current folder, and `--workdir ""` looked for a run there."""
+  here = tmp_path / "cwd"
+  here.mkdir()
+  assert "--out is empty" in one_line_error(cli("--workdir", workdir, "--out", "", cwd=here), 2)
+  assert "--workdir is empty" in one_line_error(cli("--workdir", "", "--out", tmp_path / "o", cwd=here), 2)
+  assert not list(here.iterdir())
+  for options, flag in ((dict(workdir=workdir, out_dir=""), "--out"),
+                        (dict(workdir="", out_dir=tmp_path), "--workdir")):
+    with pytest.raises(collect_lib.CollectError, match=f"{flag} is empty") as error:
+      collect_lib.collect_workdir(**options, **QUIET)
+    assert error.value.code == 2
+
+
+def test_every_public_name_imports():
+  """The package split from one module keeps its names: each of __all__ is there, ``import *`` gives them."""
+  namespace = {}
+  exec("from nc_jax.collect import *", namespace)  # noqa: S102
+  assert set(collect_lib.__all__) <= set(namespace)
+  assert all(getattr(collect_lib, name) is namespace[name] for name in collect_lib.__all__)
+  assert issubclass(collect_lib.CollectError, ValueError) and issubclass(collect_lib.AccumulatorsDamaged, Exception)
+
+
+def test_read_outputs_refuses_what_is_not_one_measurement(user_model, tmp_path):
+  """Each damage is one CollectError line naming the file and the fix: never a traceback, never a wrong pair."""
+  inputs, labels, _, _ = user_model["data"]
+  good = tmp_path / "good"
+  collect_lib.collect(user_model["apply_fn"], user_model["params"], batch_list(inputs, labels, 100), 5, out_dir=good,
+                      **QUIET)
+  (tmp_path / "file").write_text("x")
+
+  def damaged(name, damage):
+    folder = tmp_path / name
+    shutil.copytree(good, folder)
+    damage(folder / "nc.json", folder / "class_stats.npz")
+    return folder
+
+  def replace_with_folder(path):
+    path.unlink()
+    path.mkdir()
+
+  cases = [
+      (tmp_path / "nowhere", "has no nc.json: no measurement finished there"),
+      (tmp_path / "file", "is a file, not a measurement's folder"),
+      (damaged("no_stats", lambda nc, stats: stats.unlink()), "class_stats.npz is missing beside"),
+      (damaged("other_stats", lambda nc, stats: stats.write_bytes(b"PK\x03\x04 another file")),
+       "is not the one .*nc.json was written with .*: damaged or replaced since"),
+      (damaged("stats_folder", lambda nc, stats: replace_with_folder(stats)), "class_stats.npz cannot be read"),
+      (damaged("truncated", lambda nc, stats: nc.write_bytes(nc.read_bytes()[:100])), "cannot read the measurement"),
+      (damaged("empty", lambda nc, stats: nc.write_bytes(b"")), "cannot read the measurement"),
+      (damaged("json_list", lambda nc, stats: nc.write_text("[1, 2]")), "holds a JSON list, not a measurement"),
+  ]
+  for folder, message in cases:
+    with pytest.raises(collect_lib.CollectError, match=message) as error:
+      collect_lib.read_outputs(folder)
+    assert "\n" not in str(error.value) and ("rerun" in str(error.value) or "pass" in str(error.value)), folder
+  assert collect_lib.read_outputs(good)[0]["num_samples"] == 300
 
 
 # ---------------------------------------------------------------------------
@@ -315,6 +384,7 @@ def test_bad_user_inputs_are_one_line_collect_errors(user_model, tmp_path):
       (dict(num_classes=1), "num_classes must be an int >= 2"),
       (dict(checkpoint_every="a"), "checkpoint_every must be an int"),
       (dict(out_dir=tmp_path / "file"), "is a file"),
+      (dict(out_dir=""), "out_dir is empty"),
   ]
   (tmp_path / "file").write_text("x")
   for options, message in cases:

@@ -161,6 +161,122 @@ class TestTilesShardedAcrossDevices:
       np.testing.assert_allclose(float(shared[key]), float(one[key]), rtol=1e-5, err_msg=key)
 
 
+def mesh_of(kind):
+  """The meshes a user may pass as pair_mesh: 2-D (4 x 2), jax.make_mesh's (Explicit axes in this JAX),
+  and one over 3 of the 8 devices (28 tiles of 45 rows for C = 300: not a multiple of 3 or of 8)."""
+  devices = jax.devices()
+  if kind == "2d":
+    return jax.sharding.Mesh(np.array(devices[:8]).reshape(4, 2), ("data", "model"))
+  if kind == "make_mesh":
+    return jax.make_mesh((4, 2), ("data", "model"))
+  return jax.sharding.Mesh(np.array(devices[5:8]), ("data",))
+
+
+def sum_and_count(gram, a, b, mask):
+  return {"n": jnp.sum(mask, dtype=jnp.int32), "s": jnp.sum(jnp.where(mask, a[:, None] + b[None, :] - 2.0 * gram, 0.0))}
+
+
+def assert_same_keys(got, want, rtol=1e-5):
+  """Every key equal to float32 rounding, NaN exactly where ``want`` has NaN, integers exactly."""
+  assert set(got) == set(want)
+  for key in want:
+    if jnp.issubdtype(jnp.asarray(want[key]).dtype, jnp.integer):
+      assert int(got[key]) == int(want[key]), key
+    else:
+      np.testing.assert_allclose(float(got[key]), float(want[key]), rtol=rtol, atol=0, equal_nan=True, err_msg=key)
+
+
+class TestPairMeshes:
+  """Any mesh a user holds shares the tiles and gives the one-device sums: 2-D, Explicit axes, a subset of
+  the devices, eagerly, under jit and under jax.set_mesh; a wrong ``mesh`` is one clear error."""
+
+  @pytest.mark.parametrize("kind", ["2d", "make_mesh", "three_devices"])
+  def test_any_mesh_eager_jitted_or_set_gives_the_one_device_sums(self, kind):
+    """Under jax.set_mesh the shard_map once ran on a flat copy of the mesh and failed (context mesh
+    'data' != shard_map's 'pair_tiles'); under an Explicit-axes set_mesh it could close over nothing."""
+    mesh, vectors = mesh_of(kind), spread_vectors(300, 5, seed=3)
+    one = geometry.pair_sums(sum_and_count, vectors, block_rows=45)
+    shared = lambda v: geometry.pair_sums(sum_and_count, v, block_rows=45, mesh=mesh)
+    results = [shared(vectors), jax.jit(shared)(vectors)]
+    with jax.set_mesh(mesh):
+      results += [jax.jit(shared)(vectors), shared(vectors)]
+    for got in results:
+      assert int(got["n"]) == int(one["n"]) == 300 * 299 // 2
+      assert float(got["s"]) == pytest.approx(float(one["s"]), rel=1e-6)
+
+  def test_more_tiles_per_device_than_classes(self):
+    """block_rows=1, C = 20: 210 tiles, 27 per device (> C); each pair still counted once."""
+    vectors = spread_vectors(20, 3, seed=4)
+    one = geometry.pair_sums(sum_and_count, vectors, block_rows=1)
+    got = jax.jit(lambda v: geometry.pair_sums(sum_and_count, v, block_rows=1, mesh=eight_device_mesh()))(vectors)
+    assert int(got["n"]) == int(one["n"]) == 190 and float(got["s"]) == pytest.approx(float(one["s"]), rel=1e-6)
+
+  def test_nan_and_zero_rows_and_dropped_classes_just_above_the_dense_threshold(self):
+    """C = DENSE_MAX_CLASSES + 1: 3 default tiles i <= j, one per device; NaN exactly where the one-device
+    sweep has NaN (a zero row: the direction statistics; a NaN entry: CDNV too); dropped classes left out."""
+    num_classes = geometry.DENSE_MAX_CLASSES + 1
+    vectors, valid = spread_vectors(num_classes, 6, seed=8), jnp.arange(num_classes) % 5 != 1
+    variances = jnp.linspace(0.5, 2.0, num_classes, dtype=jnp.float32)
+    keys = lambda mesh: jax.jit(lambda v: geometry.pair_geometry(
+        v, valid=valid, variances=variances, coincident_floor_sq=jnp.float32(0.0), mesh=mesh))
+    one, shared = keys(None), keys(mesh_of("three_devices"))
+    for v in (vectors, vectors.at[4].set(0.0), vectors.at[9, 2].set(jnp.nan), vectors.at[12].set(vectors[30])):
+      assert_same_keys(shared(v), one(v))
+    zero, nan = shared(vectors.at[4].set(0.0)), shared(vectors.at[9, 2].set(jnp.nan))
+    assert np.isnan(float(zero["gnc2"])) and np.isfinite(float(zero["cdnv"])) and np.isnan(float(nan["cdnv"]))
+    assert int(shared(vectors.at[12].set(vectors[30]))["num_coincident"]) == 1
+
+  def test_suite_on_explicitly_sharded_features_with_min_count(self):
+    """Features sharded along N on jax.make_mesh's Explicit axes once failed in pass 1 (segment sums have no
+    output type there); with pair_mesh and min_count dropping classes: the suite on plain arrays."""
+    features, labels, weights, bias = gaussian_classes(784, 6, 260, seed=9)
+    labels = np.where(labels % 13 == 0, 1, labels)  # 20 classes empty: min_count drops them
+    mesh = mesh_of("make_mesh")
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "model")))
+    sharded = jax.device_put(jnp.asarray(features), rows), jax.device_put(jnp.asarray(labels), rows)
+    want = jax.jit(lambda h, y: neural_collapse(h, y, 260, weights, bias, min_count=1))(features, labels)
+    got = jax.jit(lambda h, y: neural_collapse(h, y, 260, weights, bias, min_count=1, pair_mesh=mesh))(*sharded)
+    assert int(want["num_filtered_classes"]) == 20
+    assert_same_keys(got, want)
+
+  @pytest.mark.parametrize("bad", [jax.devices, "data", "abstract"])
+  def test_a_mesh_of_the_wrong_type_is_one_type_error(self, bad):
+    bad = {jax.devices: jax.devices(), "abstract": eight_device_mesh().abstract_mesh}.get(bad, bad)
+    """Even on the dense path (C = 3), where the mesh would be ignored, and before any pass runs."""
+    features, labels, _, _ = gaussian_classes(60, 4, 3, seed=1)
+    calls = [lambda: geometry.pair_sums(sum_and_count, spread_vectors(3, 2), mesh=bad),
+             lambda: geometry.pair_geometry(spread_vectors(3, 2), mesh=bad),
+             lambda: neural_collapse(features, labels, 3, pair_mesh=bad),
+             lambda: streaming.finalize_collapse(None, None, mesh=bad)]  # the mesh is checked first
+    for call in calls:
+      with pytest.raises(TypeError, match=r"pair_mesh / mesh must be None or a jax.sharding.Mesh .*got"):
+        call()
+
+  def test_inputs_on_other_devices_name_the_fix(self):
+    """Eagerly: inputs committed to device 7 and a mesh over all 8, or a mesh other than jax.set_mesh's, are
+    one ValueError naming the fix (under jit JAX itself refuses, naming both device sets)."""
+    vectors = spread_vectors(300, 5)
+    on_seven = jax.device_put(vectors, jax.devices()[7])
+    with pytest.raises(ValueError, match=r"spans devices \[0, 1, 2, 3, 4, 5, 6, 7\] but the inputs are committed to "
+                                         r"devices \[7\]: pass the mesh the inputs are sharded on"):
+      geometry.pair_sums(sum_and_count, on_seven, block_rows=45, mesh=eight_device_mesh())
+    with pytest.raises(ValueError, match="incompatible devices"):
+      jax.jit(lambda v: geometry.pair_sums(sum_and_count, v, block_rows=45, mesh=eight_device_mesh()))(on_seven)
+    with jax.set_mesh(mesh_of("2d")):
+      with pytest.raises(ValueError, match=r"has axes \{'data': 8\} but the mesh in use \(set by jax.set_mesh.*"
+                                           r"has \{'data': 4, 'model': 2\}: pass that mesh"):
+        geometry.pair_sums(sum_and_count, vectors, block_rows=45, mesh=eight_device_mesh())
+
+  @pytest.mark.parametrize("platform", ["tpu", "cuda"])
+  def test_exports_for_accelerators_with_the_sweep_in_a_manual_computation(self, platform):
+    features = jax.ShapeDtypeStruct((600, 8), jnp.float32)
+    labels = jax.ShapeDtypeStruct((600,), jnp.int32)
+    suite = jax.jit(lambda h, y: neural_collapse(h, y, 300, pair_block_rows=64, pair_mesh=eight_device_mesh()))
+    exported = jax.export.export(suite, platforms=[platform])(features, labels)
+    module = exported.mlir_module()
+    assert exported.nr_devices == 8 and "sdy.manual_computation" in module and "callback" not in module
+
+
 class TestSuiteAtLargeC:
 
   def test_tiled_suite_matches_float64_reference_and_dense_path(self):

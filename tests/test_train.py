@@ -197,11 +197,29 @@ class TestTrainAndEvaluate:
     (["--config=configs/default.py", "--config.no_such_key=3"], 2, ["--config.no_such_key", "configs/default.py"]),
     (["--config.lr=0.1", "--config=configs/default.py"], 2, ["--config.lr=0.1", "put --config FILE before"]),
     (["--flagfile=/no/such/flags"], 2, ["/no/such/flags"]),
+    # ':' then nothing (an unset ':$VARIANT') once ran the file's default, full-size job.
+    (["--config=configs/default.py:"], 2, ["--config=configs/default.py: names an empty variant", "drop the ':'"]),
+    # A group given a value once printed its YAML over a dozen lines.
+    (["--config.model_options=3"], 2, ["config.model_options is a group", "--config.model_options.KEY=VALUE",
+                                       "width"]),
+    (["--config.lr=-1"], 1, ["config.lr = -1.0: must be a finite number > 0"]),
+    (["--config.lr=nan"], 1, ["config.lr = nan: must be a finite number > 0"]),
+    (["--config.epochs=0"], 2, ["--config.epochs: no such config key", "did you mean --config.num_epochs"]),
+    (["--config.num_epochs=0"], 1, ["config.num_epochs = 0: must be an integer >= 1"]),
+    (["--bogus=1"], 2, ["Unknown command line flag 'bogus'; --help lists the flags"]),
+    (["--workdir=README.md"], 1, ["README.md is a file, not a directory; choose another --workdir"]),
+    (["--resume_from="], 2, ["--resume_from is empty"]),
+    (["--num_processes=2"], 2, ["go together: pass all three"]),
+    # Once a traceback from jax.distributed.initialize.
+    (["--process_id=5", "--num_processes=2", "--coordinator_address=127.0.0.1:1"], 2,
+     ["--process_id=5 --num_processes=2: need", "0 <= process_id < num_processes"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_a_bad_command_line_is_one_line_naming_the_key_or_value(arguments, code, expected, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("XLA_FLAGS", None)
-  command = [sys.executable, "-m", "nc_jax.train", *arguments, "--workdir", str(tmp_path / "run")]
+  command = [sys.executable, "-m", "nc_jax.train", *arguments]
+  if not any(argument.startswith("--workdir") for argument in arguments):
+    command += ["--workdir", str(tmp_path / "run")]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("WARNING")]
   assert result.returncode == code and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -209,6 +227,28 @@ def test_a_bad_command_line_is_one_line_naming_the_key_or_value(arguments, code,
   for part in expected:
     assert part in lines[0], lines[0]
   assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_workdir_is_refused_not_the_current_folder(tmp_path):
+  """pathlib reads '' as '.': `--workdir=` (an unset $RUN) once trained into the current folder."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", f"--config={REPO / 'configs' / 'default.py'}:smoke", "--workdir="]
+  result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+      "error: --workdir is empty: pass the run's folder, e.g. --workdir=workdirs/NAME"], result.stderr[-3000:]
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_resume_from_that_is_not_a_run_is_one_line(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  command = [sys.executable, "-m", "nc_jax.train", "--config=configs/default.py:smoke", "--workdir",
+             str(tmp_path / "run"), f"--resume_from={tmp_path}"]
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines() == [
+      f"error: --resume_from {tmp_path}: {tmp_path}/checkpoints does not exist"]
 
 
 @pytest.mark.slow

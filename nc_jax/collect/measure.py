@@ -134,6 +134,9 @@ def collect(
     raise CollectError(f"num_classes must be an int >= 2, got {num_classes!r}")
   if not isinstance(checkpoint_every, (int, np.integer)) or isinstance(checkpoint_every, bool):
     raise CollectError(f"checkpoint_every must be an int >= 0 (0: no checkpoints), got {checkpoint_every!r}", 2)
+  if isinstance(out_dir, str) and not out_dir.strip():  # pathlib would read '' as the current folder
+    raise CollectError("out_dir is empty: pass the folder for nc.json and class_stats.npz, or None to write nothing",
+                       2)
   if out_dir is not None and pathlib.Path(out_dir).exists() and not pathlib.Path(out_dir).is_dir():
     raise CollectError(f"out_dir {out_dir} is a file, not a directory; choose another out_dir", 2)
   process_index, process_count = jax.process_index(), jax.process_count()

@@ -62,9 +62,12 @@ def mismatch(out_dir: pathlib.Path) -> Optional[str]:
     actual = sha256((out_dir / STATS_FILE).read_bytes())
   except FileNotFoundError:
     return f"{out_dir / STATS_FILE} is missing beside {out_dir / NC_FILE}"
+  except OSError as error:  # a folder in its place, unreadable, ...
+    return f"{out_dir / STATS_FILE} cannot be read beside {out_dir / NC_FILE} ({error.strerror or error})"
   if actual != expected:
     return (f"{out_dir / STATS_FILE} (sha256 {actual[:12]}...) is not the one {out_dir / NC_FILE} was written "
-            f"with ({expected[:12]}...): a measurement was stopped between writing the two")
+            f"with ({expected[:12]}...): damaged or replaced since, or a measurement was stopped between writing "
+            "the two")
   return None
 
 
@@ -75,6 +78,8 @@ def read_outputs(out_dir) -> tuple[dict, dict[str, np.ndarray]]:
   (its sha256 differs: a measurement was stopped between the two writes); rerun it to rewrite both.
   """
   out_dir = pathlib.Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise CollectError(f"{out_dir} is a file, not a measurement's folder; pass the --out of a measurement")
   if not (out_dir / NC_FILE).exists():
     raise CollectError(f"{out_dir} has no {NC_FILE}: no measurement finished there; run (or rerun) it")
   problem = mismatch(out_dir)
@@ -87,4 +92,7 @@ def read_outputs(out_dir) -> tuple[dict, dict[str, np.ndarray]]:
   except Exception as error:  # json, zipfile and numpy raise many types for a damaged file
     raise CollectError(f"{out_dir}: cannot read the measurement ({' '.join(str(error).split())[:200]}); "
                        "rerun it") from None
+  if not isinstance(result, dict):
+    raise CollectError(f"{out_dir / NC_FILE} holds a JSON {type(result).__name__}, not a measurement's metrics "
+                       "(an object); rerun the measurement")
   return result, stats

@@ -19,6 +19,12 @@ from nc_jax.collect.measure import collect
 SPLITS = ("both", "train", "test")
 
 
+def _not_empty(path, flag: str, what: str) -> None:
+  """Refuses an empty path: pathlib reads '' as the current folder, where nothing was meant to go."""
+  if isinstance(path, str) and not path.strip():
+    raise CollectError(f"{flag} is empty: pass {what}", 2)
+
+
 def _read_workdir_config(workdir: pathlib.Path):
   """The run's config.json as a ConfigDict; CollectError (naming the fix) for anything else."""
   import ml_collections
@@ -57,6 +63,7 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str
   from nc_jax.data import device
   from nc_jax.training import checkpoints, loop
 
+  _not_empty(workdir, "--workdir", "a run directory of python -m nc_jax.train")
   workdir = pathlib.Path(workdir).absolute()
   config = _read_workdir_config(workdir)
   directory = workdir / "checkpoints"
@@ -112,6 +119,8 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
     raise CollectError(f"--split {split!r}: choose one of {', '.join(SPLITS)}", 2)
   if batch_size is not None and batch_size < 1:
     raise CollectError(f"--batch_size {batch_size}: must be at least 1", 2)
+  _not_empty(workdir, "--workdir", "a run directory of python -m nc_jax.train")
+  _not_empty(out_dir, "--out", "the folder for nc.json and class_stats.npz")
   out_dir = pathlib.Path(out_dir).absolute()
   _check_out_dir(out_dir)
   config, dataset, model, variables, epoch, step, checkpoint = restore_workdir(workdir, epoch, warn=warn)

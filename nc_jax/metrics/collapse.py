@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nc_jax.metrics import geometry as geo
 from nc_jax.metrics import streaming
 from nc_jax.metrics.streaming import (  # the two-pass API lives in streaming; re-exported for callers of collapse
     DEGENERACY_KEYS,
@@ -396,7 +397,8 @@ def neural_collapse(
       ``geometry.DENSE_MAX_CLASSES`` classes, else ``geometry.PAIR_BLOCK``).
     pair_mesh: a ``jax.sharding.Mesh`` (the one the features live on): beyond the dense
       threshold its devices share the tiles of the pair statistics, each sweeping ~1/D of
-      them (``geometry.pair_sums``); None: one device sweeps them all.
+      them (``geometry.pair_sums``); None: one device sweeps them all. Inputs sharded on Explicit
+      mesh axes (jax.make_mesh's default) are computed on Auto axes (``geometry.run_auto``).
 
   Returns:
     dict of scalar arrays:
@@ -433,6 +435,15 @@ def neural_collapse(
   features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
   check_shapes(features, labels, num_classes, weights, bias, mask)
   streaming.check_min_count(min_count)
+  geo.check_mesh(pair_mesh)
+  explicit = geo.explicit_mesh(features, labels, weights, bias, mask, test_features, test_labels)
+  if explicit is not None:  # inputs typed on Explicit axes (jax.make_mesh's default): computed on Auto axes
+    options = dict(global_mean=global_mean, solver=solver, rcond=rcond, divide_nc1_by_classes=divide_nc1_by_classes,
+                   std_ddof=std_ddof, self_duality_squared=self_duality_squared, ncc_use_bias=ncc_use_bias,
+                   chunk_rows=chunk_rows, min_count=min_count, pair_block_rows=pair_block_rows, pair_mesh=pair_mesh)
+    return geo.run_auto(lambda h, y, w, b, m, th, ty: neural_collapse(
+        h, y, num_classes, w, b, mask=m, test_features=th, test_labels=ty, **options),
+        explicit, features, labels, weights, bias, mask, test_features, test_labels)
   geometry, state = _both_passes(features, labels, num_classes, weights, bias, mask, global_mean=global_mean,
                                  solver=solver, rcond=rcond, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias,
                                  min_count=min_count)

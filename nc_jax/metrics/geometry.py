@@ -150,14 +150,21 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
     row_data: pytree of (C, ...) arrays sliced along with the rows, or None for ||v_c||^2 (C,).
     valid: (C,) bool, False for classes left out of every pair, or None (all).
     block_rows: rows per tile; None: all C up to ``DENSE_MAX_CLASSES``, else ``PAIR_BLOCK``.
-    mesh: a ``jax.sharding.Mesh`` whose devices share the tiles (the mesh the inputs live on), or
-      None. Ignored on the dense path (one tile) and for a one-device mesh.
+    mesh: a ``jax.sharding.Mesh`` whose devices share the tiles (the mesh the inputs live on, any
+      shape and axis types; that of ``jax.set_mesh`` if one is set), or None. Ignored on the dense
+      path (one tile) and for a one-device mesh. Inputs committed to other devices are a ValueError
+      (under jit, JAX's). Inputs typed on Explicit axes are computed on Auto ones (``run_auto``).
   """
+  check_mesh(mesh)
   num_classes = vectors.shape[0]
   if row_data is None:
     row_data = jnp.sum(vectors**2, axis=-1)
   valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)
   block = _block_rows(num_classes, block_rows)
+  explicit = explicit_mesh(vectors, row_data, valid, shares_tiles=_shares_tiles(mesh, num_classes, block))
+  if explicit is not None:
+    return run_auto(lambda v, r, ok: pair_sums(statistic, v, r, valid=ok, block_rows=block, mesh=mesh), explicit,
+                    vectors, row_data, valid)
   if block >= num_classes:
     mask = _off_diagonal(num_classes) & valid[:, None] & valid[None, :]
     return _tile_share(statistic(_gram(vectors, vectors), row_data, row_data, mask), True)
@@ -205,8 +212,63 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
   return unflatten(_sharded_tile_sweep(tile, add, zeros, num_blocks, mesh, vectors, row_data, valid))
 
 
+def check_mesh(mesh) -> None:
+  """TypeError unless ``mesh`` (``pair_mesh``) is None or a concrete ``jax.sharding.Mesh``."""
+  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"pair_mesh / mesh must be None or a jax.sharding.Mesh over the devices that hold the inputs "
+                    f"(e.g. jax.make_mesh((jax.device_count(),), ('data',))), got {type(mesh).__name__}: {mesh!r:.80}")
+
+
+def _shares_tiles(mesh, num_classes: int, block: int) -> bool:
+  """Whether ``pair_sums`` deals its tiles to the devices of ``mesh``: a mesh of D > 1 devices, and > 1 tile."""
+  return mesh is not None and mesh.size > 1 and block < num_classes
+
+
+def explicit_mesh(*trees, shares_tiles: bool = False):
+  """The ``AbstractMesh`` with Explicit axes (jax.make_mesh's default) that a metric must run under
+  ``run_auto`` on, or None: that of an input typed on one, or that of ``jax.set_mesh`` when ``shares_tiles``
+  (``shard_map`` cannot close over values typed on Explicit axes). The metrics are written for Auto
+  sharding: on Explicit axes, sums over a sharded axis (segment sums, tile slices) have no output type."""
+  for leaf in jax.tree_util.tree_leaves(trees):
+    if not isinstance(leaf, jax.Array):  # numpy, Python numbers, bad input (refused later, by name)
+      continue
+    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+    if mesh is not None and mesh.explicit_axes:
+      concrete = not isinstance(leaf, jax.core.Tracer)
+      return leaf.sharding.mesh if concrete else mesh  # eagerly, the Mesh itself: its devices run the computation
+  context = jax.sharding.get_abstract_mesh()
+  return context if shares_tiles and context.explicit_axes else None
+
+
+def run_auto(fn: Callable, mesh, *args):
+  """fn(*args) with every axis of ``mesh`` (a Mesh eagerly, else an AbstractMesh) Auto
+  (``jax.sharding.auto_axes``); replicated results."""
+  context = jax.set_mesh(mesh) if isinstance(mesh, jax.sharding.Mesh) else jax.sharding.use_abstract_mesh(mesh)
+  with context:
+    return jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())(*args)
+
+
+def _check_mesh_placement(mesh, *trees) -> None:
+  """One ValueError, naming the fix, where ``shard_map`` over ``mesh`` could not run: a ``jax.set_mesh``
+  context with another mesh, or (eagerly; under jit JAX itself refuses) inputs committed to other devices."""
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty and (context.axis_names, context.axis_sizes) != (mesh.axis_names, mesh.axis_sizes):
+    raise ValueError(f"pair_mesh / mesh has axes {dict(zip(mesh.axis_names, mesh.axis_sizes))} but the mesh in use "
+                     f"(set by jax.set_mesh, or that of inputs on Explicit axes) has "
+                     f"{dict(zip(context.axis_names, context.axis_sizes))}: pass that mesh")
+  devices = set(np.asarray(mesh.devices).flat)
+  for leaf in jax.tree_util.tree_leaves(trees):
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.committed
+        and leaf.sharding.device_set != devices):
+      ids = lambda found: sorted(device.id for device in found)
+      raise ValueError(f"pair_mesh / mesh spans devices {ids(devices)} but the inputs are committed to devices "
+                       f"{ids(leaf.sharding.device_set)}: pass the mesh the inputs are sharded on, or put them on "
+                       f"this one (jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))")
+
+
 def _sharded_tile_sweep(tile, add, zeros, num_blocks: int, mesh, vectors, row_data, valid):
   """``pair_sums``'s sweep with the tiles i <= j dealt round-robin to the devices of ``mesh``."""
+  _check_mesh_placement(mesh, vectors, row_data, valid)
   num_devices = mesh.size
   tiles_i, tiles_j = np.triu_indices(num_blocks)
   per_device = -(-len(tiles_i) // num_devices)
@@ -215,9 +277,10 @@ def _sharded_tile_sweep(tile, add, zeros, num_blocks: int, mesh, vectors, row_da
   tiles_i, tiles_j = np.pad(tiles_i, (0, padding)), np.pad(tiles_j, (0, padding))
   # Device d gets tiles d, d + D, d + 2D, ...: rows of the (per_device, D) layout, read as columns.
   deal = lambda x: jnp.asarray(x.reshape(per_device, num_devices).T)
-  # One flat axis over the mesh's devices (whatever its own axes and their types are).
-  axes = "pair_tiles"
-  mesh = jax.sharding.Mesh(np.asarray(mesh.devices).reshape(-1), (axes,))
+  # The tiles' axis is split over every axis of the mesh. The mesh's own axes (not a flat copy): shard_map's mesh
+  # must equal jax.set_mesh's; all Auto, as that context is inside ``run_auto`` (``explicit_mesh``).
+  axes = tuple(mesh.axis_names)
+  mesh = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
   spec = jax.sharding.PartitionSpec(axes)
   replicated = jax.sharding.PartitionSpec()
 
@@ -278,7 +341,14 @@ def pair_geometry(
   The direction statistics (equiangularity, max_angle, gnc2) are NaN when a valid row is zero.
   Means for the spreads come from a pilot (see the module docstring): exact on the dense path.
   """
+  check_mesh(mesh)
   num_classes, feature_dim = vectors.shape
+  inputs = (vectors, valid, variances, coincident_floor_sq)
+  explicit = explicit_mesh(*inputs, shares_tiles=_shares_tiles(mesh, num_classes, _block_rows(num_classes, block_rows)))
+  if explicit is not None:  # every value the tile statistic closes over is then made on Auto axes
+    return run_auto(lambda v, ok, var, floor: pair_geometry(v, ddof=ddof, valid=ok, variances=var,
+                                                            coincident_floor_sq=floor, block_rows=block_rows,
+                                                            mesh=mesh), explicit, *inputs)
   dtype = vectors.dtype
   eps = float(jnp.finfo(dtype).eps)
   valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)

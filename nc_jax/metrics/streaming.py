@@ -699,6 +699,7 @@ def finalize_collapse(
   With ``geometry.kept``, C is C' = the number kept in every formula. Returns a dict of
   scalars; see ``collapse.neural_collapse`` for the keys.
   """
+  geo.check_mesh(mesh)
   kept = geometry.kept
   num_kept = _num_kept(geometry)
   kept_float = num_kept.astype(geometry.means.dtype)
