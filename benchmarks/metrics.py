@@ -193,7 +193,8 @@ def peer_process_row(peer_dir, size, tile_size, grid_budget_s):
 def _peer_difference(ours: dict, theirs: dict) -> str:
   """Largest relative difference over the metrics both compute (theirs mapped to our keys)."""
   pairs = {"nc1": "nc1", "nc1_tirer": "nc1_quotient", "cdnv": "cdnv"}
-  diffs = {ours_key: abs(theirs[key] - ours[ours_key]) / abs(ours[ours_key]) for ours_key, key in pairs.items()
+  relative = lambda a, b: abs(a - b) / abs(b) if b else abs(a - b)  # absolute where ours is 0 (one sample a class)
+  diffs = {ours_key: relative(theirs[key], ours[ours_key]) for ours_key, key in pairs.items()
            if np.isfinite(theirs[key])}
   diffs["ncc_mismatch (abs)"] = abs((1 - theirs["ncc_agreement"]) - ours["ncc_mismatch"])
   worst = max(diffs, key=diffs.get)
