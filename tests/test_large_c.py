@@ -239,10 +239,28 @@ class TestPairMeshes:
     assert int(want["num_filtered_classes"]) == 20
     assert_same_keys(got, want)
 
+  @pytest.mark.parametrize("jitted", [False, True])
+  def test_streaming_updates_on_explicitly_sharded_batches(self, jitted):
+    """update_class_means / update_deviations on a batch sharded along B on jax.make_mesh's Explicit axes
+    (segment sums have no output type there): the states of the same batch as plain arrays."""
+    features, labels, weights, bias = gaussian_classes(96, 6, 12, seed=4)
+    rows = jax.sharding.NamedSharding(mesh_of("make_mesh"), jax.sharding.PartitionSpec(("data", "model")))
+    sharded = jax.device_put(jnp.asarray(features), rows), jax.device_put(jnp.asarray(labels), rows)
+    wrap = jax.jit if jitted else (lambda f: f)
+    means = lambda h, y: streaming.update_class_means(streaming.init_class_means(12, 6), h, y)
+    want_means, got_means = wrap(means)(features, labels), wrap(means)(*sharded)
+    for want, got in zip(jax.tree_util.tree_leaves(want_means), jax.tree_util.tree_leaves(got_means)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    geometry_ = streaming.finalize_class_means(want_means, jnp.asarray(weights), jnp.asarray(bias))
+    deviations = lambda h, y: streaming.update_deviations(streaming.init_deviations(geometry_), geometry_, h, y)
+    want_state, got_state = wrap(deviations)(features, labels), wrap(deviations)(*sharded)
+    for want, got in zip(jax.tree_util.tree_leaves(want_state), jax.tree_util.tree_leaves(got_state)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
   @pytest.mark.parametrize("bad", [jax.devices, "data", "abstract"])
   def test_a_mesh_of_the_wrong_type_is_one_type_error(self, bad):
-    bad = {jax.devices: jax.devices(), "abstract": eight_device_mesh().abstract_mesh}.get(bad, bad)
     """Even on the dense path (C = 3), where the mesh would be ignored, and before any pass runs."""
+    bad = {jax.devices: jax.devices(), "abstract": eight_device_mesh().abstract_mesh}.get(bad, bad)
     features, labels, _, _ = gaussian_classes(60, 4, 3, seed=1)
     calls = [lambda: geometry.pair_sums(sum_and_count, spread_vectors(3, 2), mesh=bad),
              lambda: geometry.pair_geometry(spread_vectors(3, 2), mesh=bad),

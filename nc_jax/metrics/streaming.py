@@ -221,8 +221,13 @@ def update_class_means(
   ``track_max_abs=False`` skips the max |h_ij| reduction (one more read of the
   batch); the scale then comes from the largest |class mean|, which suffices
   unless a row is ~1e18 times larger than every class mean (``neural_collapse``
-  detects that case and measures again; a stream cannot).
+  detects that case and measures again; a stream cannot). A batch typed on Explicit mesh
+  axes (``jax.make_mesh``'s default) is folded in on Auto ones (``geometry.run_auto``).
   """
+  explicit = geo.explicit_mesh(state, features, labels, mask)
+  if explicit is not None:
+    return geo.run_auto(lambda s, h, y, m: update_class_means(s, h, y, m, track_max_abs=track_max_abs), explicit,
+                        state, features, labels, mask)
   num_classes = state.counts.shape[0]
   features = features.astype(state.means.dtype)
   ids = segment_ids(labels, num_classes, mask)
@@ -498,8 +503,13 @@ def update_deviations(
     logits       (W h_i + b) 2^-(e+L) = W' x_i + b' with W' = ``logit_weights`` (b' dropped if
                  not ``ncc_use_bias``), so the argmax is the network's.
   Only (B, C) and (B, p) temporaries: no C x C array. Classes not ``geometry.kept`` are never
-  a decision, and their samples only count in ``filtered_samples``.
+  a decision, and their samples only count in ``filtered_samples``. A batch typed on Explicit
+  mesh axes is folded in on Auto ones (``geometry.run_auto``).
   """
+  explicit = geo.explicit_mesh(state, geometry, features, labels, mask)
+  if explicit is not None:
+    return geo.run_auto(lambda s, g, h, y, m: update_deviations(s, g, h, y, m, ncc_use_bias=ncc_use_bias), explicit,
+                        state, geometry, features, labels, mask)
   num_classes = geometry.means.shape[0]
   dtype = geometry.means.dtype
   in_range = (labels >= 0) & (labels < num_classes)
