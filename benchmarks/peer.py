@@ -9,12 +9,13 @@ sample are dropped with the peer's ``filter_indices_by_n_samples(1)``, as nc-jax
 ``min_count=1``. covariance_ratio's "svd" metric is left out: it calls svds(k=C-1), which needs
 C - 1 < p. NC5 is left out: it needs OOD features.
 
-The three tiled C x C grids (CDNV, distance and log kernels) cost ~C^2 p work per tile pair in
-the peer's Python loop; at C = 50,257 each takes about an hour on two CPU cores. A grid that
+The three tiled C x C grids (CDNV, distance and log kernels) cost ~t^2 p work per tile pair of
+t rows in the peer's Python loop; at C = 50,257 each takes about an hour on two CPU cores. A grid that
 would run past ``grid_budget_s`` is stopped after that long and its time is extrapolated from
 the tile pairs done (every tile pair but the ragged last ones does the same work); such a row
-says "est.". The reduction over the grid (the peer's symm_reduce) is then timed on the partial
-grid in full, so only the tile loop is extrapolated.
+says "est.". The reduction over the grid (the peer's symm_reduce) is then timed in full on a
+zero grid of the same size (its cost does not depend on the values), so only the tile loop is
+extrapolated.
 
 Needs torch and a copy of the peer's repository (its folder holding ``neural_collapse/``).
 """
@@ -45,7 +46,7 @@ def _import_peer(peer_dir: str):
 
 
 @contextlib.contextmanager
-def _budgeted_tiling(kernels, measure, util, budget_s: float, record: dict):
+def _budgeted_tiling(kernels, util, budget_s: float, record: dict):
   """Swaps the peer's ``tiling`` for one that stops after ``budget_s`` and records the tile pairs done."""
   original = util.tiling
 
@@ -123,7 +124,7 @@ def peer_row(peer_dir: str, features: np.ndarray, labels: np.ndarray, weights: n
     dense_s = time.perf_counter() - start
     record = {}
     start = time.perf_counter()
-    with _budgeted_tiling(kernels, measure, util, grid_budget_s, record):
+    with _budgeted_tiling(kernels, util, grid_budget_s, record):
       values["cdnv"] = measure.variability_cdnv(var_norms, means, tile_size=tile_size)
       values["gnc2_dist"] = kernels.kernel_stats(means, global_mean, tile_size=tile_size)[1]
       values["gnc2_log"] = kernels.kernel_stats(means, global_mean, kernel=kernels.log_kernel, tile_size=tile_size)[1]

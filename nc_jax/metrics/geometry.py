@@ -204,6 +204,8 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
     return new_totals, new_compensations
 
   if mesh is None or mesh.size == 1:
+    # Nested loops, not the sharded path's flat list of tiles: row i's slice of V stays put while j runs
+    # (one flat loop measured 12% slower at C = 12,288, p = 768 on this CPU).
     def row_of_tiles(i, carry):
       return jax.lax.fori_loop(i, num_blocks, lambda j, carry: add(carry, tile(i, j, vectors, row_data, valid)), carry)
 
