@@ -1,34 +1,38 @@
 #!/usr/bin/env bash
 # The first lent accelerator's one command: throughput rows, the paper's MNIST/ResNet18 cell, metric rows.
 #
-#   benchmarks/accelerator.sh --mnist DIR [--budget SECONDS] [--wheels DIR] [--smoke]
+#   benchmarks/accelerator.sh --mnist DIR [--budget SECONDS] [--wheels DIR] [--out DIR] [--smoke]
 #
 # Runs, in this order, each stage within what is left of --budget (default 540 s, to end inside a
 # 10-minute call), and is resumable: a finished stage leaves STAGE.done and is skipped on the next call,
 # and the MNIST run resumes from its last checkpoint (it is stopped by SIGTERM, which checkpoints).
+# Every stage has a budget (the seconds it needs to start, NEEDS below) and starts only if that much is left:
 #   env        jax, the devices, nvidia-smi, benchmarks/bf16_check.py        -> OUT/env.txt
 #   train      benchmarks/train.py: ResNet18 on 32x32x3 at batch 128 and 512, bf16, scanned epoch,
 #              NC evaluation as a fraction of the epoch, TFLOP/s and MFU       -> BENCHMARKS.md
 #   mnist      the notebook's cell: MNIST (real, IDX files in --mnist), ResNet18, lr 0.0679, the paper's
 #              350-epoch protocol in float32 (the notebook's precision; XLA's default conv precision)
 #                                                                             -> OUT/mnist_resnet18/
+#              (it keeps the last RESERVE seconds of the budget for report and metrics)
 #   report     python -m nc_jax.report on that run (also on a partial one)    -> OUT/report/
 #   metrics    benchmarks/metrics.py at every size, without the host-CPU baselines -> BENCHMARKS.md
 # OUT is results/accelerator (results/accelerator-smoke with --smoke, which runs every stage at sizes
-# that take seconds on a CPU: the rehearsal). Nothing is fetched from the network. A machine without
-# ml_collections (or tensorflow-datasets, mnist1d) gets them from --wheels DIR (default wheels/), made
-# where pip works: see README, "On an accelerator". Exit status: 0 when every stage is done, 3 when some
-# are not (the budget ran out: run it again), 2 for bad arguments.
+# that take seconds on a CPU: the rehearsal), or --out DIR. Nothing is fetched from the network. A machine
+# without ml_collections (or tensorflow-datasets, mnist1d) gets them from --wheels DIR (default wheels/),
+# made where pip works: see README, "On an accelerator".
+# Exit status: 0 every stage done; 3 some stage ran (or ran out of time) in this call and others remain: run
+# the same command again to go on; 4 no stage can start within --budget (it names the budget that lets one
+# start; rerunning the same command would never progress); 1 a stage failed (its log is named); 2 bad arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=0 budget=540 mnist=${NC_JAX_MNIST_DIR:-} wheels=wheels
+smoke=0 budget=540 mnist=${NC_JAX_MNIST_DIR:-} wheels=wheels out=
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
-    --budget|--mnist|--wheels)
+    --budget|--mnist|--wheels|--out)
       if [ $# -lt 2 ]; then echo "accelerator.sh: $1 needs a value (see the comment at the top of $0)"; exit 2; fi
-      case "$1" in --budget) budget=$2 ;; --mnist) mnist=$2 ;; --wheels) wheels=$2 ;; esac
+      case "$1" in --budget) budget=$2 ;; --mnist) mnist=$2 ;; --wheels) wheels=$2 ;; --out) out=$2 ;; esac
       shift ;;
     *) echo "accelerator.sh: unknown argument $1 (see the comment at the top of $0)"; exit 2 ;;
   esac
@@ -42,9 +46,45 @@ if [ -z "$mnist" ] || [ ! -f "$mnist/train-images-idx3-ubyte.gz" ]; then
   exit 2
 fi
 
-out=results/accelerator
-[ $smoke = 1 ] && out=results/accelerator-smoke
-mkdir -p "$out"
+if [ -z "$out" ]; then out=results/accelerator; [ $smoke = 1 ] && out=results/accelerator-smoke; fi
+if ! mkdir -p "$out" 2>/dev/null || [ ! -w "$out" ]; then
+  echo "accelerator.sh: cannot write to $out; pass a writable --out DIR"; exit 2
+fi
+
+# Seconds each stage needs to start (its budget); the MNIST run also leaves RESERVE seconds for the stages after it.
+STAGES=(env train mnist report metrics)
+if [ $smoke = 1 ]; then NEEDS=(30 30 60 15 10); else NEEDS=(60 150 60 15 30); fi
+RESERVE=75
+# need NAME: the seconds of budget NAME needs to start (the MNIST run's own need plus the reserve)
+need() {
+  local i
+  for i in "${!STAGES[@]}"; do
+    if [ "${STAGES[$i]}" = "$1" ]; then
+      if [ "$1" = mnist ]; then echo $(( NEEDS[i] + RESERVE )); else echo "${NEEDS[$i]}"; fi
+    fi
+  done
+}
+# The stages still to do, and the smallest budget that lets one of them start. The report needs the run's
+# metrics.jsonl (a later call, once mnist has measured an epoch), so it counts only when that exists.
+workdir=$out/mnist_resnet18
+pending=() smallest=
+for name in "${STAGES[@]}"; do
+  [ -f "$out/$name.done" ] && continue
+  [ "$name" = report ] && [ ! -f "$workdir/metrics.jsonl" ] && [ ! -f "$out/mnist.done" ] && continue
+  pending+=("$name")
+  n=$(need "$name")
+  if [ -z "$smallest" ] || [ "$n" -lt "$smallest" ]; then smallest=$n; fi
+done
+if [ ${#pending[@]} = 0 ] && [ -f "$out/report.done" ]; then
+  echo "accelerator.sh: every stage is done in $out (remove $out/STAGE.done to run a stage again)"; exit 0
+fi
+needs_line() { local s=""; for name in "${pending[@]}"; do s+="$name $(need "$name")s, "; done; echo "${s%, }"; }
+if [ -n "$smallest" ] && [ "$budget" -lt "$smallest" ]; then
+  echo "accelerator.sh: --budget ${budget}s is too small for any stage left ($(needs_line)): no stage can start," \
+       "so rerunning this command would never progress; rerun with --budget $smallest or more"
+  exit 4
+fi
+
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 say() { echo "[accelerator $(( $(date +%s) - start ))s] $*" | tee -a "$out/progress.log"; }
@@ -56,56 +96,72 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-# stage NAME SECONDS_NEEDED COMMAND...: runs COMMAND within the time left (SIGTERM at the end), logs to OUT/NAME.log
+ran=() failed=()
+# stage NAME COMMAND...: runs COMMAND within the time left (SIGTERM at the end) if need(NAME) is left,
+# logs to OUT/NAME.log; a timeout (the budget ran out: 124) is not a failure, any other non-zero exit is
 stage() {
-  local name=$1 need=$2; shift 2
+  local name=$1; shift
   if [ -f "$out/$name.done" ]; then say "$name: done in an earlier call, skipped"; return 0; fi
-  local remaining; remaining=$(left)
-  if [ "$remaining" -lt "$need" ]; then say "$name: skipped, ${remaining}s left of the budget, needs ${need}s"; return 1; fi
+  local remaining needed; remaining=$(left); needed=$(need "$name")
+  if [ "$remaining" -lt "$needed" ]; then say "$name: skipped, ${remaining}s left of the budget, needs ${needed}s"; return 1; fi
   say "$name: starting (${remaining}s left)"
-  timeout -s TERM -k 30 "$remaining" "$@" >>"$out/$name.log" 2>&1
+  ran+=("$name")
+  local limit=$remaining
+  [ "$name" = mnist ] && limit=$(( remaining - RESERVE ))
+  timeout -s TERM -k 30 "$limit" "$@" >>"$out/$name.log" 2>&1
   local rc=$?
-  if [ $rc = 0 ]; then touch "$out/$name.done"; say "$name: finished"; else say "$name: exit $rc (log: $out/$name.log)"; fi
+  if [ $rc = 0 ]; then touch "$out/$name.done"; say "$name: finished"
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then say "$name: stopped at its time limit (log: $out/$name.log)"
+  else failed+=("$name (exit $rc, log: $out/$name.log)"); say "$name: exit $rc (log: $out/$name.log)"; fi
   tail -n 15 "$out/$name.log"
   return $rc
 }
 
-append=() peak=0
-[ $smoke = 1 ] && append=(--no-append)
-{ $python -c "import jax; print('jax', jax.__version__); print(jax.devices())"; nvidia-smi 2>/dev/null
-  $python benchmarks/bf16_check.py; } >"$out/env.txt" 2>&1
-grep "bf16 ResNet18" "$out/env.txt" | tee -a "$out/progress.log"
-kind=$($python -c "import jax; print(jax.devices()[0].device_kind)" 2>/dev/null)
+# env: informational (a non-finite bf16 result is recorded, not a failure); the device kind for the MFU column
+stage env bash -c "{ $python -c \"import jax; print('jax', jax.__version__); print(jax.devices()); \
+print('device_kind:', jax.devices()[0].device_kind)\"; nvidia-smi 2>/dev/null; \
+$python benchmarks/bf16_check.py || echo 'bf16 check: not finite (above)'; } >'$out/env.txt' 2>&1"
+grep "bf16 ResNet18" "$out/env.txt" 2>/dev/null | tee -a "$out/progress.log"
+kind=$(sed -n 's/^device_kind: //p' "$out/env.txt" 2>/dev/null | head -n 1)
+peak=0
 case "$kind" in *H100*|*H200*) peak=989 ;; *v5*lite*|*v5e*) peak=197 ;; *v4*) peak=275 ;; esac
-say "device: $kind (bf16 dense peak ${peak} TFLOP/s; 0 = unknown)"
+say "device: ${kind:-unknown} (bf16 dense peak ${peak} TFLOP/s; 0 = unknown)"
 
-workdir=$out/mnist_resnet18
+append=()
+[ $smoke = 1 ] && append=(--no-append)
 if [ $smoke = 1 ]; then
-  stage train 30 $python benchmarks/train.py --cases mlp --num-images 512 --batch-sizes 32,64 --dtype bfloat16 \
+  stage train $python benchmarks/train.py --cases mlp --num-images 512 --batch-sizes 32,64 --dtype bfloat16 \
     --repeats 1 --no-torch "${append[@]}"
   run_config=(--config configs/paper/mnist_resnet18.py:smoke --config.per_class=20 --config.num_epochs=4
               --config.epoch_loop=scan)
 else
-  stage train 150 $python benchmarks/train.py --cases resnet18 --batch-sizes 128,512 --dtype bfloat16 \
+  stage train $python benchmarks/train.py --cases resnet18 --batch-sizes 128,512 --dtype bfloat16 \
     --peak-tflops "$peak" --repeats 3 --no-torch
   run_config=(--config configs/paper/mnist_resnet18.py)
 fi
-# the run gets all but the last 75 s (report and metric rows); SIGTERM checkpoints it, a rerun resumes
-budget_before=$budget; budget=$(( budget - 75 ))
-stage mnist 60 $python -m nc_jax.train "${run_config[@]}" --config.data_source=idx --config.data_dir="$mnist" \
+# the run gets all but the last RESERVE seconds (report and metric rows); SIGTERM checkpoints it, a rerun resumes
+stage mnist $python -m nc_jax.train "${run_config[@]}" --config.data_source=idx --config.data_dir="$mnist" \
   --workdir "$workdir"
-budget=$budget_before
 if [ -f "$workdir/metrics.jsonl" ]; then
   rm -f "$out/report.done"
-  stage report 15 $python -m nc_jax.report "$workdir" --out "$out/report"
+  stage report $python -m nc_jax.report "$workdir" --out "$out/report"
   [ -f "$out/mnist.done" ] || rm -f "$out/report.done"  # a partial run's report is redone next time
 fi
 if [ $smoke = 1 ]; then
-  stage metrics 10 $python benchmarks/metrics.py --sizes small --no-baselines --repeats 1 "${append[@]}"
+  stage metrics $python benchmarks/metrics.py --sizes small --no-baselines --repeats 1 "${append[@]}"
 else
-  stage metrics 30 $python benchmarks/metrics.py --sizes all --no-baselines --repeats 3
+  stage metrics $python benchmarks/metrics.py --sizes all --no-baselines --repeats 3
 fi
 say "end; stages done: $(cd "$out" && ls *.done 2>/dev/null | tr '\n' ' ')"
-for name in train mnist report metrics; do
-  if [ ! -f "$out/$name.done" ]; then say "not finished: $name; run the same command again to go on"; exit 3; fi
-done
+if [ ${#failed[@]} -gt 0 ]; then
+  say "failed: ${failed[*]}; fix the cause, then run the same command again"; exit 1
+fi
+missing=()
+for name in "${STAGES[@]}"; do [ -f "$out/$name.done" ] || missing+=("$name"); done
+if [ ${#missing[@]} = 0 ]; then exit 0; fi
+if [ ${#ran[@]} -gt 0 ]; then
+  say "not finished: ${missing[*]}; run the same command again to go on"; exit 3
+fi
+say "no stage could start within --budget ${budget}s (not finished: ${missing[*]}); rerun with --budget" \
+    "$smallest or more"
+exit 4

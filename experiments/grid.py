@@ -25,6 +25,7 @@ import pathlib
 import shlex
 import subprocess
 import sys
+from typing import Optional
 
 import numpy as np
 
@@ -116,14 +117,20 @@ def finished(workdir: pathlib.Path) -> bool:
     return False
 
 
-def _summary(run_dir: pathlib.Path) -> dict:
-  """The numbers a sweep is compared by, from a finished run's config and last measurement."""
+def _summary(run_dir: pathlib.Path) -> Optional[dict]:
+  """The numbers a sweep is compared by, from a finished run's config and last measurement; None (with a line
+  on stderr) for a run whose last record has no test accuracy to compare."""
   run = records.read(run_dir)
   last, config = run[-1], records.read_config(run_dir)
+  if records.number(last.get("test_acc")) is None:
+    print(f"     {run_dir}: its last record has no finite test_acc; left out of the selection", file=sys.stderr,
+          flush=True)
+    return None
+  nc1 = records.number(last.get("nc1"))
   return {"run": str(run_dir), "lr": float(config["lr"]), "num_epochs": int(config["num_epochs"]),
           "final_test_acc": float(last["test_acc"]),
-          "final_train_acc": float(last["train_acc"]), "final_nc1": float(last["nc1"]),
-          "tpt_start_epoch": records.tpt_start(run)}
+          "final_train_acc": records.number(last.get("train_acc")) or float("nan"),
+          "final_nc1": float("nan") if nc1 is None else nc1, "tpt_start_epoch": records.tpt_start(run)}
 
 
 def select(root: pathlib.Path) -> dict:
@@ -137,14 +144,14 @@ def select(root: pathlib.Path) -> dict:
     raise SystemExit(f"no run directory {root}: give the --root that `grid.py run` used")
   choices = {}
   for cell_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-    sweep = [_summary(d) for d in cell_dir.glob("lr_*") if finished(d)]
+    sweep = [s for s in (_summary(d) for d in sorted(cell_dir.glob("lr_*")) if finished(d)) if s is not None]
     longest = max((s["num_epochs"] for s in sweep), default=0)
     sweep = sorted((s for s in sweep if s["num_epochs"] == longest), key=lambda s: s["lr"])
     if sweep:
       best = min(sweep, key=lambda s: (1.0 - s["final_test_acc"], s["lr"]))
       choices[cell_dir.name] = {"run": best["run"], "lr": best["lr"], "final_test_acc": best["final_test_acc"],
                                 "finished_runs": len(sweep), "sweep": sweep}
-  (root / "selection.json").write_text(json.dumps(choices, indent=2) + "\n")
+  records.write_atomically(root / "selection.json", (json.dumps(choices, indent=2) + "\n").encode())
   lines = ["| cell | lr | chosen | TPT start epoch | final train acc | final test acc | final NC1 |",
            "| --- | ---: | :---: | ---: | ---: | ---: | ---: |"]
   for cell, choice in choices.items():
@@ -152,11 +159,26 @@ def select(root: pathlib.Path) -> dict:
       lines.append(f"| {cell} | {s['lr']:.6g} | {'yes' if s['run'] == choice['run'] else ''} "
                    f"| {s['tpt_start_epoch'] or 'not reached'} | {100 * s['final_train_acc']:.2f} "
                    f"| {100 * s['final_test_acc']:.2f} | {s['final_nc1']:.4g} |")
-  (root / "selection.md").write_text("\n".join(lines) + "\n")
+  records.write_atomically(root / "selection.md", ("\n".join(lines) + "\n").encode())
   return choices
 
 
 def main(argv=None) -> int:
+  """The command; an OS error (a full disk, a read-only --root, a file in the way) is one line naming the path."""
+  try:
+    return _main(argv)
+  except records.RecordsError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  except OSError as error:
+    if error.filename and error.strerror:
+      print(f"error: {records.describe_write_error(error, '--root')}", file=sys.stderr)
+    else:
+      print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 1
+
+
+def _main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("action", choices=("run", "print", "select", "report"))
   parser.add_argument("--root", required=True)

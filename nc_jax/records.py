@@ -17,6 +17,7 @@ line with a single ``write`` and ``fsync`` it. This module imports no JAX.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -113,14 +114,47 @@ def append(path, record: dict) -> None:
 
 
 def rewrite(path, records: list[dict]) -> None:
-  """Replaces the file by ``records`` atomically (write a temporary file, fsync, rename)."""
+  """Replaces the file by ``records`` atomically (``write_atomically``)."""
+  write_atomically(path, "".join(line_of(r) for r in records).encode())
+
+
+def write_atomically(path, payload: bytes) -> None:
+  """Writes ``payload`` to ``path`` whole or not at all: a temporary file beside it (.NAME.tmpPID), fsynced,
+  then renamed over it; on any failure the temporary file is removed and ``path`` is as it was.
+
+  An OSError (full disk, read-only folder, a file where a folder should be) names ``path``, not the
+  temporary file.
+  """
   path = pathlib.Path(path)
-  temporary = path.with_name(path.name + ".tmp")
-  with temporary.open("w") as f:
-    f.write("".join(line_of(r) for r in records))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
+  temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    with open(temporary, "wb") as handle:
+      handle.write(payload)
+      handle.flush()
+      os.fsync(handle.fileno())
+    os.replace(temporary, path)
+  except OSError as error:
+    raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+  finally:
+    try:
+      temporary.unlink(missing_ok=True)
+    except OSError:  # the folder itself is gone or unreadable: nothing was left there
+      pass
+
+
+def describe_write_error(error: OSError, flag: str = "--out") -> str:
+  """One line for a failed write: the path, the system's reason and the fix, e.g. 'cannot write
+  /r/fig1.png: No space left on device; free space on that disk or pass another --out'."""
+  where = error.filename or "the output"
+  reason = error.strerror or " ".join(str(error).split())
+  fixes = {errno.ENOSPC: f"free space on that disk or pass another {flag}",
+           errno.EDQUOT: f"free space (your disk quota is used up) or pass another {flag}",
+           errno.EACCES: f"pass a {flag} you may write to", errno.EPERM: f"pass a {flag} you may write to",
+           errno.EROFS: f"pass a {flag} on a writable disk",
+           errno.EEXIST: f"{flag} must be a folder (a file is in the way): pass another {flag}",
+           errno.ENOTDIR: f"{flag} must be a folder (a file is in the way): pass another {flag}",
+           errno.EISDIR: f"a folder is in the way: remove it or pass another {flag}"}
+  return f"cannot write {where}: {reason}; {fixes.get(error.errno, f'pass another {flag}')}"
 
 
 # ----------------------------------------------------------------------------
@@ -210,14 +244,24 @@ def number(value, invert: bool = False) -> Optional[float]:
 
 
 def read_config(run_dir) -> dict:
-  """The run's config.json as a dict ({} if absent); RecordsError naming the file if it is not JSON."""
+  """The run's config.json as a dict ({} if absent), every key an earlier version did not write at today's
+  default (``nc_jax.schema.fill_defaults``, as the trainer reads it); RecordsError naming the file if it is
+  not a JSON object."""
   path = pathlib.Path(run_dir) / CONFIG_FILE
   if not path.exists():
     return {}
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise RecordsError(f"{path}: not JSON ({error.msg}); restore it or rerun with --overwrite") from None
+    values = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise RecordsError(f"{path}: not JSON ({getattr(error, 'msg', error)}); restore it or rerun with "
+                       "--overwrite") from None
+  except OSError as error:
+    raise RecordsError(f"{path}: cannot be read ({error.strerror or error})") from None
+  if not isinstance(values, dict):
+    raise RecordsError(f"{path}: holds a JSON {type(values).__name__}, not a config (an object); restore it or "
+                       "rerun with --overwrite")
+  from nc_jax import schema  # ml_collections, no JAX
+  return schema.fill_defaults(values)
 
 
 def finished(run_dir, records: Optional[list[dict]] = None) -> bool:

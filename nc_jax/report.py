@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
 import pathlib
@@ -120,12 +121,17 @@ def load_run(directory: str) -> Run:
 
 
 def _save(figure, title: str, out: pathlib.Path, stem: str) -> str:
-  """Titles, lays out, writes out/stem.png and closes ``figure``; returns the file name."""
+  """Titles, lays out, writes out/stem.png whole or not at all (``records.write_atomically``: a full disk
+  leaves no truncated PNG) and closes ``figure``; returns the file name."""
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
   path = out / f"{stem}.png"
-  figure.savefig(path, dpi=110)
-  plt.close(figure)
+  buffer = io.BytesIO()
+  try:
+    figure.savefig(buffer, format="png", dpi=110)
+  finally:
+    plt.close(figure)
+  records_lib.write_atomically(path, buffer.getvalue())
   return path.name
 
 
@@ -273,15 +279,22 @@ def key_epochs(runs: list[Run]) -> str:
 
 
 def write_report(run_directories, out: str) -> pathlib.Path:
+  """Every figure, table1.md and report.md (written last) in ``out``, each file whole or not at all; OSError
+  (naming the file) when ``out`` cannot be made or written."""
   runs = [load_run(d) for d in run_directories]
   out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as error:  # a file in the way, a read-only parent
+    raise OSError(error.errno, error.strerror, str(out)) from None
+  if not out.is_dir():  # mkdir(exist_ok=True) accepts a symlink to a file on some systems
+    raise NotADirectoryError(20, "Not a directory", str(out))
   figures = [(title, plot_figure(runs, stem, title, keys, log_scale, out))
              for stem, title, keys, log_scale in FIGURES + VARIANT_FIGURES]
   figures.append(("Per-class norms", plot_class_norms(runs, out)))
   figures.append(("Per-layer collapse against depth", plot_depth(runs, out)))
   table = table1(runs)
-  (out / "table1.md").write_text(table + "\n")
+  records_lib.write_atomically(out / "table1.md", (table + "\n").encode())
   parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), "",
            "## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, "",
            "## Key epochs: first measurement, TPT start, last measurement", "", key_epochs(runs), ""]
@@ -289,7 +302,7 @@ def write_report(run_directories, out: str) -> pathlib.Path:
     if name:
       parts += [f"## {title}", "", f"![{title}]({name})", ""]
   path = out / "report.md"
-  path.write_text("\n".join(parts))
+  records_lib.write_atomically(path, "\n".join(parts).encode())
   return path
 
 
@@ -300,7 +313,18 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     path = write_report(args.runs, args.out)
-  except (FileNotFoundError, ValueError) as error:
+  except OSError as error:
+    written = error.filename and pathlib.Path(str(error.filename)).absolute().is_relative_to(
+        pathlib.Path(args.out).absolute())
+    if written:
+      message = records_lib.describe_write_error(error)
+    elif error.filename and error.strerror:  # reading a run
+      message = f"cannot read {error.filename}: {error.strerror}"
+    else:
+      message = " ".join(str(error).split())
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+  except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   print(f"wrote {path}")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from nc_jax import cli as cli_lib, collect as collect_lib, records
-from nc_jax.collect import outputs
+from nc_jax.collect import batches as batches_lib, outputs
 from nc_jax.metrics import further, neural_collapse
 from nc_jax.training import train_and_evaluate
 from configs import default as default_config
@@ -364,7 +364,8 @@ def test_two_processes_equal_one(workdir, tmp_path):
   one = json.loads((tmp_path / "single" / "nc.json").read_text())
   two = json.loads((tmp_path / "multi" / "nc.json").read_text())
   assert set(one) == set(two)
-  assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256")])
+  assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256",
+                                                              "sha256")])
   assert not list((tmp_path / "multi").glob("accumulators*"))
 
 
@@ -479,3 +480,101 @@ def test_stderr_drops_only_the_closed_event_loop_tracebacks():
   stderr.write(closed[30:] + other + "tail without newline")
   stderr.flush()
   assert sink.getvalue() == "error: the one line\n" + other + "tail without newline"
+
+
+# ---------------------------------------------------------------------------
+# Derived files checked, old runs readable, moved data, memory that follows the data (issue 24).
+# ---------------------------------------------------------------------------
+
+
+def printed_command(line: str) -> list[str]:
+  """The command an error line gives between backticks, as argv with this Python."""
+  import shlex
+  command = shlex.split(line.split("`")[1])
+  assert command[:3] == ["python", "-m", "nc_jax.collect"], line
+  return [sys.executable, *command[1:]]
+
+
+def test_an_edited_nc_json_is_refused_naming_the_command_that_rewrites_it(workdir, tmp_path):
+  """nc.json carries the sha256 of its own other keys: a value edited since (here NC1, which reads back as
+  a plausible number) is refused on read with the collect command that rewrites it, and that command works."""
+  out = tmp_path / "nc"
+  first = collect_lib.collect_workdir(workdir, out, **QUIET)
+  assert collect_lib.read_outputs(out)[0] == first
+  edited = json.loads((out / "nc.json").read_text())
+  edited["nc1"] = first["nc1"] / 10
+  (out / "nc.json").write_text(json.dumps(edited, indent=1))
+  with pytest.raises(collect_lib.CollectError, match="nc.json is not as it was written") as error:
+    collect_lib.read_outputs(out)
+  assert "\n" not in str(error.value)
+  result = subprocess.run(printed_command(str(error.value)), cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0 and "rewrites both" in result.stderr, result.stderr[-2000:]
+  np.testing.assert_allclose(collect_lib.read_outputs(out)[0]["nc1"], first["nc1"], rtol=1e-5)  # 1 device, not 8
+  reindented = json.loads((out / "nc.json").read_text())
+  (out / "nc.json").write_text(json.dumps(reindented, indent=4, sort_keys=False))  # same values: still whole
+  assert collect_lib.read_outputs(out)[0] == reindented
+
+
+# The keys of a config.json written before streaming, the variants and resume_from existed (results/mnist1d/*).
+OLD_CONFIG_KEYS = ("batch_size", "compute_dtype", "data_dir", "data_seed", "data_source", "dataset", "deepfool_samples",
+                   "epoch_loop", "eval_batch_size", "keep_checkpoints", "loss", "lr", "lr_decay_epochs",
+                   "lr_decay_factor", "measure_epochs", "model", "model_options", "momentum", "num_devices",
+                   "num_epochs", "per_class", "per_layer_nc", "seed", "standardization", "tpt_threshold",
+                   "weight_decay")
+
+
+def test_a_run_whose_config_predates_todays_keys_is_measured(workdir, tmp_path):
+  """Every committed run under results/ has a config.json without the streaming keys (input_pipeline, ...):
+  collect fills today's defaults for them, as the trainer does, and measures what it measured before."""
+  committed = json.loads((REPO / "results" / "mnist1d" / "w512_d3" / "config.json").read_text())
+  assert sorted(committed) == sorted(OLD_CONFIG_KEYS) and "input_pipeline" not in committed
+  old = tmp_path / "old_run"
+  shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("lock"))
+  config = json.loads((old / "config.json").read_text())
+  (old / "config.json").write_text(json.dumps({key: config[key] for key in OLD_CONFIG_KEYS}, indent=2))
+  expected = collect_lib.collect_workdir(workdir, tmp_path / "new_nc", **QUIET)
+  result = collect_lib.collect_workdir(old, tmp_path / "old_nc", **QUIET)
+  assert_same_metrics(result, expected, ["nc1", "cdnv", "self_duality", "accuracy", "nc1_test", "train_loss"],
+                      rtol=0)
+  (old / "config.json").write_text("[1]")
+  assert "holds a JSON list, not a run's config" in one_line_error(cli("--workdir", old, "--out", tmp_path / "o"), 1)
+
+
+def test_a_streamed_run_whose_data_moved_prints_a_collect_command_that_works(tmp_path):
+  """The error for data that is no longer where config.json says gives the collect command with --data_dir;
+  run as printed (NEW_FOLDER filled in), it measures the run."""
+  from tests.test_data import write_fake_idx_folder
+  (tmp_path / "mnist").mkdir()
+  write_fake_idx_folder(tmp_path / "mnist")
+  config = default_config.get_config("smoke")
+  config.update(dataset="mnist", data_source="idx", data_dir=str(tmp_path / "mnist"), per_class="10", num_epochs=1,
+                measure_epochs=(1,), deepfool_samples=0, input_pipeline="stream", epoch_loop="steps", batch_size=40,
+                eval_batch_size=40)
+  train_and_evaluate(config, str(tmp_path / "run"), log=lambda *a, **k: None)
+  (tmp_path / "mnist").rename(tmp_path / "moved")
+  line = one_line_error(cli("--workdir", tmp_path / "run", "--out", tmp_path / "nc", "--split", "train"), 1)
+  assert str(tmp_path / "mnist") in line and "--data_dir NEW_FOLDER" in line, line
+  command = [str(tmp_path / "moved") if part == "NEW_FOLDER" else part for part in printed_command(line)]
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-2000:]
+  measured = collect_lib.read_outputs(tmp_path / "nc")[0]
+  assert measured["split"] == "train" and measured["num_samples"] == 100
+  generated = one_line_error(cli("--workdir", tmp_path / "run", "--out", tmp_path / "nc", "--data_dir",
+                                 tmp_path / "nowhere"), 1)
+  assert "--data_dir" in generated and "is not a folder" in generated
+
+
+def test_a_batch_larger_than_the_data_is_capped_at_the_data(user_model, workdir, tmp_path):
+  """--batch_size 10**6 once padded every batch to a million rows (memory followed the flag): the batch is at
+  most the split's size, and the numbers are the default batch's."""
+  inputs, labels, _, _ = user_model["data"]
+  batches = batches_lib.array_batches(inputs, labels, 10**6)
+  assert batches.pad_to == len(labels) == 300 and [len(b[1]) for b in batches.read(0)] == [300]
+  padded_inputs, _, mask = batches_lib.padded(*next(batches.read(0)), batches.pad_to)
+  assert len(padded_inputs) == 300 and mask.all()
+  expected = collect_lib.collect_workdir(workdir, tmp_path / "default", **QUIET)
+  result = collect_lib.collect_workdir(workdir, tmp_path / "huge", batch_size=10**6, **QUIET)
+  assert result["batch_size"] == expected["num_samples"] < 10**6
+  assert_same_metrics(result, expected, ["nc1", "accuracy", "train_loss", "nc1_test"], rtol=1e-4)

@@ -5,6 +5,7 @@ The real-file fixture is a tfds dataset prepared offline by tfds's own builder i
 read back through ``tfds.data_source``. Images are encoded with PIL (tfds would need TensorFlow to encode).
 """
 
+import os
 import pathlib
 import shutil
 
@@ -76,6 +77,38 @@ def test_reads_array_record_files_through_tfds_data_source(data_dir, fixture_dat
   cached = list(pathlib.Path(data_dir).glob(f"{FIXTURE}/1.0.0/nc_jax-labels-train-*.npy"))
   assert len(cached) == 1 and np.array_equal(np.load(cached[0]), source.labels())  # one label pass per dataset
 
+
+
+def test_a_damaged_edited_or_stale_label_cache_is_rebuilt_with_a_warning(data_dir, tmp_path):
+  """The label cache is trusted only when its labels match the digest in its name and its stem matches the
+  files: an edited one (same length: the trainer would use wrong labels), a truncated one (np.load's EOF error
+  before) and one of files since rebuilt are each named in one warning, removed and rebuilt."""
+  copy = tmp_path / "tfds"
+  shutil.copytree(data_dir, copy)
+  folder = copy / FIXTURE / "1.0.0"
+  source = stream.TfdsSource(FIXTURE, "train", str(copy))
+  truth = np.asarray([label for _, label in source.read(range(len(source)))], np.int32)  # from the records
+
+  def labels_now():
+    warnings = []
+    labels = stream.TfdsSource(FIXTURE, "train", str(copy)).labels(warn=warnings.append)
+    caches = sorted(folder.glob("nc_jax-labels-train-*.npy"))
+    return labels, warnings, caches
+
+  labels, warnings, [cache] = labels_now()
+  assert np.array_equal(labels, truth)
+  np.save(cache, (truth + 1) % CLASSES)  # edited in place: same length and dtype
+  labels, warnings, [rebuilt] = labels_now()
+  assert np.array_equal(labels, truth) and np.array_equal(np.load(rebuilt), truth)
+  assert len(warnings) == 1 and str(cache) in warnings[0] and "edited" in warnings[0], warnings
+  rebuilt.write_bytes(rebuilt.read_bytes()[:90])  # truncated inside the header
+  labels, warnings, [cache] = labels_now()
+  assert np.array_equal(labels, truth) and len(warnings) == 1 and "unreadable" in warnings[0], warnings
+  record_file = next(folder.glob(f"{FIXTURE}-train.array_record-*"))
+  os.utime(record_file, ns=(1, 1))  # the dataset's files changed: the cache is of older files
+  labels, warnings, [fresh] = labels_now()
+  assert np.array_equal(labels, truth) and fresh != cache and "out of date" in warnings[0], warnings
+  assert labels_now()[1] == [], "a whole cache of these files is used without a word"
 
 def test_statistics_equal_the_in_memory_ones(data_dir, fixture_data):
   source = stream.TfdsSource(FIXTURE, "train", data_dir)

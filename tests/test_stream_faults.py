@@ -17,7 +17,7 @@ import pytest
 
 from configs import default as default_config
 from nc_jax import records
-from nc_jax.data import stream
+from nc_jax.data import idx, stream
 from nc_jax.training import Preempted, checkpoints, loop, train_and_evaluate
 from tests.run_helpers import QUIET, REPO, assert_same_run, cli, comparable, cpu_env, train_command
 
@@ -135,6 +135,8 @@ def read_log(path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not idx.DEBIAN_FASHION_MNIST.exists(),
+                    reason=f"no Fashion-MNIST in {idx.DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
 def test_two_processes_of_four_devices_stream_their_shards_and_match_one_process_of_eight(tmp_path):
   """Fashion-MNIST streamed from its IDX files (uint8: the statistics' exact sums are added over processes)."""
   arguments = [*STREAMED, "--config.dataset=fashion_mnist", "--config.data_source=idx", "--config.per_class=20",
@@ -281,3 +283,59 @@ def test_whole_batches_split_a_set_as_collect_does():
     np.testing.assert_array_equal(np.concatenate([y for _, y in merged]), dataset.test_labels)
   later = list(stream.whole_batches(dataset, "test", 96, process_index=1, process_count=3, start=2))
   np.testing.assert_array_equal(later[0][0], materialised[(1 + 2 * 3) * 96:(2 + 2 * 3) * 96])
+
+
+# ------------------------------------------------------- (4) children die with their parent
+HOLD_A_STREAM = """
+import sys
+from nc_jax.data import stream
+data = stream.open_dataset("synthetic", source="generated", per_class=None, feature_dim=64, train_per_class=400)
+batches = stream.TrainStream(data, batch_size=40, seed=0, worker_count=2)
+next(batches)  # the workers now fill their buffers and wait to hand them over
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _children(pid):
+  """Pids of the live (not zombie) processes whose parent is ``pid``, from /proc."""
+  found = []
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone meanwhile
+      continue
+    if int(fields[1]) == pid and fields[0] != "Z":
+      found.append(int(stat.parent.name))
+  return found
+
+
+def _alive(pid):
+  try:
+    return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_grain_workers_and_the_resource_tracker_exit_when_the_trainer_is_killed(tmp_path):
+  """kill -9 of a process streaming with 2 grain workers once left both workers (waiting forever to hand over
+  their batches) and multiprocessing's resource tracker alive; each worker now exits within a second of its
+  parent's death, and the tracker with them."""
+  import time
+  parent = subprocess.Popen([sys.executable, "-c", HOLD_A_STREAM], cwd=REPO, env=cpu_env(), text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  try:
+    assert parent.stdout.readline().strip() == "ready"
+    children = _children(parent.pid)
+    assert len(children) >= 2, children  # two workers (and the resource tracker)
+  finally:
+    parent.kill()
+    parent.wait()
+  deadline = time.monotonic() + 5
+  while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+    time.sleep(0.1)
+  survivors = [pid for pid in children if _alive(pid)]
+  for pid in survivors:  # leave nothing behind, whatever the outcome
+    os.kill(pid, signal.SIGKILL)
+  assert not survivors, f"still alive 5 s after their parent's kill -9: {survivors}"

@@ -25,7 +25,7 @@ from nc_jax.collect.accumulator_files import (CORRUPT_DIR, FORMAT, AccumulatorsD
 from nc_jax.collect.batches import Batches, array_batches, as_batches, iterable_batches, streamed_batches
 from nc_jax.collect.errors import CollectError
 from nc_jax.collect.measure import KILL_ENV, OutputLock, collect
-from nc_jax.collect.outputs import NC_FILE, STATS_DIGEST_KEY, STATS_FILE, read_outputs
+from nc_jax.collect.outputs import NC_FILE, OWN_DIGEST_KEY, STATS_DIGEST_KEY, STATS_FILE, read_outputs
 from nc_jax.collect.progress import Progress
 from nc_jax.collect.statistics import further_keys, per_class_statistics
 from nc_jax.collect.steps import (DeviationPass, LossState, init_loss, merge_across_processes,
@@ -34,7 +34,7 @@ from nc_jax.collect.workdir import SPLITS, collect_workdir, restore_workdir
 
 __all__ = [
     "AccumulatorsDamaged", "Batches", "CORRUPT_DIR", "CollectError", "DeviationPass", "FORMAT", "KILL_ENV",
-    "LossState", "NC_FILE", "OutputLock", "Progress", "SPLITS", "STATS_DIGEST_KEY", "STATS_FILE",
+    "LossState", "NC_FILE", "OWN_DIGEST_KEY", "OutputLock", "Progress", "SPLITS", "STATS_DIGEST_KEY", "STATS_FILE",
     "array_batches", "as_batches", "collect", "collect_workdir", "further_keys", "init_loss", "iterable_batches",
     "load_accumulators", "merge_across_processes", "merge_deviation_pass", "merge_loss", "per_class_statistics",
     "read_outputs", "restore_workdir", "save_accumulators", "streamed_batches",

@@ -1,6 +1,6 @@
 """python -m nc_jax.collect --workdir RUN --out DIR [--split both|train|test] [--epoch E] [--batch_size B]
-                          [--checkpoint_every N] [--progress] [--coordinator_address HOST:PORT --num_processes P
-                          --process_id I]
+                          [--data_dir DIR] [--checkpoint_every N] [--progress]
+                          [--coordinator_address HOST:PORT --num_processes P --process_id I]
 
 Measures Neural Collapse of a trained model without training it, in staged passes
 over the data with the streaming accumulators of ``nc_jax.metrics.streaming``:
@@ -42,8 +42,13 @@ train/test loss and accuracy when a loss is known, and epoch, step, num_samples,
 checkpoint) and
 ``DIR/class_stats.npz`` (per-class counts, means, variances, centred-mean norms, W
 row norms), written first; nc.json, written last, records the sha256 of class_stats.npz
-(``class_stats_sha256``), so a pair left by a kill between the two writes is detected
-(``nc_jax.collect.read_outputs`` refuses it; the next measurement warns and rewrites both).
+(``class_stats_sha256``) and of its own other keys (``sha256``), so a pair left by a kill between the
+two writes, or an nc.json edited since, is detected (``nc_jax.collect.read_outputs`` refuses it naming
+the command that rewrites both; the next measurement warns and rewrites both).
+
+Old runs: config.json files written by earlier versions are read with today's defaults for the keys
+they lack (``nc_jax.schema.fill_defaults``, as ``nc_jax.train`` reads them). A run whose data moved
+since training is measured with ``--data_dir NEW_FOLDER``; without it, the error prints that command.
 
 Exit codes: 0 done, 1 refused or failed (one line on stderr), 2 bad command line.
 """
@@ -69,8 +74,10 @@ def define_flags(values: flags.FlagValues = FLAGS) -> flags.FlagValues:
   flags.DEFINE_enum("split", "both", list(SPLITS), "both: the training set plus the test set's *_test keys (as "
                     "metrics.jsonl); train; test: the test set's own collapse.", flag_values=values)
   flags.DEFINE_integer("epoch", None, "The checkpoint's epoch (default: the newest good one).", flag_values=values)
-  flags.DEFINE_integer("batch_size", None, "Examples per batch (default: the run's eval_batch_size).",
-                       flag_values=values)
+  flags.DEFINE_integer("batch_size", None, "Examples per batch (default: the run's eval_batch_size; at most the "
+                       "larger split's size).", flag_values=values)
+  flags.DEFINE_string("data_dir", None, "Where the run's data is now, when it moved since training (default: "
+                      "config.json's data_dir).", flag_values=values)
   flags.DEFINE_integer("checkpoint_every", 50, "Save the accumulators every N batches (0: never).",
                        flag_values=values)
   flags.DEFINE_bool("progress", None, "Show the live progress line (default: when stderr is a terminal).",
@@ -83,6 +90,17 @@ def _fail(message: str, code: int = 1) -> None:
   cli.fail(message, code, drop_unraisable=True)
 
 
+def _describe_os_error(error: OSError) -> str:
+  """One line: a failed write under --out names the file and the fix (free space, another --out); any other
+  OS error (reading the run) its reason and file."""
+  import os
+  from nc_jax import records
+  out = os.path.abspath(FLAGS.out)
+  if error.filename and os.path.abspath(str(error.filename)).startswith(out):
+    return records.describe_write_error(error, "--out")
+  return cli.describe_os_error(error)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags(argv, FLAGS, required=("workdir", "out"), usage=USAGE)
 
@@ -92,7 +110,7 @@ def main(argv) -> None:
   cli.start(argv, FLAGS, detect_cluster=False)
   try:
     collect_workdir(FLAGS.workdir, FLAGS.out, split=FLAGS.split, epoch=FLAGS.epoch, batch_size=FLAGS.batch_size,
-                    checkpoint_every=FLAGS.checkpoint_every, progress=FLAGS.progress)
+                    checkpoint_every=FLAGS.checkpoint_every, progress=FLAGS.progress, data_dir=FLAGS.data_dir)
   except CollectError as error:
     _fail(str(error), error.code)
   except KeyboardInterrupt:
@@ -100,7 +118,7 @@ def main(argv) -> None:
   except Exception as error:  # noqa: BLE001  (one line for the user, as nc_jax.train does)
     os_error = cli.os_error(error)
     if os_error is not None:
-      _fail(cli.describe_os_error(os_error))
+      _fail(_describe_os_error(os_error))
     if isinstance(error, (ValueError, FileNotFoundError, RuntimeError, ImportError)):
       _fail(cli.one_line(error))
     raise

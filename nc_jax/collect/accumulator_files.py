@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from nc_jax import records
 from nc_jax.collect.errors import CollectError
 
 FORMAT = "nc_jax.collect/1"
@@ -44,17 +45,9 @@ def _checksum(arrays: dict, meta: dict) -> str:
 
 
 def write_atomically(path: pathlib.Path, payload: bytes) -> None:
-  """Writes ``payload`` to a temporary file, fsyncs it, renames it over ``path`` and fsyncs the folder."""
-  temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    with open(temporary, "wb") as handle:
-      handle.write(payload)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(temporary, path)
-  finally:
-    if temporary.exists():
-      temporary.unlink()
+  """``nc_jax.records.write_atomically`` (temporary file, fsync, rename; the temporary file removed on any
+  failure), then an fsync of the folder, so the rename itself survives a power cut."""
+  records.write_atomically(path, payload)
   folder = os.open(path.parent, os.O_RDONLY)
   try:
     os.fsync(folder)

@@ -51,13 +51,15 @@ def array_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int, *, pr
                   process_count: int = 1) -> Batches:
   """Batches of in-memory arrays in order, [k B, (k+1) B); process i takes batches k = i, i + P, ...
 
-  The last batch is padded to B (masked), as ``nc_jax.training.step.forward_all`` pads it.
+  The last batch is padded to B (masked), as ``nc_jax.training.step.forward_all`` pads it; B is at most N
+  (a larger one would only pad: memory follows the data, not the requested size).
   """
   inputs, labels = np.asarray(inputs), np.asarray(labels)
   if len(inputs) != len(labels):
     raise CollectError(f"inputs have {len(inputs)} rows but labels {len(labels)}")
   if batch_size < 1:
     raise CollectError(f"batch_size = {batch_size}: must be at least 1", 2)
+  batch_size = min(batch_size, max(len(labels), 1))
   total = -(-len(labels) // batch_size)
   mine = list(range(process_index, total, process_count))
 
@@ -75,6 +77,7 @@ def streamed_batches(data, split: str, batch_size: int, *, process_index: int = 
   from nc_jax.data import stream
 
   labels = data.train_labels if split == "train" else data.test_labels
+  batch_size = min(batch_size, max(len(labels), 1))  # as array_batches: no batch larger than the split
   mine = len(range(process_index, -(-len(labels) // batch_size), process_count))
   read = lambda start: stream.whole_batches(data, split, batch_size, process_index=process_index,
                                             process_count=process_count, start=start)

@@ -128,7 +128,8 @@ def collect(
 
   Returns:
     {key: Python scalar}: every key of ``neural_collapse`` (and the ``*_test`` ones), the loss keys, ``info``
-    and, with ``out_dir``, ``class_stats_sha256`` (the digest of class_stats.npz): what nc.json holds.
+    and, with ``out_dir``, ``class_stats_sha256`` (the digest of class_stats.npz) and ``sha256`` (that of every
+    other key, ``outputs.own_digest``): what nc.json holds.
   """
   if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 2:
     raise CollectError(f"num_classes must be an int >= 2, got {num_classes!r}")

@@ -1,9 +1,11 @@
 """A finished measurement's two files, written as a checkable pair: ``nc.json`` and ``class_stats.npz``.
 
 class_stats.npz is written first, then nc.json, each atomically; nc.json records the sha256 of
-class_stats.npz's bytes under ``class_stats_sha256``. A kill between the two renames leaves a new
-class_stats.npz beside an older nc.json whose recorded digest no longer matches: ``read_outputs`` refuses
-such a pair, and the next measurement into the folder warns and rewrites both.
+class_stats.npz's bytes under ``class_stats_sha256`` and the sha256 of its own other keys under ``sha256``
+(``own_digest``). A kill between the two renames leaves a new class_stats.npz beside an older nc.json whose
+recorded digest no longer matches, and an edited nc.json no longer matches its own: ``read_outputs`` refuses
+either, naming the command that rewrites both, and the next measurement into the folder warns and rewrites both.
+nc.json files written before ``sha256`` existed are read without that check.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nc_jax.collect.errors import CollectError
 NC_FILE = "nc.json"
 STATS_FILE = "class_stats.npz"
 STATS_DIGEST_KEY = "class_stats_sha256"
+OWN_DIGEST_KEY = "sha256"
 
 
 def stats_payload(stats: dict[str, np.ndarray]) -> bytes:
@@ -36,9 +39,32 @@ def sha256(payload: bytes) -> str:
   return hashlib.sha256(payload).hexdigest()
 
 
+def own_digest(result: dict) -> str:
+  """sha256 of nc.json's keys other than ``OWN_DIGEST_KEY``, as compact JSON with sorted keys (so a file
+  re-indented keeps its digest, any changed value or key does not)."""
+  rest = {key: value for key, value in result.items() if key != OWN_DIGEST_KEY}
+  return sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
+
+
 def stamped(result: dict, payload: bytes) -> dict:
-  """``result`` with the sha256 of class_stats.npz's bytes ``payload`` under ``STATS_DIGEST_KEY``."""
-  return {**result, STATS_DIGEST_KEY: sha256(payload)}
+  """``result`` with the sha256 of class_stats.npz's bytes ``payload`` under ``STATS_DIGEST_KEY``, then its
+  own digest (``own_digest``) under ``OWN_DIGEST_KEY``."""
+  result = {key: value for key, value in result.items() if key != OWN_DIGEST_KEY}
+  result[STATS_DIGEST_KEY] = sha256(payload)
+  return {**result, OWN_DIGEST_KEY: own_digest(result)}
+
+
+def rerun_command(out_dir: pathlib.Path, result) -> str:
+  """The command that measures ``out_dir`` again, from nc.json's own record of its workdir and options when it
+  has them (a measurement of a run directory), else a description."""
+  import shlex
+  if not isinstance(result, dict) or not isinstance(result.get("workdir"), str):
+    return "rerun the measurement into that folder"
+  line = ["python", "-m", "nc_jax.collect", "--workdir", result["workdir"], "--out", str(out_dir)]
+  for flag in ("split", "epoch", "batch_size"):
+    if isinstance(result.get(flag), (str, int)) and not isinstance(result.get(flag), bool):
+      line += [f"--{flag}", str(result[flag])]
+  return f"rerun `{shlex.join(line)}`"
 
 
 def write_outputs(out_dir: pathlib.Path, result: dict, payload: bytes) -> None:
@@ -49,13 +75,18 @@ def write_outputs(out_dir: pathlib.Path, result: dict, payload: bytes) -> None:
 
 
 def mismatch(out_dir: pathlib.Path) -> Optional[str]:
-  """Why out_dir's nc.json and class_stats.npz are not one measurement's pair, or None when they are (or
-  when nc.json is absent, unreadable or predates the recorded digest: nothing to check against)."""
+  """Why out_dir's nc.json and class_stats.npz are not one measurement's pair (or nc.json is not as written),
+  or None when they are (or when nc.json is absent, unreadable or predates the digests: nothing to check
+  against)."""
   out_dir = pathlib.Path(out_dir)
   try:
-    expected = json.loads((out_dir / NC_FILE).read_text()).get(STATS_DIGEST_KEY)
+    result = json.loads((out_dir / NC_FILE).read_text())
+    expected = result.get(STATS_DIGEST_KEY)
   except (OSError, ValueError, AttributeError):
     return None
+  if OWN_DIGEST_KEY in result and result[OWN_DIGEST_KEY] != own_digest(result):
+    return (f"{out_dir / NC_FILE} is not as it was written (its values do not match its recorded sha256: edited or "
+            "damaged since)")
   if expected is None:
     return None
   try:
@@ -74,8 +105,9 @@ def mismatch(out_dir: pathlib.Path) -> Optional[str]:
 def read_outputs(out_dir) -> tuple[dict, dict[str, np.ndarray]]:
   """(nc.json's metrics, class_stats.npz's arrays) of a finished measurement in ``out_dir``.
 
-  CollectError when nc.json is missing or when class_stats.npz is not the file nc.json was written with
-  (its sha256 differs: a measurement was stopped between the two writes); rerun it to rewrite both.
+  CollectError when nc.json is missing, when it was edited since it was written (its own sha256 differs), or
+  when class_stats.npz is not the file nc.json was written with (its sha256 differs: a measurement was stopped
+  between the two writes, or either was replaced); the message gives the command that rewrites both.
   """
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
@@ -84,7 +116,11 @@ def read_outputs(out_dir) -> tuple[dict, dict[str, np.ndarray]]:
     raise CollectError(f"{out_dir} has no {NC_FILE}: no measurement finished there; run (or rerun) it")
   problem = mismatch(out_dir)
   if problem is not None:
-    raise CollectError(f"{problem}; rerun the measurement to rewrite both")
+    try:
+      recorded = json.loads((out_dir / NC_FILE).read_text())
+    except (OSError, ValueError):
+      recorded = None
+    raise CollectError(f"{problem}; {rerun_command(out_dir, recorded)} to rewrite both")
   try:
     result = json.loads((out_dir / NC_FILE).read_text())
     with np.load(out_dir / STATS_FILE, allow_pickle=False) as stored:

@@ -26,9 +26,10 @@ def _not_empty(path, flag: str, what: str) -> None:
 
 
 def _read_workdir_config(workdir: pathlib.Path):
-  """The run's config.json as a ConfigDict; CollectError (naming the fix) for anything else."""
+  """The run's config.json as a ConfigDict, every key an earlier version did not write at its default (as
+  ``nc_jax.train`` reads it: ``schema.fill_defaults``); CollectError (naming the fix) for anything else."""
   import ml_collections
-  from nc_jax import records
+  from nc_jax import records, schema
   if not workdir.exists():
     raise CollectError(f"--workdir {workdir} does not exist", 2)
   if not workdir.is_dir():
@@ -37,9 +38,55 @@ def _read_workdir_config(workdir: pathlib.Path):
   if not path.exists():
     raise CollectError(f"{workdir} has no {records.CONFIG_FILE}: not a run directory of python -m nc_jax.train")
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    values = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise CollectError(f"{path} is damaged (not JSON: {error})") from None
+    raise CollectError(f"{path} is damaged (not JSON: {error}); restore it from the run's copy or retrain") from None
+  if not isinstance(values, dict):
+    raise CollectError(f"{path} holds a JSON {type(values).__name__}, not a run's config (an object); restore it "
+                       "or retrain")
+  return ml_collections.ConfigDict(schema.fill_defaults(values))
+
+
+class DataNotFound(CollectError):
+  """The run's data is not where its config.json says (``folder``): moved, or never prepared on this machine."""
+
+  def __init__(self, message: str, folder: str):
+    super().__init__(message)
+    self.folder = folder
+
+
+def _data_folder(config) -> Optional[str]:
+  """The folder a run reads its data from (config.data_dir, or the source's default), None for generated data."""
+  from nc_jax.data import idx, sources
+  if config.dataset in sources.GENERATED_DATASETS:
+    return None
+  if config.data_source == "idx":
+    return config.data_dir or str(idx.DEBIAN_FASHION_MNIST)
+  return config.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+
+
+def _load_data(config, data_dir: Optional[str]):
+  """``loop.load_dataset`` of the run's config, reading from ``data_dir`` when given (data moved since
+  training); DataNotFound when the folder or the data in it is missing."""
+  from nc_jax.training import loop
+  if data_dir is not None:
+    if _data_folder(config) is None:
+      raise CollectError(f"--data_dir {data_dir}: the run's data ({config.dataset}, {config.data_source}) is "
+                         "generated, not read from a folder; drop --data_dir", 2)
+    if not pathlib.Path(data_dir).expanduser().is_dir():
+      raise DataNotFound(f"--data_dir {data_dir} is not a folder", data_dir)
+    config = config.copy_and_resolve_references()
+    config.data_dir = str(pathlib.Path(data_dir).expanduser().absolute())
+  folder = _data_folder(config)
+  try:
+    return loop.load_dataset(config)
+  except (FileNotFoundError, ValueError) as error:
+    moved = isinstance(error, FileNotFoundError) or (
+        folder is not None and not pathlib.Path(folder).expanduser().is_dir())
+    if not moved:
+      raise
+    raise DataNotFound(f"the run's data ({config.dataset}, {config.data_source}) is not in {folder} "
+                       f"({type(error).__name__})", folder) from None
 
 
 def _check_out_dir(out_dir: pathlib.Path) -> None:
@@ -53,12 +100,15 @@ def _check_out_dir(out_dir: pathlib.Path) -> None:
       return
 
 
-def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str], None] = default_warn):
+def restore_workdir(workdir, epoch: Optional[int] = None, *, data_dir: Optional[str] = None,
+                    warn: Callable[[str], None] = default_warn):
   """(config, dataset, model, variables, epoch, step, checkpoint path) of a run directory's checkpoint.
 
   The data, the model and the checkpoint's abstract state are the run's own: ``nc_jax.training.loop``'s
   ``load_dataset`` and ``build_program`` make them as training made them; ``variables`` ({'params',
   'batch_stats'}) are this process's numpy copies. ``epoch`` None: the newest checkpoint that is not damaged.
+  ``data_dir``: where the run's data is now, when it moved since training (config.json's data_dir
+  otherwise); the returned config keeps the run's own. DataNotFound when the data is not there.
   """
   from nc_jax.data import device
   from nc_jax.training import checkpoints, loop
@@ -76,7 +126,7 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str
   if epoch is not None and epoch not in epochs:
     raise CollectError(f"--epoch {epoch}: {workdir} has no checkpoint of epoch {epoch}; it has epochs "
                        f"{', '.join(map(str, epochs))}", 2)
-  dataset = loop.load_dataset(config)  # a StreamedDataset where the run streamed
+  dataset = _load_data(config, data_dir)  # a StreamedDataset where the run streamed
   program = loop.build_program(config, device.data_mesh(), dataset.num_classes, dataset.input_shape,
                                max(len(dataset.train_labels) // config.batch_size, 1), len(dataset.train_labels))
   manager = checkpoints.Checkpoints(directory, read_only=True)
@@ -101,16 +151,31 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, warn: Callable[[str
   return config, dataset, program.model, variables, epoch, int(local(state.step)), directory / str(epoch)
 
 
+def rerun_line(workdir, out_dir, *, split: str = "both", epoch: Optional[int] = None,
+               batch_size: Optional[int] = None, data_dir: Optional[str] = None) -> str:
+  """The ``python -m nc_jax.collect`` command line of these arguments (shell-quoted)."""
+  import shlex
+  line = ["python", "-m", "nc_jax.collect", "--workdir", str(workdir), "--out", str(out_dir)]
+  for flag, value, default in (("split", split, "both"), ("epoch", epoch, None), ("batch_size", batch_size, None),
+                               ("data_dir", data_dir, None)):
+    if value != default:
+      line += [f"--{flag}", str(value)]
+  return shlex.join(line)
+
+
 def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[int] = None,
                     batch_size: Optional[int] = None, checkpoint_every: int = 0, progress: Optional[bool] = None,
-                    quiet: bool = False, warn: Callable[[str], None] = default_warn) -> dict:
+                    quiet: bool = False, data_dir: Optional[str] = None,
+                    warn: Callable[[str], None] = default_warn) -> dict:
   """NC of a run's checkpoint, measured as ``nc_jax.training.evaluate`` measures it; writes ``out_dir``.
 
   split: 'both' (default: the training set, the paper's measurement, plus the test set's ``*_test`` keys
   against the training means: metrics.jsonl's keys), 'train', or 'test' (the test set's own collapse, its
   own class means; the keys without suffix). Features are eval-mode (BatchNorm running statistics), W and
   b the head's (``models.classifier_weights``), batches of ``batch_size`` (default the run's
-  ``eval_batch_size``) in dataset order, the last one padded and masked, like ``forward_all``.
+  ``eval_batch_size``, at most the larger split's size: memory follows the data, not the flag) in dataset
+  order, the last one padded and masked, like ``forward_all``. data_dir: where the run's data is now, if it
+  moved since training; when the data is not found, the CollectError gives the command that passes it.
   """
   from nc_jax import models
   from nc_jax.training import step as step_lib
@@ -123,8 +188,16 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
   _not_empty(out_dir, "--out", "the folder for nc.json and class_stats.npz")
   out_dir = pathlib.Path(out_dir).absolute()
   _check_out_dir(out_dir)
-  config, dataset, model, variables, epoch, step, checkpoint = restore_workdir(workdir, epoch, warn=warn)
-  batch_size = batch_size or config.eval_batch_size
+  try:
+    config, dataset, model, variables, epoch, step, checkpoint = restore_workdir(workdir, epoch, data_dir=data_dir,
+                                                                                 warn=warn)
+  except DataNotFound as error:
+    command = rerun_line(pathlib.Path(workdir).absolute(), out_dir, split=split, epoch=epoch, batch_size=batch_size,
+                         data_dir="NEW_FOLDER")
+    raise CollectError(f"{error}; if it moved, pass its folder: `{command}` with NEW_FOLDER the folder that now "
+                       "holds it") from None
+  sizes = (len(dataset.train_labels), len(dataset.test_labels))
+  batch_size = min(batch_size or config.eval_batch_size, max(sizes))  # a larger batch would be padding only
   apply_fn = lambda v, x: model.apply(v, x, train=False)
   feature_shape = jax.eval_shape(apply_fn, variables, np.zeros((1, *dataset.input_shape), np.float32))[1].shape
   weights, bias = models.classifier_weights(variables["params"], feature_dim=math.prod(feature_shape[1:]),

@@ -42,7 +42,10 @@ import io
 import json
 import os
 import pathlib
-from typing import Any, Iterator, Optional, Sequence, Union
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -63,18 +66,32 @@ DEVICE_MEMORY_FRACTION = 0.25  # of one device's memory, the most the replicated
 READ_LOG_ENV = "NC_JAX_STREAM_READ_LOG"
 
 
+LABELS_CACHE_PREFIX = "nc_jax-labels-"  # + SPLIT-STAMP-DIGEST.npy next to a tfds split's files
+
+
 class StreamError(ValueError):
   """Streamed input that cannot be read as asked: a corrupt record, a batch the processes cannot split."""
+
+
+def _warn(message: str) -> None:
+  print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _labels_digest(labels: np.ndarray) -> str:
+  """The first 16 hex digits of the sha256 of (N,) int32 labels' little-endian bytes and N."""
+  return hashlib.sha256(f"{len(labels)}:".encode() + np.asarray(labels, "<i4").tobytes()).hexdigest()[:16]
 
 
 def _not_prepared(name: str, data_dir: Optional[str], error: BaseException) -> FileNotFoundError:
   where = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
   manual = " --manual_dir DIR_WITH_ILSVRC2012_TARS" if name == "imagenet2012" else ""
+  build = f"`tfds build {name} --file_format=array_record --data_dir DIR{manual}`"
+  how = (f"`python -m nc_jax.prepare {name} --data_dir DIR{manual}` (what tfds's {build} does, plus checks)"
+         if name in sources.TFDS_DATASETS else f"{build} (needs tensorflow)")
   return FileNotFoundError(
       f"tfds dataset {name!r} is not prepared as ArrayRecord in {where} ({type(error).__name__}: "
-      f"{str(error).splitlines()[0] if str(error) else ''}). On a machine with internet and tensorflow: "
-      f"`tfds build {name} --file_format=array_record --data_dir DIR{manual}`, then copy DIR here and pass "
-      "data_dir=DIR")
+      f"{str(error).splitlines()[0] if str(error) else ''}). Prepare it on a machine with internet: {how}, "
+      "then pass data_dir=DIR (--config.data_dir=DIR), copying DIR here if it was prepared elsewhere")
 
 
 # ------------------------------------------------------------------ sources
@@ -154,36 +171,76 @@ class TfdsSource:
                             "rebuild the dataset with `tfds build`") from None
       return out
 
-  def _labels_cache(self):
-    """Where the split's labels are kept next to its files: nc_jax-labels-SPLIT-HASH.npy, HASH of the files'
-    names, sizes and mtimes (a rebuilt dataset gets a new file). None for mock data."""
+  def _labels_cache(self) -> Optional[tuple[pathlib.Path, str]]:
+    """(folder, stem) of the split's label cache next to its files, or None for mock data.
+
+    The cache is FOLDER/STEM-DIGEST.npy: STEM = nc_jax-labels-SPLIT-STAMP, STAMP the first 16 hex digits of
+    the sha256 of the files' names, sizes and mtimes (a rebuilt dataset gets a new stem), DIGEST those of the
+    sha256 of the labels themselves (``_labels_digest``), so an edited or truncated cache is never trusted.
+    """
     try:
       paths = [pathlib.Path(str(path)) for path in self._source.dataset_info.splits[self.split].filepaths]
       stamp = "|".join(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in paths)
     except Exception:
       return None
-    return paths[0].parent / f"nc_jax-labels-{self.split}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}.npy"
+    return paths[0].parent, f"{LABELS_CACHE_PREFIX}{self.split}-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
 
-  def labels(self, chunk: int = 512) -> np.ndarray:
+  def _cached_labels(self, folder: pathlib.Path, stem: str, warn: Callable[[str], None]) -> Optional[np.ndarray]:
+    """The labels of a cache file that is whole and of these files, or None; every other label cache of the
+    split (edited, truncated, of files since rebuilt, of an older format) is named in a warning and removed."""
+    found = None
+    for path in sorted(folder.glob(f"{LABELS_CACHE_PREFIX}{self.split}-*.npy")):
+      if ".tmp" in path.suffixes:
+        continue
+      problem = (None if path.name.startswith(f"{stem}-")
+                 else "out of date (of the dataset's files before they changed, or of an older format)")
+      if problem is None:
+        try:
+          cached = np.load(path, allow_pickle=False)
+          if cached.dtype != np.int32 or cached.shape != (len(self),):
+            problem = f"damaged (holds {cached.dtype} {cached.shape}, not int32 ({len(self)},))"
+          elif path.name != f"{stem}-{_labels_digest(cached)}.npy":
+            problem = "damaged (its labels do not match the digest in its name: edited since it was written)"
+          else:
+            found = cached
+            continue
+        except (OSError, ValueError, EOFError) as error:  # a truncated .npy raises any of these
+          problem = f"damaged (unreadable: {' '.join(str(error).split())[:80]})"
+      try:
+        path.unlink()
+        done = "removed it"
+      except OSError as error:  # e.g. a read-only data folder: left, and never trusted (its name never matches)
+        done = f"it cannot be removed ({error.strerror or error}), so it is ignored"
+      warn(f"label cache {path} is {problem}; {done} and read the labels from the dataset again")
+    return found
+
+  def labels(self, chunk: int = 512, warn: Optional[Callable[[str], None]] = None) -> np.ndarray:
     """(len,) int32 labels, read with the images left encoded (``SkipDecoding``) where tfds can, ``chunk``
     records at a time (512 ImageNet JPEGs are ~56 MB; host memory stays bounded whatever the set's size).
 
     ImageNet's 1.28 M records take one pass; the result is cached next to the files when that folder is
-    writable (``_labels_cache``), so later runs read 5 MB instead.
+    writable (``_labels_cache``), so later runs read 5 MB instead. A cache is used only when its labels match
+    the digest in its name and its stem matches the files; any other is named in a one-line warning
+    (``warn``, default stderr), removed and rebuilt.
     """
+    warn = warn or _warn
     cache = self._labels_cache()
-    if cache is not None and cache.exists():
-      cached = np.load(cache)
-      if len(cached) == len(self):
+    if cache is not None:
+      cached = self._cached_labels(*cache, warn)
+      if cached is not None:
         return cached
     out = self._read_labels(chunk)
     if cache is not None:
+      folder, stem = cache
+      temporary = folder / f"{stem}.{os.getpid()}.tmp.npy"
       try:
-        temporary = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npy")
         np.save(temporary, out)
-        temporary.replace(cache)
-      except OSError:  # a read-only data folder: no cache
-        pass
+        temporary.replace(folder / f"{stem}-{_labels_digest(out)}.npy")
+      except OSError:  # a read-only data folder (or a full disk): no cache
+        try:
+          temporary.unlink(missing_ok=True)
+        except OSError:
+          pass
     return out
 
   def _read_labels(self, chunk: int) -> np.ndarray:
@@ -573,8 +630,31 @@ def _flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+PARENT_POLL_SECONDS = 0.5  # how often a grain worker checks that the process that started it is alive
+
+
+def _die_with_parent(parent: int, worker_index: int = 0, worker_count: int = 0) -> None:
+  """grain worker initialiser (``mp_prefetch``'s ``worker_init_fn``, with ``parent`` = the trainer's pid):
+  ends this worker within ``PARENT_POLL_SECONDS`` of its parent dying.
+
+  A killed trainer (kill -9, the OOM killer) cannot stop its workers, and grain's workers wait forever to
+  hand over a batch nobody will take (each holding its decoded batches, ~260 MB for ImageNet), keeping the
+  multiprocessing resource tracker alive too. A daemon thread polls ``os.getppid()``: when the parent dies
+  the worker is re-parented (to init or a subreaper) and exits at once. (Linux's PR_SET_PDEATHSIG would be
+  immediate, but it fires when the *thread* that started the worker ends, and grain starts workers from
+  short-lived threads.)
+  """
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(PARENT_POLL_SECONDS)
+    os._exit(0)  # nothing to save: the batches were for the dead parent
+
+  threading.Thread(target=watch, name="nc_jax-parent-watch", daemon=True).start()
+
+
 def _iterate(reader: _Reader, start: int, worker_count: int, prefetch: int = 2, threads: int = 0) -> Iterator:
-  """Elements start.. of ``reader`` in order: grain, decoding in ``worker_count`` processes (0: here)."""
+  """Elements start.. of ``reader`` in order: grain, decoding in ``worker_count`` processes (0: here), each of
+  which exits when this process dies (``_die_with_parent``)."""
   import grain
 
   if worker_count == 0 and threads == 0:
@@ -584,7 +664,8 @@ def _iterate(reader: _Reader, start: int, worker_count: int, prefetch: int = 2, 
   if worker_count:
     _flags_parsed()
     stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                             per_worker_buffer_size=prefetch))
+                                                             per_worker_buffer_size=prefetch),
+                                worker_init_fn=functools.partial(_die_with_parent, os.getpid()))
   return iter(stream)
 
 
