@@ -18,6 +18,7 @@ tests/test_schema.py keeps them equal.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import math
 import numbers
@@ -532,7 +533,32 @@ def changed_keys(previous: Mapping[str, Any], requested: Mapping[str, Any]) -> l
                 if k not in OPERATIONAL_KEYS and previous.get(k) != requested.get(k))
 
 
+def _canonical(value):
+  """JSON values with integral floats as ints (1.0 and 1 are the same lr, as ``changed_keys`` compares them)."""
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(value, Mapping):
+    return {k: _canonical(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_canonical(v) for v in value]
+  return value
+
+
+def config_digest(values: Mapping[str, Any]) -> str:
+  """sha256 of what makes a run's results: every key but ``OPERATIONAL_KEYS``, each left out where it has its
+  default (model options at their model's), so a key added by a later version at its default, or a default made
+  explicit, leaves the digest as it was. Two configs have the same digest exactly when ``changed_keys`` finds
+  no key between them. Each checkpoint carries the digest of the config that wrote it (training.loop)."""
+  filled = _canonical(fill_defaults(values) if "model" in values and "model_options" in values else dict(values))
+  reference = _canonical(json.loads(_REFERENCE.to_json()))
+  kept = {k: v for k, v in filled.items() if k not in OPERATIONAL_KEYS and (k not in reference or v != reference[k])}
+  if isinstance(filled.get("model_options"), Mapping) and filled.get("model") in MODEL_OPTIONS:
+    defaults = _canonical(json.loads(model_options_for(filled["model"]).to_json()))
+    kept["model_options"] = {k: v for k, v in filled["model_options"].items() if k not in defaults or v != defaults[k]}
+  return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
 __all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "IMBALANCES", "INPUT_PIPELINES",
            "KNOWN_LR", "LOSSES", "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS",
-           "STANDARDIZATIONS", "STEMS", "base_config", "cells", "changed_keys", "fill_defaults", "mlp_variant",
+           "STANDARDIZATIONS", "STEMS", "base_config", "cells", "changed_keys", "config_digest", "fill_defaults", "mlp_variant",
            "model_options_for", "paper_config", "validate", "validate_sizes"]

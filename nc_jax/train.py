@@ -4,8 +4,11 @@ Trains a net into the terminal phase, measuring Neural Collapse in-graph; writes
 config.json, metrics.jsonl, tpt.json and checkpoints/ to DIR. Rerunning the same
 command resumes from the latest good checkpoint. ``--resume_from OTHER[:EPOCH]``
 starts DIR from another run's checkpoint (e.g. with a lower lr after a
-divergence). Multi-host: pass --coordinator_address, --num_processes and
---process_id (detected automatically on TPU VMs and SLURM).
+divergence); ``--resume_from DIR:EPOCH`` restarts DIR itself from its epoch (with
+--overwrite when it holds anything after that epoch). A ``--config.KEY`` given
+more than once takes its last value, whatever its type. Multi-host: pass
+--coordinator_address, --num_processes and --process_id (detected automatically
+on TPU VMs and SLURM).
 
 Exit codes: 0 done, 1 refused or failed (one line on stderr saying why and what
 to do), 2 bad command line, 130 SIGINT / 143 SIGTERM after checkpointing.
@@ -37,7 +40,8 @@ flags.FLAGS["config"].default_as_str = repr(DEFAULT_CONFIG)  # what --help shows
 flags.DEFINE_string("workdir", "workdirs/default", "Where config.json, metrics.jsonl and checkpoints/ go.")
 flags.DEFINE_bool("overwrite", False, "Discard a previous run with a different config in --workdir.")
 flags.DEFINE_string("resume_from", None, "OTHER_WORKDIR[:EPOCH]: start from that run's checkpoint (latest good "
-                    "one without EPOCH) when --workdir has none; sets config.resume_from.")
+                    "one without EPOCH) when --workdir has none; WORKDIR:EPOCH restarts --workdir from its own "
+                    "epoch; sets config.resume_from.")
 cli.define_distributed_flags()
 FLAGS = flags.FLAGS
 
@@ -52,6 +56,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     elif spec.endswith(":"):  # get_config('') is the file's default (full-size) job: ':$UNSET' would run it
       cli.fail(f"--config={spec} names an empty variant after ':'; drop the ':' for the file's default job or "
                f"name a variant ({spec}smoke, ...)", 2)
+    argv = last_values(argv)
     remaining = FLAGS(argv)
     FLAGS.config.get("model")  # config_flags defers a failed load to the first use: fail here instead
     if not FLAGS.workdir.strip():  # pathlib reads '' as the current folder: the run would land there
@@ -76,6 +81,38 @@ def _config_spec(argv: list[str]) -> str | None:
     if found:
       spec = argument[found.end():] if found.group(1) else (argv[i + 1] if i + 1 < len(argv) else "")
   return spec
+
+
+def _override_name(argument: str) -> str | None:
+  """The dotted key of a --config.KEY[=VALUE] or --noconfig.KEY argument ('lr', 'model_options.width'), else None."""
+  found = re.match(r"^--?(no)?config\.([\w.]+)(=|$)", argument)
+  return found.group(2) if found else None
+
+
+def last_values(argv: list[str]) -> list[str]:
+  """``argv`` with each --config.KEY kept only where it is last given: the last value wins, for every type.
+
+  config_flags joins the values of a repeated tuple key ('(2,)' then '(4,)' gives (2, 4)) where a repeated
+  scalar takes the last; dropping the earlier ones makes one rule. '--config.KEY VALUE' (two arguments) is
+  read as absl reads it: the value is the next argument unless KEY is a boolean (``--config.KEY`` alone
+  sets it, ``--noconfig.KEY`` clears it). Arguments after '--' are left alone.
+  """
+  end = argv.index("--") if "--" in argv else len(argv)
+  keys = None  # the config's keys, loaded only when a two-argument override needs its type
+  spans, i = [], 1  # (name, first, last + 1) of each override
+  while i < end:
+    name = _override_name(argv[i])
+    width = 1
+    if name is not None and "=" not in argv[i] and not argv[i].lstrip("-").startswith("no"):
+      keys = _config_keys(argv) if keys is None else keys
+      if not isinstance(keys.get(name), bool) and i + 1 < end:
+        width = 2
+    if name is not None:
+      spans.append((name, i, i + width))
+    i += width
+  last = {name: first for name, first, _ in spans}
+  dropped = {j for name, first, stop in spans if last[name] != first for j in range(first, stop)}
+  return [argument for j, argument in enumerate(argv) if j not in dropped]
 
 
 def _config_keys(argv: list[str]) -> dict:
@@ -182,11 +219,13 @@ def main(argv) -> None:
   except Diverged as diverged:
     if diverged.last_good_epoch is None:
       cli.fail(str(diverged))
-    new_workdir = f"{FLAGS.workdir.rstrip('/')}_lr{diverged.lr / 10:.3g}"
+    # The new base lr, not a tenth of the (decayed) lr in force: the schedule decays the base again.
+    new_workdir = f"{FLAGS.workdir.rstrip('/')}_lr{diverged.advised_lr:.3g}"
     command = rerun_command(sys.argv, workdir=new_workdir, resume_from=f"{FLAGS.workdir}:{diverged.last_good_epoch}",
-                            lr=diverged.lr / 10)
-    cli.fail(f"training loss is {diverged.loss} at epoch {diverged.epoch}; stopped. The last good checkpoint is "
-             f"epoch {diverged.last_good_epoch}; to go on from it with a 10x lower lr: {command}")
+                            lr=diverged.advised_lr)
+    cli.fail(f"training loss is {diverged.loss} at epoch {diverged.epoch} (lr {diverged.lr:.3g}); stopped. The last "
+             f"good checkpoint is epoch {diverged.last_good_epoch}; to go on from it with a 10x lower lr (base "
+             f"{diverged.advised_lr:.3g}, so {diverged.lr / 10:.3g} at epoch {diverged.epoch}): {command}")
   except (schema.ConfigError, WorkdirError, records.RecordsError) as error:
     cli.fail(str(error))
   except Exception as error:  # noqa: BLE001  (one line for the user; the traceback helps nobody here)

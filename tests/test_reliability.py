@@ -7,9 +7,12 @@ default config's smoke variant (a width-32 MLP on MNIST-1D, seconds per run).
 
 import json
 import os
+import pathlib
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -330,6 +333,19 @@ def test_model_options_can_be_set_from_the_command_line(tmp_path):
   assert json.loads((tmp_path / "run" / "config.json").read_text())["model_options"]["fixed_etf"] is True
 
 
+def test_a_repeated_flag_takes_its_last_value_on_the_command_line(tmp_path):
+  # Issue 24: a repeated tuple key was joined ((1,) then (2,) gave (1, 2)) where a repeated scalar took the last.
+  result = cli(tmp_path / "run", "--config.num_epochs=2", "--config.measure_epochs=1", "--config.measure_epochs=2",
+               "--config.lr_decay_epochs=(1,)", "--config.lr_decay_epochs=(2,)", "--config.adam_betas=(0.5,0.6)",
+               "--config.adam_betas=(0.8,0.9)", "--config.optimizer=adam", "--config.optimizer=sgd",
+               "--config.per_layer_nc", "--noconfig.per_layer_nc", "--config.lr=0.5", "--config.lr", "0.01")
+  assert result.returncode == 0, result.stderr[-2000:]
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert {k: saved[k] for k in ("measure_epochs", "lr_decay_epochs", "adam_betas", "optimizer", "per_layer_nc", "lr")} \
+      == {"measure_epochs": [2], "lr_decay_epochs": [2], "adam_betas": [0.8, 0.9], "optimizer": "sgd",
+          "per_layer_nc": False, "lr": 0.01}
+
+
 def test_workdir_that_is_a_file_is_one_line(tmp_path):
   (tmp_path / "file").write_text("x")
   assert "is a file" in one_line_error(cli(tmp_path / "file"))
@@ -388,3 +404,168 @@ def test_kill_9_with_the_newest_checkpoint_damaged_then_rerun(tmp_path):
   result = cli(run, *arguments)
   assert result.returncode == 0 and "is damaged" in result.stderr, result.stderr[-2000:]
   assert comparable(run) == comparable(tmp_path / "straight")
+
+
+# ---------------------------------------------------------------------------
+# Issue 24: no command deletes what it then needs; nothing derived is trusted unchecked; printed commands run.
+# ---------------------------------------------------------------------------
+
+def snapshot(run):
+  """Every file of a run but its lock, with its bytes: what 'nothing changed' compares."""
+  return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != "lock"}
+
+
+class Died(Exception):
+  """Raised from the log to end a run between two lines, as a kill there would (nothing after it is written)."""
+
+
+def die_at(epoch):
+  def log(line, *args, **kwargs):
+    if isinstance(line, str) and line.startswith(f"epoch {epoch:4d}"):
+      raise Died(line)
+  return log
+
+
+def test_an_in_place_restart_from_an_epoch_is_a_restart_elsewhere_or_refused_before_any_change(stopped, tmp_path):
+  run = copy_of(stopped, tmp_path)  # checkpoints 6, 8, 9; measurements 1, 3, 6
+  before = snapshot(run)
+  restart = smoke(lr=0.01, resume_from=f"{run}:6")
+  with pytest.raises(workdir_lib.WorkdirError, match=r"discards its checkpoints of epochs \[8, 9\].*--overwrite"):
+    train_and_evaluate(restart, str(run), **QUIET)
+  for refused, match in ((smoke(lr=0.01, resume_from=f"{run}:7"), r"no checkpoint of epoch 7 there; it has epochs "
+                          r"\[6, 8, 9\]"), (smoke(lr=0.01, resume_from=str(run)), r"names this workdir: add the "
+                          r"epoch to restart from .*\[6, 8, 9\]")):
+    with pytest.raises(workdir_lib.WorkdirError, match=match):
+      train_and_evaluate(refused, str(run), overwrite=True, **QUIET)  # issue 24: everything was deleted first
+  assert snapshot(run) == before
+  # With --overwrite it restarts from epoch 6; a death before its first checkpoint, then the same command again.
+  with pytest.raises(Died):
+    train_and_evaluate(restart, str(run), overwrite=True, log=die_at(7))
+  assert saved_epochs(run) == [6] and records.read(run)[-1]["epoch"] == 6
+  train_and_evaluate(restart, str(run), overwrite=True, **QUIET)
+  elsewhere = tmp_path / "elsewhere"  # what the same restart gives in a new workdir
+  train_and_evaluate(smoke(lr=0.01, resume_from=f"{stopped}:6"), str(elsewhere), **QUIET)
+  run_helpers.assert_same_run(run, elsewhere, last_epoch=12)
+  finished = snapshot(run)
+  train_and_evaluate(restart, str(run), overwrite=True, **QUIET)  # the restart's command again: a finished run
+  assert {k: v for k, v in snapshot(run).items() if k != "config.json"} == {
+      k: v for k, v in finished.items() if k != "config.json"}
+
+
+def test_a_workdir_without_its_config_json_resumes_only_the_config_its_checkpoints_carry(stopped, straight, tmp_path):
+  run = copy_of(stopped, tmp_path)
+  original = (run / "config.json").read_text()
+  (run / "config.json").unlink()
+  before = snapshot(run)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"config.json is missing and the checkpoint of epoch 9 was "
+                     r"written under another config.*--overwrite"):
+    train_and_evaluate(smoke(lr=0.5), str(run), **QUIET)  # issue 24: resumed at lr 0.5, relabelled
+  assert snapshot(run) == before
+  (run / "config.json").write_text(json.dumps({**json.loads(original), "lr": 0.5}))  # edited to match the command
+  with pytest.raises(workdir_lib.WorkdirError, match="was edited or replaced"):
+    train_and_evaluate(smoke(lr=0.5), str(run), **QUIET)
+  (run / "config.json").write_text("{torn")
+  with pytest.raises(workdir_lib.WorkdirError, match="config.json is damaged and the checkpoint of epoch 9"):
+    train_and_evaluate(smoke(lr=0.5), str(run), **QUIET)
+  (run / "config.json").unlink()
+  train_and_evaluate(smoke(), str(run), **QUIET)  # the run's own config: resumed, config.json written again
+  assert (run / "config.json").read_text() == original
+  assert_same_run(run, straight)
+
+
+def test_a_resume_from_at_or_past_the_last_epoch_is_refused_not_a_relabelling(stopped, tmp_path):
+  # It would train nothing and only put the new config's name (lr 0.01) on the source's measurements.
+  past_end = dict(lr=0.01, num_epochs=9, measure_epochs=(1, 3, 6, 9))
+  run = copy_of(stopped, tmp_path)
+  before = snapshot(run)
+  for workdir in (tmp_path / "elsewhere", run):
+    with pytest.raises(workdir_lib.WorkdirError, match="at or past config.num_epochs = 9, so nothing would be trained"):
+      train_and_evaluate(smoke(**past_end, resume_from=f"{run}:9"), str(workdir), overwrite=True, **QUIET)
+  assert snapshot(run) == before and not (tmp_path / "elsewhere" / "config.json").exists()
+
+
+def test_tpt_json_is_rebuilt_from_the_run_not_trusted(tmp_path):
+  config = smoke(num_epochs=4, measure_epochs=(4,), tpt_threshold=0.3)
+  train_and_evaluate(config, str(tmp_path), **QUIET)
+  started = records.read(tmp_path)[-1]["tpt_start_epoch"]
+  assert 1 <= started <= 4, "the smoke run should reach the threshold; lower it"
+  expected = {"tpt_start_epoch": started, "threshold": 0.3}
+  assert json.loads((tmp_path / "tpt.json").read_text()) == expected
+  for damage in (lambda p: p.write_text('{"tpt_start_epoch": 1, "thr'), lambda p: p.write_text(
+      json.dumps({"tpt_start_epoch": started + 7, "threshold": 0.3})), lambda p: p.unlink()):
+    damage(tmp_path / "tpt.json")
+    train_and_evaluate(config, str(tmp_path), **QUIET)  # nothing to train: the file comes back from the checkpoint
+    assert json.loads((tmp_path / "tpt.json").read_text()) == expected
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
+  with workdir_lib.Lock(tmp_path):
+    (tmp_path / "lock").unlink()  # issue 24: a second run then locked a new file of that name
+    with pytest.raises(workdir_lib.WorkdirError, match="in use by another run"):
+      with workdir_lib.Lock(tmp_path):
+        pass
+  with workdir_lib.Lock(tmp_path):  # released on exit
+    pass
+
+
+def test_where_directories_cannot_be_locked_a_deleted_lock_file_is_taken_again_or_the_run_stops(tmp_path,
+                                                                                                 monkeypatch):
+  monkeypatch.setattr(workdir_lib, "_lock_directory", lambda directory: None)  # as on NFS: the file alone
+  first = workdir_lib.Lock(tmp_path).__enter__()
+  (tmp_path / "lock").unlink()
+  first.check()  # nobody came in: the file is made and locked again, naming this process
+  assert json.loads((tmp_path / "lock").read_text())["pid"] == os.getpid()
+  with pytest.raises(workdir_lib.WorkdirError, match="in use by another run"):
+    workdir_lib.Lock(tmp_path).__enter__()
+  (tmp_path / "lock").unlink()
+  second = workdir_lib.Lock(tmp_path).__enter__()  # came in while the file was gone
+  with pytest.raises(workdir_lib.WorkdirError, match="was deleted while this run held it, and another process"):
+    first.check()
+  second.__exit__(None, None, None)
+  first.__exit__(None, None, None)
+
+
+def test_a_lock_or_tpt_json_that_is_a_directory_is_named(straight, tmp_path):
+  run = copy_of(straight, tmp_path)
+  for name in ("lock", "tpt.json"):
+    (run / name).unlink(missing_ok=True)
+    (run / name).mkdir()
+    with pytest.raises(workdir_lib.WorkdirError, match=f"{name} is a directory.*remove it"):
+      train_and_evaluate(smoke(), str(run), **QUIET)
+    (run / name).rmdir()
+
+
+def test_a_run_keeps_its_workdir_when_its_lock_file_is_deleted(tmp_path):
+  attempts = []
+
+  def log(line, *args, **kwargs):
+    if isinstance(line, str) and line.startswith("epoch    2"):
+      (tmp_path / "lock").unlink()
+      try:
+        train_and_evaluate(smoke(), str(tmp_path), **QUIET)  # a second run, while the first goes on
+        attempts.append("ran")
+      except workdir_lib.WorkdirError as error:
+        attempts.append(str(error))
+    if isinstance(line, str) and line.startswith("epoch    4"):
+      attempts.append(json.loads((tmp_path / "lock").read_text())["pid"])  # made again at the next epoch
+
+  assert train_and_evaluate(smoke(), str(tmp_path), log=log)["epoch"] == 12
+  assert len(attempts) == 2 and "in use by another run" in attempts[0] and attempts[1] == os.getpid()
+
+
+def test_the_printed_command_after_a_divergence_runs_and_gives_a_tenth_of_the_lr_that_diverged(tmp_path):
+  # lr 0.1, x1000 after epoch 2: epoch 3 runs at 100 and diverges. The printed command must give 10 there, not
+  # a tenth of 100 as the base lr (10, decayed again to 10,000: issue 24), and 100x lower after a decay of 0.1.
+  arguments = ["--config.num_epochs=4", "--config.measure_epochs=1,2,3,4", "--config.checkpoint_every_epochs=1",
+               "--config.lr_decay_epochs=(2,)", "--config.lr_decay_factor=1000", "--config.lr=0.1",
+               "--config.deepfool_samples=0"]
+  line = one_line_error(cli(tmp_path / "run", *arguments))
+  assert "at epoch 3" in line and f"--resume_from {tmp_path / 'run'}:2" in line, line
+  assert sys.executable in line, line
+  command = line[line.index(sys.executable):]
+  result = subprocess.run(shlex.split(command), cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  new_run = pathlib.Path(shlex.split(command)[shlex.split(command).index("--workdir") + 1])
+  lrs = {r["epoch"]: r["lr"] for r in records.read(new_run)}
+  assert lrs[3] == pytest.approx(100 / 10, rel=1e-6) and lrs[4] == pytest.approx(10, rel=1e-6)
+  assert lrs[1] == pytest.approx(0.1, rel=1e-6)  # epochs 1-2 are the first run's, copied with its checkpoint

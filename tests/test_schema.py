@@ -34,7 +34,8 @@ def load_config(path, variant=""):
 
 def parse_command_line(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
   """The config ``--config config_file --config.KEY=VALUE ...`` gives, parsed as nc_jax.train parses it."""
-  argv = ["train", f"--config={config_file}", *overrides]
+  from nc_jax import train  # imported here: it defines absl's global flags
+  argv = train.last_values(["train", f"--config={config_file}", *overrides])
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)
@@ -278,6 +279,45 @@ def test_the_issues_examples_set_model_options_from_the_command_line():
   schema.validate(config)
 
 
+SMOKE = str(REPO / "configs" / "default.py") + ":smoke"
+
+
+@pytest.mark.parametrize("overrides,key,expected", [
+    (["--config.lr=0.1", "--config.lr=0.2"], "lr", 0.2),
+    (["--config.lr_decay_epochs=(2,)", "--config.lr_decay_epochs=(4,)"], "lr_decay_epochs", (4,)),  # issue 24
+    (["--config.lr_decay_epochs", "2,3", "--config.lr_decay_epochs", "4"], "lr_decay_epochs", (4,)),
+    (["--config.measure_epochs=1,2", "--config.measure_epochs=3"], "measure_epochs", (3,)),
+    (["--config.adam_betas=(0.9,0.99)", "--config.adam_betas=(0.8,0.9)"], "adam_betas", (0.8, 0.9)),
+    (["--config.optimizer=adam", "--config.optimizer=sgd"], "optimizer", "sgd"),
+    (["--config.per_layer_nc", "--noconfig.per_layer_nc"], "per_layer_nc", False),
+    (["--noconfig.per_layer_nc", "--config.per_layer_nc=true"], "per_layer_nc", True),
+    (["--config.per_layer_nc=false", "--config.per_layer_nc", "--config.lr", "0.3"], "per_layer_nc", True),
+    (["--config.model_options.width=8", "--config.model_options.width=16"], "model_options.width", 16),
+], ids=lambda v: None if isinstance(v, list) else str(v))
+def test_a_repeated_flag_takes_its_last_value_for_every_type(overrides, key, expected):
+  config = parse_command_line(SMOKE, *overrides)
+  value = config
+  for part in key.split("."):
+    value = value[part]
+  assert value == expected
+  others = {"lr": 0.3} if "0.3" in overrides else {}  # the arguments around a repeated key stay as given
+  assert all(config[k] == v for k, v in others.items())
+
+
+def test_config_digest_changes_exactly_with_the_keys_that_change_results():
+  base = json.loads(DEFAULT.to_json())
+  digest = schema.config_digest(base)
+  assert schema.config_digest({**base, "lr": base["lr"] * 2}) != digest
+  assert schema.config_digest({**base, "model_options": {**base["model_options"], "width": 7}}) != digest
+  assert schema.config_digest({**base, "measure_epochs": [1]}) != digest
+  for key, value in {"keep_checkpoints": 9, "resume_from": "elsewhere:3", "checkpoint_every_seconds": 1.0}.items():
+    assert schema.config_digest({**base, key: value}) == digest, key  # OPERATIONAL_KEYS: how a run is kept
+  older = {k: v for k, v in base.items() if k not in NEW_KEYS}  # a config.json from before those keys
+  older["model_options"] = {"width": base["model_options"]["width"], "depth": base["model_options"]["depth"]}
+  assert schema.config_digest(older) == digest
+  assert schema.config_digest({**base, "num_epochs": float(base["num_epochs"])}) == digest  # 350.0 is 350
+
+
 def other_value(name, default):
   """A value unlike ``default`` of the same kind, and how the command line spells it."""
   if name in schema.OPTIONAL_OPTIONS:
@@ -365,7 +405,7 @@ def test_the_name_tables_equal_the_code():
 def test_an_older_config_json_filled_with_defaults_is_todays_config():
   today = json.loads(DEFAULT.to_json())
   older = {key: value for key, value in today.items() if key not in NEW_KEYS}
-  older["model_options"] = {"width": 512, "depth": 3}  # before every option was declared
+  older["model_options"] = {k: today["model_options"][k] for k in ("width", "depth")}  # before every option was declared
   assert schema.fill_defaults(older) == today
   assert set(schema.OPERATIONAL_KEYS) <= set(today)
 

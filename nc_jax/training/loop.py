@@ -59,11 +59,17 @@ class Preempted(Exception):
 
 
 class Diverged(FloatingPointError):
-  """The training loss (or the state) became non-finite; ``last_good_epoch`` is the newest checkpoint or None."""
+  """The training loss (or the state) became non-finite; ``last_good_epoch`` is the newest checkpoint or None.
+
+  ``lr`` is the lr in force at the diverging epoch, ``base_lr`` the config's (before the schedule's decays);
+  ``advised_lr`` is the base lr under which the same schedule gives a tenth of ``lr`` at that epoch.
+  """
 
   def __init__(self, epoch: int, loss: float, workdir: pathlib.Path, last_good_epoch: Optional[int], lr: float,
-               holds_results: bool = False, feature_decay: float = 0.0):
+               holds_results: bool = False, feature_decay: float = 0.0, base_lr: Optional[float] = None):
     self.epoch, self.loss, self.workdir, self.last_good_epoch, self.lr = epoch, loss, workdir, last_good_epoch, lr
+    self.base_lr = lr if base_lr is None else base_lr
+    self.advised_lr = advised_lr(self.base_lr)
     lower = "--config.lr" + (f" (or --config.feature_decay, now {feature_decay:g})" if feature_decay else "")
     if last_good_epoch is None and holds_results:
       advice = (f"no checkpoint of this run was written before it; lower {lower} and rerun with --overwrite "
@@ -72,10 +78,21 @@ class Diverged(FloatingPointError):
       advice = (f"no checkpoint was written before it; lower {lower} and rerun (this workdir holds no "
                 "result, so the changed config is accepted)")
     else:
-      advice = (f"the last good checkpoint is epoch {last_good_epoch}; go on from it with a lower lr in a new "
-                f"workdir: --workdir {workdir}_lr{lr / 10:.3g} --resume_from {workdir}:{last_good_epoch} "
-                f"--config.lr={lr / 10:.3g}")
+      advice = (f"the last good checkpoint is epoch {last_good_epoch}; go on from it with a 10x lower lr (base "
+                f"{self.advised_lr:.3g}, so {lr / 10:.3g} at epoch {epoch}) in a new workdir: "
+                f"--workdir {workdir}_lr{self.advised_lr:.3g} --resume_from {workdir}:{last_good_epoch} "
+                f"--config.lr={self.advised_lr:.3g}")
     super().__init__(f"training loss is {loss} at epoch {epoch}; stopping. {advice}")
+
+
+def advised_lr(base_lr: float) -> float:
+  """The base lr that gives a tenth of the lr in force at any epoch, under the same schedule.
+
+  The schedule is lr(step) = base x factor^(decays before step), linear in base: a tenth of the base gives a
+  tenth at every epoch. (A tenth of the *decayed* lr as the new base would be decayed again: 100x lower after
+  one decay of 0.1, and with a factor above 1 higher than the lr that diverged.)
+  """
+  return base_lr / 10
 
 
 class Program(NamedTuple):
@@ -266,21 +283,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
   with lock:
-    if is_main:
-      workdir_lib.write_config(workdir, _config_dict(config), overwrite=overwrite, log=log)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("nc_jax: workdir ready")
-    last = _train(config, workdir, mesh, dataset, program, num_classes, steps_per_epoch, is_main, log)
+    last = _train(config, workdir, mesh, dataset, program, num_classes, steps_per_epoch, is_main, log,
+                  overwrite=overwrite, lock=lock if is_main else None)
     if is_main:  # the run is done (or was already): what it found, from the records on disk
       log("\n".join(records_lib.summary(records_lib.read(workdir), workdir, config.tpt_threshold)))
     return last
 
 
 def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: int, steps_per_epoch: int,
-           is_main: bool, log) -> Optional[dict]:
+           is_main: bool, log, *, overwrite: bool = False, lock=None) -> Optional[dict]:
   metrics_path = workdir / records_lib.METRICS_FILE
-  records = records_lib.read(metrics_path, repair=is_main)
   streamed = isinstance(dataset, stream_lib.StreamedDataset)
   train_stream = None
   chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples,
@@ -309,26 +321,64 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
   abstract_state = program.abstract_state
 
   # ----------------------------------------------------------------- resume
-  ckpt = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
-  mid_ckpt = None
+  # Every refusal comes before anything in the workdir changes: the plan (config.json against the config), then
+  # the starting state (restored and verified, from this workdir or from --resume_from's), then the plan is
+  # carried out (results discarded, config.json written).
+  resolved = _config_dict(config)
+  restart_epoch = _restart_epoch(config, workdir, resolved)
+  restored, resumed_from = None, None
+  if restart_epoch is not None:  # the epoch restarted from is there and fits this config: else nothing to plan
+    restored, resumed_from = _restore_other(config.resume_from, abstract_state), config.resume_from
+    _refuse_nothing_to_train(config, restored[0])
+  plan = workdir_lib.plan(workdir, resolved, overwrite=overwrite, restart_epoch=restart_epoch)
+  ckpt = mid_ckpt = None
   try:
-    restored = ckpt.restore_latest(abstract_state)
-    if streamed:
-      mid_ckpt = checkpoints.Checkpoints(workdir / "checkpoints" / MID_EPOCH_DIR, keep=MID_EPOCH_KEEP)
-      restored = _newer_mid_epoch(mid_ckpt, abstract_state, restored, log, _run_digest(config))
-    resumed_elsewhere = restored is None and bool(config.resume_from)
-    if resumed_elsewhere:
-      restored = _restore_other(config.resume_from, abstract_state)
-      log(f"starting from epoch {restored[0]} of {config.resume_from}, with its "
+    if plan.restart_epoch is not None:
+      pass
+    elif plan.discard:  # this workdir's checkpoints are not resumed
+      if config.resume_from:
+        restored, resumed_from = _restore_other(config.resume_from, abstract_state), config.resume_from
+        _refuse_nothing_to_train(config, restored[0])
+    else:
+      ckpt = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+      restored = ckpt.restore_latest(abstract_state)
+      if streamed:
+        mid_ckpt = checkpoints.Checkpoints(workdir / "checkpoints" / MID_EPOCH_DIR, keep=MID_EPOCH_KEEP)
+        restored = _newer_mid_epoch(mid_ckpt, abstract_state, restored, log, _run_digest(config))
+      if restored is not None:
+        _check_config(config, workdir, restored, resolved, plan)
+      elif config.resume_from:
+        restored, resumed_from = _restore_other(config.resume_from, abstract_state), config.resume_from
+        _refuse_nothing_to_train(config, restored[0])
+      if restored is None and records_lib.read(metrics_path):
+        found = records_lib.read(metrics_path)
+        raise workdir_lib.WorkdirError(
+            f"{metrics_path} holds {len(found)} measurements (up to epoch {found[-1]['epoch']}) but there is no "
+            f"checkpoint to resume from in {ckpt.directory}; rerun with --overwrite to start again "
+            "(the measurements are deleted), or use another --workdir")
+    if not plan.config_readable and restored is not None:
+      log(f"note: {workdir / records_lib.CONFIG_FILE} was missing or damaged; written again from this command, "
+          f"whose config is the one its checkpoint of epoch {restored[0]} was trained with")
+    if is_main:
+      workdir_lib.apply(workdir, plan, resolved, log=log)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("nc_jax: workdir ready")
+    if ckpt is None:  # opened after the plan removed what it discards
+      ckpt = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
+      if streamed:
+        mid_ckpt = checkpoints.Checkpoints(workdir / "checkpoints" / MID_EPOCH_DIR, keep=MID_EPOCH_KEEP)
+    records = records_lib.read(metrics_path, repair=is_main)
+
+    if resumed_from is not None and plan.restart_epoch is not None:
+      log(f"restarting this run from its checkpoint of epoch {restored[0]}, with its "
+          f"{len(restored[2].get('records', []))} measurements so far")
+    elif resumed_from is not None:
+      log(f"starting from epoch {restored[0]} of {resumed_from}, with its "
           f"{len(restored[2].get('records', []))} measurements so far")
     elif restored is not None and not restored[2].get("epoch_totals"):
       log(f"resumed from the checkpoint of epoch {restored[0]} in {ckpt.directory}")
     if restored is None:
-      if records:
-        raise workdir_lib.WorkdirError(
-            f"{metrics_path} holds {len(records)} measurements (up to epoch {records[-1]['epoch']}) but there is no "
-            f"checkpoint to resume from in {ckpt.directory}; rerun with --overwrite to start again "
-            "(the measurements are deleted), or use another --workdir")
       start_epoch, state, meta = 0, program.init(), {"tpt_start_epoch": None, "elapsed": 0.0, "records": []}
     else:
       start_epoch, state, meta = restored
@@ -336,22 +386,105 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
       if train_stream is not None:  # the input's own position, saved with the state (epoch ends: (epoch + 1, 0))
         train_stream.set_state(meta.get("input_state") or {"epoch": start_epoch + 1, "step": 0})
       records = _reconcile(metrics_path, records, meta["records"], start_epoch, is_main,
-                           log if not resumed_elsewhere else lambda *a, **k: None)
+                           log if resumed_from is None else lambda *a, **k: None)
+    if is_main:  # derived, never read back: rewritten from the checkpoint (a damaged or edited one is replaced)
+      _write_tpt(workdir, meta.get("tpt_start_epoch"), config.tpt_threshold)
     return _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, program, num_classes,
                  steps_per_epoch, dataset, (train_inputs, train_labels, evaluate_now), is_main, log, train_stream,
-                 mid_ckpt)
+                 mid_ckpt, lock)
   finally:
     failing = sys.exc_info()[0] is not None
     try:
       if mid_ckpt is not None:
         mid_ckpt.close(quiet=failing)
     finally:
-      ckpt.close(quiet=failing)
+      if ckpt is not None:
+        ckpt.close(quiet=failing)
+
+
+def _refuse_nothing_to_train(config, epoch: int) -> None:
+  """A --resume_from at or past num_epochs would train nothing and only put this config's name on the
+  source's measurements: refused."""
+  if epoch >= config.num_epochs:
+    raise workdir_lib.WorkdirError(
+        f"--resume_from {config.resume_from}: its checkpoint of epoch {epoch} is at or past config.num_epochs = "
+        f"{config.num_epochs}, so nothing would be trained; raise --config.num_epochs to go on from it, or resume "
+        "from an earlier epoch")
+
+
+def _same_directory(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """True if ``a`` and ``b`` name one directory (through links and relative parts too)."""
+  try:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+  except OSError:
+    return False
+
+
+def _restart_epoch(config, workdir: pathlib.Path, resolved: dict) -> Optional[int]:
+  """EPOCH of an in-place restart (``--resume_from`` naming this workdir), else None.
+
+  Rerunning the restart's own command (config.json holds the same config and resume_from) resumes the
+  restarted run: None too. Without EPOCH the restart is refused: the latest checkpoint is what a plain
+  rerun resumes, and which epoch to go back to is the user's to say.
+  """
+  if not config.resume_from:
+    return None
+  directory, epoch = _resume_source(config.resume_from)
+  if not _same_directory(directory, workdir):
+    return None
+  if epoch is None:
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit())
+    raise workdir_lib.WorkdirError(
+        f"--resume_from {config.resume_from} names this workdir: add the epoch to restart from "
+        f"(--resume_from {config.resume_from}:EPOCH, EPOCH one of {saved}), or leave --resume_from out to resume "
+        "its latest checkpoint")
+  previous = workdir_lib.read_previous_config(workdir)
+  if previous is None:  # config.json lost: the newest checkpoint's config digest says whether this is the rerun
+    return None if _newest_digest(workdir / "checkpoints") == schema.config_digest(resolved) else epoch
+  if previous.get("resume_from") and not schema.changed_keys(previous, resolved):
+    before, before_epoch = _resume_source(previous["resume_from"])
+    if before_epoch == epoch and _same_directory(before, workdir):
+      return None
+  return epoch
+
+
+def _newest_digest(directory: pathlib.Path) -> Optional[str]:
+  """The config digest in the meta of the newest epoch checkpoint in ``directory``, unverified (None if absent
+  or unreadable): a hint only, as the restore verifies the checkpoint and compares its digest again."""
+  steps = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit()), reverse=True)
+  try:
+    return json.loads((directory / str(steps[0]) / "meta" / "metadata").read_text()).get("config_digest")
+  except (IndexError, OSError, ValueError, AttributeError):
+    return None
+
+
+def _check_config(config, workdir: pathlib.Path, restored, resolved: dict, plan) -> None:
+  """Refuses a checkpoint of this workdir written under another config than ``resolved`` (config.json missing,
+  damaged, edited or replaced), except the one an in-place restart (resume_from DIR:EPOCH) starts from."""
+  epoch, _, meta = restored
+  if config.resume_from:
+    directory, start = _resume_source(config.resume_from)
+    if start == epoch and _same_directory(directory, workdir) and "epoch_totals" not in meta:
+      return
+  problem = workdir_lib.config_mismatch(workdir, epoch, meta.get("config_digest"), resolved, plan.config_readable)
+  if problem:
+    raise workdir_lib.WorkdirError(problem)
+
+
+def _write_tpt(workdir: pathlib.Path, tpt_start_epoch: Optional[int], threshold: float) -> None:
+  path = workdir / "tpt.json"
+  if path.is_dir():
+    raise workdir_lib.WorkdirError(f"{path} is a directory, not the run's tpt.json; remove it and rerun (the run "
+                                   "writes it again from its checkpoint)")
+  if tpt_start_epoch is None:
+    path.unlink(missing_ok=True)
+  else:
+    _write_json(path, {"tpt_start_epoch": tpt_start_epoch, "threshold": threshold})
 
 
 def _run_digest(config) -> str:
-  """sha256 of the config keys that change results: a mid-epoch checkpoint is resumed only by its own config
-  (epoch checkpoints are guarded by workdir.write_config, which does not look into checkpoints/mid_epoch/)."""
+  """sha256 of the config keys the compiled functions depend on: a mid-epoch checkpoint of another is ignored
+  (every checkpoint also carries ``schema.config_digest``, which ``_check_config`` compares with the config)."""
   return hashlib.sha256(_compiled_json(config).encode()).hexdigest()
 
 
@@ -415,7 +548,7 @@ def _reconcile(path: pathlib.Path, on_disk: list, in_checkpoint: list, start_epo
 
 
 def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, program, num_classes, steps_per_epoch,
-          dataset, arrays, is_main, log, train_stream=None, mid_ckpt=None) -> Optional[dict]:
+          dataset, arrays, is_main, log, train_stream=None, mid_ckpt=None, lock=None) -> Optional[dict]:
   train_inputs, train_labels, evaluate_now = arrays
   if start_epoch >= config.num_epochs:
     log(f"already trained for {config.num_epochs} epochs; nothing to do")
@@ -438,6 +571,9 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
   meta.pop("input_state", None), meta.pop("run", None)
   test_position = os.environ.get(MID_EPOCH_TEST_ENV, "").split(":")
   run_digest = _run_digest(config)
+  # Every checkpoint names the config that wrote it: a workdir whose config.json is missing, damaged or edited
+  # resumes it only under that config (_check_config).
+  meta["config_digest"] = schema.config_digest(_config_dict(config))
 
   def mid_epoch(state, totals):
     """After a step that is not an epoch's last: checkpoint (cadence, test hook) and stop (signals) here."""
@@ -467,6 +603,8 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
   with _stop_on_signals(stop):
     for epoch in range(start_epoch + 1, config.num_epochs + 1):
       tic = time.perf_counter()
+      if lock is not None:
+        lock.check()  # DIR/lock deleted meanwhile: locked again, or this run stops if another took it
       if train_stream is None:
         state, totals = train_epoch(state, train_inputs, train_labels, epoch)
       else:
@@ -482,7 +620,8 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
       if not math.isfinite(epoch_loss) or not bool(all_finite(state)):
         ckpt.wait()
         raise Diverged(epoch, epoch_loss, workdir, ckpt.latest_epoch(), lr,
-                       holds_results=workdir_lib.has_results(workdir), feature_decay=config.feature_decay)
+                       holds_results=workdir_lib.has_results(workdir), feature_decay=config.feature_decay,
+                       base_lr=config.lr)
       tpt_starts_now = meta["tpt_start_epoch"] is None and epoch_acc >= config.tpt_threshold
       if tpt_starts_now:
         meta["tpt_start_epoch"] = epoch

@@ -1,16 +1,25 @@
-"""A run's directory: one run at a time (a lock), its config.json, and what a rerun may discard.
+"""A run's directory: one run at a time (a lock), its config.json, and what a start may discard.
 
 Layout: ``config.json`` (the resolved config), ``metrics.jsonl`` (nc_jax.records),
-``tpt.json``, ``checkpoints/`` and ``lock``. The lock is an ``fcntl.flock`` on
-``lock``, held for the whole run by process 0: the kernel releases it when the
-process dies (even by kill -9), so a lock left by a dead run is simply taken
-over; the file names the holder (pid, host, start time) for the refusal message.
-flock is reliable on local disks and on NFSv4; on other network filesystems it
-may not exclude a process on another host.
+``tpt.json``, ``checkpoints/`` and ``lock``. The lock is held for the whole run by
+process 0 as two ``fcntl.flock``s: on the workdir directory itself and on the file
+``lock`` (which names the holder: pid, host, start time, for the refusal message).
+The kernel releases both when the process dies (even by kill -9), so a lock left by
+a dead run is simply taken over; deleting or replacing ``DIR/lock`` releases nothing.
+Limits: flock is reliable on local disks and on NFSv4, where directories cannot be
+locked and the file alone excludes (a deleted one is locked again at the next epoch,
+and the run stops if another run took it meanwhile); on other network filesystems it
+may not exclude a process on another host; removing or renaming the workdir itself
+(``rm -rf DIR``) ends the exclusion for a run started in a new DIR of that name.
+
+A start first decides what it will do (``plan``: every refusal raised, nothing
+changed), then the trainer restores and checks its starting state, and only then is
+the plan carried out (``apply``): no command deletes what it then needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -44,41 +53,127 @@ def check_usable(workdir: pathlib.Path) -> None:
 
 class Lock:
   """Exclusive lock on a workdir for the life of a run (``with Lock(workdir):``); also serves other folders
-  that one process at a time may write (``nc_jax.collect``'s --out: ``what="measurement", flag="--out"``)."""
+  that one process at a time may write (``nc_jax.collect``'s --out: ``what="measurement", flag="--out"``).
+
+  Two flocks: on the directory itself (so deleting or replacing ``DIR/lock`` releases nothing) and on
+  ``DIR/lock`` (which names the holder, and excludes where a filesystem cannot lock a directory: NFS). The file
+  lock is taken only on the file the path still names (a file deleted between open and flock is not a lock), and
+  ``check`` re-creates a deleted one during the run, stopping the run if another process took it meanwhile.
+  """
 
   def __init__(self, workdir: pathlib.Path, *, what: str = "run", flag: str = "--workdir",
                error: type = WorkdirError):
     self.path = pathlib.Path(workdir) / LOCK_FILE
     self.what, self.flag, self.error = what, flag, error
     self.descriptor: Optional[int] = None
+    self.directory_descriptor: Optional[int] = None
     self.previous_holder: Optional[dict] = None
 
+  def _busy(self, holder: dict):
+    who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}"
+           if holder else "another process")
+    return self.error(f"{'workdir' if self.flag == '--workdir' else self.flag} {self.path.parent} is in use by "
+                      f"another {self.what} ({who}); wait for it to finish, stop it, or choose another {self.flag}")
+
   def __enter__(self) -> "Lock":
-    descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    self.directory_descriptor = _lock_directory(self.path.parent)
+    if self.directory_descriptor is False:
+      raise self._busy(_read_holder(self.path))
     try:
-      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = _holder(descriptor)
-      os.close(descriptor)
-      who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since {holder.get('since', '?')}"
-             if holder else "another process")
-      raise self.error(f"{'workdir' if self.flag == '--workdir' else self.flag} {self.path.parent} is in use by "
-                       f"another {self.what} ({who}); wait for it to finish, stop it, or choose another "
-                       f"{self.flag}") from None
+      descriptor = self._lock_file()
+    except BaseException:
+      self._release_directory()
+      raise
     self.previous_holder = _holder(descriptor)
+    self._claim(descriptor)
+    return self
+
+  def _lock_file(self) -> int:
+    """A descriptor of ``self.path``, flocked, that the path still names (retried if it was replaced meanwhile)."""
+    for _ in range(100):
+      try:
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except IsADirectoryError:
+        raise self.error(f"{self.path} is a directory, not the {self.what}'s lock file; remove it and rerun") from None
+      try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _holder(descriptor)
+        os.close(descriptor)
+        raise self._busy(holder) from None
+      if _same_file(descriptor, self.path):
+        return descriptor
+      os.close(descriptor)  # deleted or replaced between open and flock: a lock on it excludes no one
+    raise self.error(f"{self.path} keeps being replaced while this {self.what} locks it; stop what rewrites it")
+
+  def _claim(self, descriptor: int) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, (json.dumps(info) + "\n").encode(), 0)
     os.fsync(descriptor)
     self.descriptor = descriptor
-    return self
+
+  def check(self) -> None:
+    """Called during the run: if ``DIR/lock`` was deleted or replaced, lock (and name the holder in) a new one;
+    raises the lock's error if another process holds that one (it came in while the file was gone)."""
+    if self.descriptor is None or _same_file(self.descriptor, self.path):
+      return
+    os.close(self.descriptor)
+    self.descriptor = None
+    try:
+      descriptor = self._lock_file()
+    except self.error as busy:
+      raise self.error(f"{self.path} was deleted while this {self.what} held it, and another process has locked "
+                       f"it since: {busy}") from None
+    self._claim(descriptor)
+
+  def _release_directory(self) -> None:
+    if self.directory_descriptor:
+      os.close(self.directory_descriptor)  # closing the last descriptor releases its flock
+    self.directory_descriptor = None
 
   def __exit__(self, *exc) -> None:
     if self.descriptor is not None:
-      os.ftruncate(self.descriptor, 0)
+      if _same_file(self.descriptor, self.path):
+        os.ftruncate(self.descriptor, 0)
       fcntl.flock(self.descriptor, fcntl.LOCK_UN)
       os.close(self.descriptor)
       self.descriptor = None
+    self._release_directory()
+
+
+def _lock_directory(directory: pathlib.Path):
+  """A flocked descriptor of ``directory``; False if another process holds it; None where the filesystem cannot
+  lock a directory (NFS emulates flock with byte-range locks, which need a file open for writing)."""
+  try:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(descriptor)
+    return False
+  except OSError:
+    os.close(descriptor)
+    return None
+  return descriptor
+
+
+def _same_file(descriptor: int, path: pathlib.Path) -> bool:
+  try:
+    named = os.stat(path)
+  except FileNotFoundError:
+    return False
+  opened = os.fstat(descriptor)
+  return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _read_holder(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text() or "{}")
+  except (OSError, ValueError):
+    return {}
 
 
 def _holder(descriptor: int) -> dict:
@@ -117,38 +212,114 @@ def _differences(previous: dict, resolved: dict, keys, prefix: str = "") -> list
   return lines
 
 
-def write_config(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, log=print) -> None:
-  """Writes config.json (atomically); a different config is refused where it would orphan results.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a start does to its workdir, decided (every refusal raised) before anything in it changes.
 
-  Same config: nothing to do. Different config: with ``overwrite`` the old results
-  are deleted; without, refused if the workdir holds results, else replaced (the
-  earlier run never measured or checkpointed anything, e.g. it was refused or
-  diverged in its first epoch).
+  discard: every result goes first (--overwrite of a different config). restart_epoch: an in-place
+  ``--resume_from DIR:EPOCH``: the checkpoints after that epoch go (and the records after it, when the resume
+  cuts metrics.jsonl to the checkpoint's copy). config_readable: False when config.json is missing or damaged;
+  the resumed checkpoint's config digest then decides whether the requested config is the run's.
   """
+  discard: bool = False
+  restart_epoch: Optional[int] = None
+  config_readable: bool = True
+  note: Optional[str] = None
+
+
+def read_previous_config(workdir: pathlib.Path) -> Optional[dict]:
+  """The workdir's config.json as a dict; None if it is missing, not JSON, or JSON but not an object."""
+  try:
+    previous = json.loads((workdir / records_lib.CONFIG_FILE).read_text())
+  except (FileNotFoundError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+    return None
+  return previous if isinstance(previous, dict) else None
+
+
+def results_after(workdir: pathlib.Path, epoch: int) -> list[str]:
+  """What the workdir holds after ``epoch``, in words ('checkpoints of epochs [9, 12]', ...); [] if nothing."""
+  checkpoints = workdir / "checkpoints"
+  later = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and int(p.name) > epoch) \
+      if checkpoints.is_dir() else []
+  mid_epoch = checkpoints / "mid_epoch"
+  partial = mid_epoch.is_dir() and any(p.name.isdigit() for p in mid_epoch.iterdir())
+  measured = [r["epoch"] for r in records_lib.read(workdir / records_lib.METRICS_FILE) if r["epoch"] > epoch]
+  return ([f"checkpoints of epochs {later}"] if later else []) + (["mid-epoch checkpoints"] if partial else []) \
+      + ([f"measurements of epochs {measured}"] if measured else [])
+
+
+def plan(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, restart_epoch: Optional[int] = None) -> Plan:
+  """What this start may do to ``workdir`` for the config ``resolved``; WorkdirError where it would lose results.
+
+  Same config (or one differing only in ``schema.OPERATIONAL_KEYS``): resume. A different config: refused if
+  the workdir holds results, unless ``overwrite`` (discard them all); replaced if it holds none (the earlier
+  run never measured or checkpointed anything). config.json missing or damaged: resume, if the checkpoint
+  resumed carries the requested config's digest (checked by the caller). ``restart_epoch``: an in-place restart
+  from that epoch, which needs ``overwrite`` only if the workdir holds something after it.
+  """
+  holds = has_results(workdir)
+  if restart_epoch is not None:
+    later = results_after(workdir, restart_epoch)
+    if later and not overwrite:
+      raise WorkdirError(f"--resume_from {workdir}:{restart_epoch} restarts this workdir's run from epoch "
+                         f"{restart_epoch}, which discards its {' and '.join(later)}; add --overwrite to do so, or "
+                         f"keep them and restart elsewhere: --workdir OTHER --resume_from {workdir}:{restart_epoch}")
+    return Plan(restart_epoch=restart_epoch)
   path = workdir / records_lib.CONFIG_FILE
-  if path.exists():
-    try:
-      previous = json.loads(path.read_text())
-    except json.JSONDecodeError:
-      previous = None
-      if not overwrite and has_results(workdir):
-        raise WorkdirError(f"{path} is damaged (not JSON) and the workdir holds results; restore it, or "
-                           "rerun with --overwrite to discard that run")
-    if previous == resolved:
-      return
-    changed = schema.changed_keys(previous, resolved) if previous is not None else []
-    if previous is not None and not changed:
-      overwrite = False  # only keys that do not change results (checkpointing, resume_from), or defaults made explicit
-    elif previous is not None and not overwrite and has_results(workdir):
-      details = ", ".join(_differences(previous, resolved, changed))
-      raise WorkdirError(f"workdir {workdir} holds a run with a different config ({details}); use another "
-                         "--workdir (--resume_from " f"{workdir} starts one from its checkpoint), or --overwrite "
-                         "to discard that run")
-    if overwrite:
-      discard_results(workdir)
-    elif changed:
-      log(f"note: replacing the config of {workdir}, which holds no measurement or checkpoint yet")
+  previous = read_previous_config(workdir)
+  if previous is None:
+    if holds and overwrite:
+      return Plan(discard=True)
+    return Plan(config_readable=not holds)  # nothing to check against when the workdir holds no result
+  changed = schema.changed_keys(previous, resolved)
+  if not changed:
+    return Plan()  # the same run (checkpointing or resume_from may differ, or defaults were made explicit)
+  if not holds:
+    return Plan(note=f"note: replacing the config of {workdir}, which holds no measurement or checkpoint yet")
+  if overwrite:
+    return Plan(discard=True)
+  details = ", ".join(_differences(previous, resolved, changed))
+  raise WorkdirError(f"workdir {workdir} holds a run with a different config ({details}); use another "
+                     f"--workdir (--resume_from {workdir}:EPOCH starts one from its checkpoint), or --overwrite to "
+                     f"discard that run (its {path.name} says what it was trained with)")
+
+
+def apply(workdir: pathlib.Path, plan: Plan, resolved: dict, *, log=print) -> None:
+  """Carries out ``plan`` (checked before, by ``plan``), then writes config.json atomically."""
+  if plan.discard:
+    discard_results(workdir)
+  if plan.restart_epoch is not None:
+    checkpoints = workdir / "checkpoints"
+    # Newest first: a restart killed half way leaves a run whose newest checkpoints are gone, never a gap.
+    for step in sorted((p for p in checkpoints.iterdir() if p.name.isdigit() and int(p.name) > plan.restart_epoch),
+                       key=lambda p: -int(p.name)):
+      shutil.rmtree(step)
+    shutil.rmtree(checkpoints / "mid_epoch", ignore_errors=True)
+  if plan.note:
+    log(plan.note)
   workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / records_lib.CONFIG_FILE
   temporary = path.with_name(path.name + ".tmp")  # atomic: other processes may be reading it
   temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
   os.replace(temporary, path)
+
+
+def config_mismatch(workdir: pathlib.Path, epoch: int, digest: Optional[str], resolved: dict,
+                    config_readable: bool) -> Optional[str]:
+  """Why the checkpoint of ``epoch`` (carrying config ``digest``, None if written before digests) may not be
+  resumed under ``resolved``; None if it may. The digest is ``schema.config_digest`` of the config that wrote it."""
+  if digest == schema.config_digest(resolved) or (digest is None and config_readable):
+    return None
+  file = workdir / records_lib.CONFIG_FILE
+  state = "is damaged" if file.exists() else "is missing"
+  if digest is None:
+    return (f"{file} {state} and its checkpoints carry no config digest (written by an older nc-jax), so the "
+            f"config they were trained with is unknown; restore {file.name}, or rerun with --overwrite to discard "
+            "that run, or use another --workdir")
+  if not config_readable:
+    return (f"{file} {state} and the checkpoint of epoch {epoch} was written under another config than this "
+            f"command's; rerun with the config it was trained with (config.json is then written again), or "
+            "--overwrite to discard that run, or use another --workdir")
+  return (f"{file} says this command's config, but the checkpoint of epoch {epoch} was written under another "
+          f"config ({file.name} was edited or replaced); restore {file.name} to the config the run was trained "
+          "with, or rerun with --overwrite to discard that run, or use another --workdir")
