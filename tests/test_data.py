@@ -65,7 +65,8 @@ class TestIDX:
     assert float(dataset.mean) == pytest.approx(raw.mean(), rel=1e-6)
     np.testing.assert_allclose(dataset.train_inputs[:, 0, 0, 0], -raw.mean() / raw.std(), rtol=1e-5)
 
-  @pytest.mark.skipif(not idx.DEBIAN_FASHION_MNIST.exists(), reason="Debian package dataset-fashion-mnist not installed")
+  @pytest.mark.skipif(not idx.DEBIAN_FASHION_MNIST.exists(),
+                      reason=f"no Fashion-MNIST in {idx.DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
   def test_real_fashion_mnist(self):
     dataset = data.load("fashion_mnist", source="idx", standardization="none", pad_to=None)
     assert dataset.train_inputs.shape == (60_000, 28, 28, 1) and dataset.test_inputs.shape == (10_000, 28, 28, 1)

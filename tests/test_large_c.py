@@ -1,6 +1,7 @@
 """Neural Collapse at vocabulary scale: tiled pair statistics, no C x C array, min_count filtering."""
 
 import jax
+import jax.export  # jax 0.7 has jax.export only once it is imported
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +108,19 @@ def eight_device_mesh():
   return jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
 
 
+def _sub_jaxprs(params):
+  """The jaxprs in one equation's params (a scan's or shard_map's body, a cond's branches), not recursively.
+
+  Newer jax has it as jax.extend.core.jaxprs_in_params; jax 0.7.1 does not export it.
+  """
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax.extend.core.ClosedJaxpr):
+        yield item.jaxpr
+      elif isinstance(item, jax.extend.core.Jaxpr):
+        yield item
+
+
 def _scan_lengths_inside_shard_map(closed_jaxpr):
   """Lengths of the scans (fori_loops with static bounds) inside any shard_map of a closed jaxpr."""
   lengths = []
@@ -116,7 +130,7 @@ def _scan_lengths_inside_shard_map(closed_jaxpr):
       here = in_shard_map or eqn.primitive.name == "shard_map"
       if here and eqn.primitive.name == "scan":
         lengths.append(eqn.params["length"])
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      for sub in _sub_jaxprs(eqn.params):
         walk(sub, here)
 
   walk(closed_jaxpr.jaxpr, False)
@@ -317,7 +331,7 @@ class TestSuiteAtLargeC:
       def walk(jaxpr):
         for eqn in jaxpr.eqns:
           found.extend(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-          for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          for sub in _sub_jaxprs(eqn.params):
             walk(sub)
       walk(jax.make_jaxpr(fn)(*args).jaxpr)
       return found
