@@ -18,7 +18,7 @@ NOTEBOOK_MSE_LR = 0.0184  # PAPER.md: the notebook's lr for MSE (0.0679 for cros
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = schema.base_config(dataset="mnist1d", data_source="generated", model="mlp",
-                              model_options={"width": 512, "depth": 3})
+                              model_options={"width": 512, "depth": 5})  # configs/default.py's net
   config.loss = "mse"
   config.lr = NOTEBOOK_MSE_LR
   return schema.mlp_variant(config, variant, "configs/default_mse.py")

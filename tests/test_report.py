@@ -31,7 +31,7 @@ def test_report_writes_every_figure_and_table1(two_runs, tmp_path):
   for stem, *_ in report.FIGURES:
     assert f"{stem}.png" in names, stem
   table = (tmp_path / "table1.md").read_text()
-  assert table.count("\n") == 4 and "mnist1d / mlp (depth 3, width 32), lr 0.05" in table
+  assert table.count("\n") == 4 and "mnist1d / mlp (depth 5, width 32), lr 0.05" in table
   assert "![NC1" in (tmp_path / "report.md").read_text()
 
 
