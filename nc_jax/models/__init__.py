@@ -10,8 +10,9 @@ Every model maps images (B, H, W, C) (or vectors (B, d) for the MLP) to
 final linear classifier. Options: ``fixed_etf`` (freeze W to a simplex ETF),
 ``head_bias`` (False: logits = W h),
 ``dtype`` (compute dtype, e.g. jnp.bfloat16; params and BatchNorm statistics
-stay float32), ``stem`` ('small' or 'imagenet', for VGG/ResNet; DenseNets fix it
-by name) and family-specific widths.
+stay float32, so ``model.clone(dtype=jnp.float32)`` is the same net in float32 on
+the same variables: the trainer measures NC so), ``stem`` ('small' or 'imagenet',
+for VGG/ResNet; DenseNets fix it by name) and family-specific widths.
 """
 
 from __future__ import annotations

@@ -3,6 +3,13 @@
 One jitted function: forward passes over the train and test sets (device
 resident, batched with lax.map), then ``nc_jax.metrics.neural_collapse`` on the
 features without leaving the device; only scalars come back to the host.
+
+The measurement computes in float32 whatever the training precision (``eval_dtype``, config.eval_dtype):
+the trained params (float32 under mixed precision too) go through a float32 copy of the model, because
+NC1 near collapse is a ratio of a tiny within-class spread to a large between-class spread, and bf16
+(8 significant bits) rounds every activation by up to 2^-8 of its size: a within-class spread of that
+order appears where the net has none, and NC1 cannot fall below ~(2^-8 |h| / between-class spread)^2
+(tests/test_eval_dtype.py: a collapsed net's NC1 is 6e-12 in float32, 2e-6 measured in bf16).
 """
 
 from __future__ import annotations
@@ -23,12 +30,36 @@ PER_LAYER_KEYS = ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "equiangular_mea
                   "etf_deviation_means", "ncc_accuracy")
 # nc_jax.metrics.mse_decomposition's terms -> their logged keys.
 MSE_KEYS = {"lnc1": "mse_lnc1", "lnc23": "mse_lnc23", "lperp": "mse_lperp", "mse_loss": "mse_total"}
+# config.eval_dtype: the compute dtype of the measurement's forward passes; "same" = the training's (compute_dtype).
+EVAL_DTYPES = ("float32", "same")
+
+
+def eval_model(model, eval_dtype: str = "float32"):
+  """The module the measurement runs: ``model`` computing in ``eval_dtype`` ('same': ``model`` itself).
+
+  nc-jax models keep params and BatchNorm statistics in float32 whatever their compute ``dtype``, so the
+  copy (``model.clone(dtype=...)``, a flax dataclass) takes the trained variables as they are: a bf16-trained
+  net is measured as the float32 net of the same parameters.
+  """
+  if eval_dtype not in EVAL_DTYPES:
+    raise ValueError(f"eval_dtype={eval_dtype!r}: choose one of {', '.join(EVAL_DTYPES)}")
+  if eval_dtype == "same":
+    return model
+  if not hasattr(model, "dtype"):
+    raise ValueError(f"eval_dtype={eval_dtype!r} needs a model with a compute `dtype` field (every nc_jax.models "
+                     f"model has one); {type(model).__name__} has none: pass eval_dtype='same'")
+  if jnp.dtype(model.dtype) == jnp.dtype(eval_dtype):
+    return model  # the same module, so jitted functions of it are not traced again
+  return model.clone(dtype=jnp.dtype(eval_dtype))
 
 
 def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs=None,
              *, model, loss_fn, num_classes: int, batch_size: int, mesh, per_layer: bool = False,
-             mse_weight_decay: float | None = None, minority_classes: tuple = ()) -> dict:
+             mse_weight_decay: float | None = None, minority_classes: tuple = (), eval_dtype: str = "float32") -> dict:
   """Scalars: train/test loss and accuracy (eval mode), every NC key, the *_test NC keys, and:
+
+  every forward pass (features, logits, per-layer activations, DeepFool) runs ``eval_model(model, eval_dtype)``:
+  float32 by default whatever ``model``'s compute dtype;
 
   with ``per_layer``, 'layer/<name>/<key>' for each sown layer and each key of ``PER_LAYER_KEYS``
   (conv maps globally average-pooled to (N, channels) first);
@@ -39,6 +70,7 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
   with ``minority_classes`` (imbalanced runs), ``nc_jax.metrics.imbalance.minority_collapse``'s keys
   (cosines of the minority's and majority's classifier rows and centred means, per-class norms for C <= 100);
   with ``deepfool_inputs`` (M, ...) 'deepfool_robustness' = mean ||r(x)|| / ||x|| (eval mode)."""
+  model = eval_model(model, eval_dtype)
   outputs = step_lib.forward_all(state.variables, train_inputs, model=model, batch_size=batch_size, mesh=mesh,
                                  per_layer=per_layer)
   train_logits, train_features = outputs[:2]
@@ -82,13 +114,15 @@ class StreamedEvaluator:
   and minority keys (which need every feature at once); train/test loss and accuracy are means over the
   set. Each batch's features leave the jitted forward only as the accumulators' sums; nothing of size N
   is kept. ``batches(split)`` yields (inputs (B, ...), labels (B,), mask (B,)) sharded along 'data'.
+  The forward passes run ``eval_model(model, eval_dtype)``, float32 by default, as ``evaluate``'s.
   """
 
-  def __init__(self, *, model, loss_fn, num_classes: int, mesh=None):
+  def __init__(self, *, model, loss_fn, num_classes: int, mesh=None, eval_dtype: str = "float32"):
     """``mesh``: the devices that share the pair statistics' tiles (``geometry.pair_sums``), or None."""
     from nc_jax.metrics import streaming
 
     self.num_classes = num_classes
+    model = eval_model(model, eval_dtype)
 
     def forward(variables, inputs, labels, mask):
       logits, features = model.apply(variables, inputs, train=False)
