@@ -26,11 +26,11 @@ def median_time(fn, repeats: int) -> float:
 def report(table: str, append: bool, path: pathlib.Path = BENCHMARKS_MD) -> None:
   """Prints a markdown table and, if ``append``, adds it as a new section of ``path`` (BENCHMARKS.md).
 
-  The file is rewritten whole (``nc_jax.records.write_atomically``): a full disk or a kill leaves it as it
+  The file is rewritten whole (``nc_jax.files.write_atomically``): a full disk or a kill leaves it as it
   was, never half a table. An OS error is one line naming the file and the fix, and exit status 1 (the
   table is printed above it).
   """
-  from nc_jax import records
+  from nc_jax import files
   print(table, flush=True)
   if not append:
     return
@@ -38,7 +38,7 @@ def report(table: str, append: bool, path: pathlib.Path = BENCHMARKS_MD) -> None
     before = path.read_text() if path.exists() else ""
     header = "" if before else ("# Benchmarks\n\nEach section is one run of a script under `benchmarks/`; "
                                 "ratios compare timings taken in that run.\n\n")
-    records.write_atomically(path, (before + header + table + "\n\n").encode())
+    files.write_atomically(path, (before + header + table + "\n\n").encode())
   except OSError as error:
     reason = error.strerror or " ".join(str(error).split())
     print(f"error: cannot append the table above to {error.filename or path}: {reason}; free space or make it "

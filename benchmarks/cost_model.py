@@ -56,7 +56,9 @@ import dataclasses
 import datetime
 import functools
 import math
+import pathlib
 import platform
+import sys
 import time
 
 import jax
@@ -64,8 +66,11 @@ import jax.numpy as jnp
 import optax
 
 import common
-from nc_jax import data, models, schema
+from nc_jax import data, models
 from nc_jax.training import schedule, step as step_lib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's configs/
+from configs.paper import common as paper  # noqa: E402  (the paper's cells)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,7 @@ class Cost:
 @functools.lru_cache(maxsize=None)  # in memory only: a cell compiled for a table is reused for calibration
 def compile_cost(dataset: str, net: str, batch: int) -> Cost:
   """Builds the cell's model as nc_jax.training.loop does and compiles its train step from abstract inputs."""
-  config = schema.paper_config(dataset, net)
+  config = paper.load(dataset, net)
   options = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model_options.to_dict().items()}
   model = models.create(net, NUM_CLASSES[dataset], dtype=jnp.bfloat16, **options)
   tx = schedule.sgd(optax.constant_schedule(config.lr), config.momentum, config.weight_decay)
@@ -169,7 +174,7 @@ def parse_calibration(spec: str) -> tuple[str, str, int, float, str]:
     raise SystemExit(f"--calibrate {spec!r}: expected DEVICE:NET:BATCH:IMG_PER_S[:DATASET] with DEVICE one of "
                      f"{', '.join(DEVICES)}, e.g. H200:resnet18:128:52000")
   dataset = fields[4] if len(fields) == 5 else "cifar10"
-  if (dataset, net) not in schema.cells():
+  if (dataset, net) not in paper.cells():
     raise SystemExit(f"--calibrate {spec!r}: ({dataset}, {net}) is not a paper cell; name one, e.g. "
                      f"H100:resnet18:128:44800:cifar10")
   return device, net, batch, rate, dataset
@@ -204,7 +209,7 @@ class Cell:
 
   @property
   def epochs(self) -> int:
-    return schema.paper_config(self.dataset, self.net).num_epochs
+    return paper.load(self.dataset, self.net).num_epochs
 
   @property
   def measurements(self) -> int:
@@ -252,7 +257,7 @@ def slice_chips(cell: Cell, costs: dict[int, Cost], chip: str, sharded_dataset: 
 
 # ------------------------------------------------------------------------------ tables
 def select_cells(spec: str) -> list[Cell]:
-  every = [Cell(d, n) for d, n in schema.cells()]
+  every = [Cell(d, n) for d, n in paper.cells()]
   if spec == "all":
     return every
   chosen = []

@@ -31,7 +31,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # nc_jax.records (no JAX), also when not installed
-from nc_jax import records, schema  # noqa: E402
+from nc_jax import files, records, schema  # noqa: E402
 
 PAPER_CONFIGS = REPO / "configs" / "paper"
 # Workdirs are relative to the caller's directory; the package is found even when not installed.
@@ -39,13 +39,18 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.e
 SWEEP = tuple(float(x) for x in np.logspace(np.log10(1e-4), np.log10(0.25), 25))
 
 
+def paper_cells() -> list[str]:
+  """The names of the paper's 21 cells: the files of configs/paper/ but common.py (what they share)."""
+  return sorted(p.stem for p in PAPER_CONFIGS.glob("*.py") if p.stem != "common")
+
+
 def cell_config(cell: str) -> pathlib.Path:
   path = pathlib.Path(cell)
   if path.suffix == ".py":
     return path.resolve()
   path = PAPER_CONFIGS / f"{cell}.py"
-  if not path.exists():
-    choices = ", ".join(sorted(p.stem for p in PAPER_CONFIGS.glob("*.py")))
+  if not path.exists() or cell not in paper_cells():
+    choices = ", ".join(paper_cells())
     raise SystemExit(f"unknown cell {cell!r}; choose from: {choices}, or give a config file path")
   return path
 
@@ -72,7 +77,7 @@ def learning_rates(args) -> list[float]:
 
 def runs(args):
   """(cell name, config path, lr, workdir) for every run of the grid."""
-  cells = args.cells.split(",") if args.cells else sorted(p.stem for p in PAPER_CONFIGS.glob("*.py"))
+  cells = args.cells.split(",") if args.cells else paper_cells()
   for cell in cells:
     config = cell_config(cell)
     name = config.stem if config.parent == PAPER_CONFIGS else config.stem
@@ -151,7 +156,7 @@ def select(root: pathlib.Path) -> dict:
       best = min(sweep, key=lambda s: (1.0 - s["final_test_acc"], s["lr"]))
       choices[cell_dir.name] = {"run": best["run"], "lr": best["lr"], "final_test_acc": best["final_test_acc"],
                                 "finished_runs": len(sweep), "sweep": sweep}
-  records.write_atomically(root / "selection.json", (json.dumps(choices, indent=2) + "\n").encode())
+  files.write_atomically(root / "selection.json", (json.dumps(choices, indent=2) + "\n").encode())
   lines = ["| cell | lr | chosen | TPT start epoch | final train acc | final test acc | final NC1 |",
            "| --- | ---: | :---: | ---: | ---: | ---: | ---: |"]
   for cell, choice in choices.items():
@@ -159,7 +164,7 @@ def select(root: pathlib.Path) -> dict:
       lines.append(f"| {cell} | {s['lr']:.6g} | {'yes' if s['run'] == choice['run'] else ''} "
                    f"| {s['tpt_start_epoch'] or 'not reached'} | {100 * s['final_train_acc']:.2f} "
                    f"| {100 * s['final_test_acc']:.2f} | {s['final_nc1']:.4g} |")
-  records.write_atomically(root / "selection.md", ("\n".join(lines) + "\n").encode())
+  files.write_atomically(root / "selection.md", ("\n".join(lines) + "\n").encode())
   return choices
 
 
@@ -172,7 +177,7 @@ def main(argv=None) -> int:
     return 1
   except OSError as error:
     if error.filename and error.strerror:
-      print(f"error: {records.describe_write_error(error, '--root')}", file=sys.stderr)
+      print(f"error: {files.describe_write_error(error, '--root')}", file=sys.stderr)
     else:
       print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
     return 1

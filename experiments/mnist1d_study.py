@@ -19,7 +19,7 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # nc_jax.records (no JAX), also when not installed
-from nc_jax import records  # noqa: E402
+from nc_jax import files, records  # noqa: E402
 DEFAULT_SHAPES = "128x3,512x3,2048x3,512x1,512x2,512x4"
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   header = ["| width | depth | TPT start | NC1 first | NC1 last | NC1 fall | equinorm | equiangular | "
             "self-duality | NCC mismatch | test acc at TPT (%) | test acc last (%) |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  (root / "summary.md").write_text("\n".join(header + rows) + "\n")
+  files.write_atomically(root / "summary.md", ("\n".join(header + rows) + "\n").encode())
   print((root / "summary.md").read_text())
   return 0
 

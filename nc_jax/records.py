@@ -17,7 +17,6 @@ line with a single ``write`` and ``fsync`` it. This module imports no JAX.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -25,6 +24,8 @@ import pathlib
 import shlex
 import sys
 from typing import Callable, Optional
+
+from nc_jax.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -114,47 +115,8 @@ def append(path, record: dict) -> None:
 
 
 def rewrite(path, records: list[dict]) -> None:
-  """Replaces the file by ``records`` atomically (``write_atomically``)."""
+  """Replaces the file by ``records`` atomically and durably (``nc_jax.files.write_atomically``)."""
   write_atomically(path, "".join(line_of(r) for r in records).encode())
-
-
-def write_atomically(path, payload: bytes) -> None:
-  """Writes ``payload`` to ``path`` whole or not at all: a temporary file beside it (.NAME.tmpPID), fsynced,
-  then renamed over it; on any failure the temporary file is removed and ``path`` is as it was.
-
-  An OSError (full disk, read-only folder, a file where a folder should be) names ``path``, not the
-  temporary file.
-  """
-  path = pathlib.Path(path)
-  temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
-    with open(temporary, "wb") as handle:
-      handle.write(payload)
-      handle.flush()
-      os.fsync(handle.fileno())
-    os.replace(temporary, path)
-  except OSError as error:
-    raise OSError(error.errno, error.strerror or str(error), str(path)) from None
-  finally:
-    try:
-      temporary.unlink(missing_ok=True)
-    except OSError:  # the folder itself is gone or unreadable: nothing was left there
-      pass
-
-
-def describe_write_error(error: OSError, flag: str = "--out") -> str:
-  """One line for a failed write: the path, the system's reason and the fix, e.g. 'cannot write
-  /r/fig1.png: No space left on device; free space on that disk or pass another --out'."""
-  where = error.filename or "the output"
-  reason = error.strerror or " ".join(str(error).split())
-  fixes = {errno.ENOSPC: f"free space on that disk or pass another {flag}",
-           errno.EDQUOT: f"free space (your disk quota is used up) or pass another {flag}",
-           errno.EACCES: f"pass a {flag} you may write to", errno.EPERM: f"pass a {flag} you may write to",
-           errno.EROFS: f"pass a {flag} on a writable disk",
-           errno.EEXIST: f"{flag} must be a folder (a file is in the way): pass another {flag}",
-           errno.ENOTDIR: f"{flag} must be a folder (a file is in the way): pass another {flag}",
-           errno.EISDIR: f"a folder is in the way: remove it or pass another {flag}"}
-  return f"cannot write {where}: {reason}; {fixes.get(error.errno, f'pass another {flag}')}"
 
 
 # ----------------------------------------------------------------------------

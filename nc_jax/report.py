@@ -27,7 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nc_jax import records as records_lib, schema  # noqa: E402
+from nc_jax import files, records as records_lib, schema  # noqa: E402
 
 # (file stem, title, [(metrics key, label)], log scale) in the paper's order.
 FIGURES = (
@@ -121,7 +121,7 @@ def load_run(directory: str) -> Run:
 
 
 def _save(figure, title: str, out: pathlib.Path, stem: str) -> str:
-  """Titles, lays out, writes out/stem.png whole or not at all (``records.write_atomically``: a full disk
+  """Titles, lays out, writes out/stem.png whole or not at all (``files.write_atomically``: a full disk
   leaves no truncated PNG) and closes ``figure``; returns the file name."""
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
@@ -131,7 +131,7 @@ def _save(figure, title: str, out: pathlib.Path, stem: str) -> str:
     figure.savefig(buffer, format="png", dpi=110)
   finally:
     plt.close(figure)
-  records_lib.write_atomically(path, buffer.getvalue())
+  files.write_atomically(path, buffer.getvalue())
   return path.name
 
 
@@ -294,7 +294,7 @@ def write_report(run_directories, out: str) -> pathlib.Path:
   figures.append(("Per-class norms", plot_class_norms(runs, out)))
   figures.append(("Per-layer collapse against depth", plot_depth(runs, out)))
   table = table1(runs)
-  records_lib.write_atomically(out / "table1.md", (table + "\n").encode())
+  files.write_atomically(out / "table1.md", (table + "\n").encode())
   parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), "",
            "## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, "",
            "## Key epochs: first measurement, TPT start, last measurement", "", key_epochs(runs), ""]
@@ -302,7 +302,7 @@ def write_report(run_directories, out: str) -> pathlib.Path:
     if name:
       parts += [f"## {title}", "", f"![{title}]({name})", ""]
   path = out / "report.md"
-  records_lib.write_atomically(path, "\n".join(parts).encode())
+  files.write_atomically(path, "\n".join(parts).encode())
   return path
 
 
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
     written = error.filename and pathlib.Path(str(error.filename)).absolute().is_relative_to(
         pathlib.Path(args.out).absolute())
     if written:
-      message = records_lib.describe_write_error(error)
+      message = files.describe_write_error(error)
     elif error.filename and error.strerror:  # reading a run
       message = f"cannot read {error.filename}: {error.strerror}"
     else:

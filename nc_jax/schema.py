@@ -1,9 +1,9 @@
 """The one config schema: every key of a training config, what it means, its default, and the checks on its value.
 
-``base_config`` declares every key (commented below, in one place) at the paper's protocol values;
-configs/default.py, configs/fashion_mnist_mlp.py and the paper's 21 cells (configs/paper/*.py, through
-``paper_config``) are built from it. ``model_options`` holds every constructor option of the configured model,
-so each one can be set on the command line (``--config.model_options.fixed_etf=True``,
+``base_config`` declares every key (commented below, in one place) at the paper's protocol values; every
+training config in configs/ is built from it and states its own values there (the paper's 21 cells in
+configs/paper/, what they share in configs/paper/common.py). ``model_options`` holds every constructor option of
+the configured model, so each one can be set on the command line (``--config.model_options.fixed_etf=True``,
 ``--config.model_options.block_sizes="(1,1,1)"``); ml_collections refuses keys a config does not declare.
 
 The trainer calls ``validate(config)`` before it writes anything and ``validate_sizes(config, ...)`` once the
@@ -23,7 +23,7 @@ import json
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import ml_collections
 from ml_collections import config_dict
@@ -44,6 +44,7 @@ IMBALANCES = ("none", "step", "exponential")  # nc_jax.data.preprocess.IMBALANCE
 LOSSES = ("cross_entropy", "mse")  # nc_jax.training.step.LOSSES
 OPTIMIZERS = ("sgd", "adam", "adamw")  # nc_jax.training.schedule.OPTIMIZERS
 COMPUTE_DTYPES = ("float32", "bfloat16")
+EVAL_DTYPES = ("float32", "same")  # nc_jax.training.evaluate.EVAL_DTYPES
 EPOCH_LOOPS = ("auto", "scan", "steps")
 INPUT_PIPELINES = ("auto", "memory", "stream")  # nc_jax.data.stream.PIPELINES
 STEMS = ("small", "imagenet")  # nc_jax.models.resnet.STEMS; VGG and DenseNet take the same two
@@ -90,29 +91,6 @@ FIXED_BY_NAME = ("block_cls",)
 # can still set them.
 OPTIONAL_OPTIONS = {"classifier_width": int, "feature_dim": int}
 _OPTION_MINIMUM = {"depth": 0}  # every other integer option (and tuple entry) must be >= 1
-
-# --------------------------------------------------------------------- the paper's grid
-# PAPER.md, "depths" (an unconfirmed recollection of the paper's table).
-NETS = {
-    "mnist": ("vgg11", "resnet18", "densenet40"),
-    "svhn_cropped": ("vgg11", "resnet18", "densenet40"),
-    "fashion_mnist": ("vgg11", "resnet18", "densenet250"),
-    "cifar10": ("vgg13", "resnet18", "densenet40"),
-    "cifar100": ("vgg13", "resnet50", "densenet250"),
-    "stl10": ("vgg13", "resnet50", "densenet250"),
-    "imagenet2012": ("vgg19", "resnet152", "densenet201"),
-}
-# Learning rates known to be the sweep's pick (PAPER.md); other cells default to the notebook's.
-KNOWN_LR = {("mnist", "resnet18"): 0.0679, ("cifar10", "resnet18"): 0.13025, ("cifar100", "resnet50"): 0.18045}
-NOTEBOOK_LR = 0.0679
-SMOKE_OPTIONS = {"vgg": {"classifier_width": 8, "width_multiplier": 1 / 16}, "resnet": {"width": 4},
-                 "densenet": {"growth_rate": 2}}
-
-
-def cells() -> list[tuple[str, str]]:
-  """The paper's 21 (dataset, net) cells, in PAPER.md's order."""
-  return [(dataset, net) for dataset, nets in NETS.items() for net in nets]
-
 
 # ------------------------------------------------------------------------- building
 def model_options_for(model: str, values: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
@@ -165,12 +143,15 @@ def base_config(*, dataset: str, data_source: str, model: str,
   config.model = model  # one of MODELS
   config.model_options = options  # every constructor option of the model (MODEL_OPTIONS), overridable
   config.compute_dtype = "float32"  # or "bfloat16" (params and BatchNorm statistics stay float32)
+  # The NC measurement's forward passes (features, logits, eval-mode loss/accuracy) compute in float32 whatever
+  # compute_dtype: bf16 rounding (8 significant bits) would floor NC1 near collapse. "same" = compute_dtype.
+  config.eval_dtype = "float32"
 
   # --- optimisation: SGD with momentum, coupled weight decay, step decay (nc_jax.training.schedule)
   config.loss = "cross_entropy"  # or "mse" (one-hot targets, mean over B x C as torch's MSELoss)
   config.num_epochs = 350
   config.batch_size = 128  # global, split over the devices: a multiple of their number
-  config.lr = NOTEBOOK_LR
+  config.lr = 0.0679  # the notebook's (MNIST / ResNet18, cross-entropy)
   config.momentum = 0.9
   config.weight_decay = 5e-4
   config.lr_decay_factor = 0.1  # lr is multiplied by this after each of lr_decay_epochs (> 1 raises it)
@@ -222,34 +203,6 @@ def mlp_variant(config: ml_collections.ConfigDict, variant: str, config_file: st
     config.update(smoke_overrides)
   elif variant:
     raise ValueError(f"unknown variant {variant!r} of {config_file}; choose '' or 'smoke'")
-  return config
-
-
-def paper_config(dataset: str, net: str, variant: str = "") -> ml_collections.ConfigDict:
-  """The paper's protocol for one cell; ``variant='smoke'`` is a seconds-long CPU run of the same code."""
-  if (dataset, net) not in cells():
-    raise ValueError(f"({dataset!r}, {net!r}) is not a cell of the paper's grid; cells: {cells()}")
-  imagenet = dataset == "imagenet2012"
-  stem = {} if net.startswith("densenet") else {"stem": "imagenet" if imagenet else "small"}  # DenseNets: by name
-  source = "idx" if dataset == "fashion_mnist" else "tfds"  # Fashion-MNIST: offline Debian files
-  config = base_config(dataset=dataset, data_source=source, model=net, model_options=stem)
-  config.num_epochs = 300 if imagenet else 350
-  config.lr = KNOWN_LR.get((dataset, net), NOTEBOOK_LR)
-  config.weight_decay = 1e-4 if imagenet else 5e-4
-  config.tpt_threshold = 0.996 if imagenet else 0.999
-  if variant == "smoke":
-    config.num_epochs = 2
-    config.per_class = "none"  # a string, so the command line can still set it (=500, =paper)
-    config.batch_size = 8
-    config.eval_batch_size = 16
-    config.measure_epochs = (1, 2)
-    config.deepfool_samples = 4
-    family = next(f for f in SMOKE_OPTIONS if net.startswith(f))
-    config.model_options.update(SMOKE_OPTIONS[family])
-    if family == "densenet":
-      config.model_options.block_sizes = (1,) * (4 if imagenet else 3)
-  elif variant:
-    raise ValueError(f"unknown variant {variant!r}; choose '' or 'smoke'")
   return config
 
 
@@ -314,19 +267,22 @@ def _epochs(key: str, value, num_epochs: int, *, ascending: bool, meaning: str) 
     _fail(key, value, requirement)
 
 
-def _per_class(value) -> None:
-  """As nc_jax.training.loop reads it: None, 'paper', an int, or those spelled as strings (the command line's)."""
+def parse_per_class(value) -> Union[int, str, None]:
+  """``config.per_class`` as nc_jax.data takes it: an int >= 1, 'paper' or None (every example).
+
+  The command line gives strings ('500', 'None', 'none', 'paper'); they read as the value they spell. Anything
+  else raises ConfigError naming the key.
+  """
   if value is None or value == "paper":
-    return
+    return value
   if isinstance(value, str) and value.lower() == "none":
-    return
+    return None
   if isinstance(value, str) and value.isdigit():
-    value_int = int(value)
-  else:
-    value_int = value if _is_int(value) else None
-  if value_int is None or value_int < 1:
+    value = int(value)
+  if not _is_int(value) or value < 1:
     _fail("per_class", value, "must be an integer >= 1 (examples per class), 'paper' (the paper's counts) or None "
           "(every example, unbalanced)")
+  return int(value)
 
 
 def _resume_from(value) -> None:
@@ -415,7 +371,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("data_source", c["data_source"], f"'idx' reads MNIST-format files ({', '.join(IDX_DATASETS)}); "
           f"for {c['dataset']} choose 'tfds'")
   _string("data_dir", c["data_dir"], " ('' = the source's default folder)")
-  _per_class(c["per_class"])
+  parse_per_class(c["per_class"])
   _choice("standardization", c["standardization"], STANDARDIZATIONS)
   _integer("data_seed", c["data_seed"], 0, _MAX_SEED)
   _choice("imbalance", c["imbalance"], IMBALANCES)
@@ -424,7 +380,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _real("random_label_fraction", c["random_label_fraction"], 0.0, 1.0)
   _choice("input_pipeline", c["input_pipeline"], INPUT_PIPELINES)
   _integer("input_workers", c["input_workers"], 0, note=" (0 = decode in the training process)")
-  if c["imbalance"] != "none" and (c["per_class"] is None or str(c["per_class"]).lower() == "none"):
+  if c["imbalance"] != "none" and parse_per_class(c["per_class"]) is None:
     _fail("per_class", c["per_class"], f"imbalance={c['imbalance']!r} needs the largest class's count: set "
           "per_class to an integer or 'paper'")
 
@@ -432,6 +388,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice("model", c["model"], MODELS)
   _model_options(c["model"], c["model_options"])
   _choice("compute_dtype", c["compute_dtype"], COMPUTE_DTYPES)
+  _choice("eval_dtype", c["eval_dtype"], EVAL_DTYPES, note=" ('same' = compute_dtype)")
 
   # optimisation
   _choice("loss", c["loss"], LOSSES)
@@ -500,11 +457,18 @@ def validate_sizes(config: ml_collections.ConfigDict, *, num_train: int, num_tes
           f"{num_test} (0 = off)")
 
 
-# ------------------------------------------------------------------- older run directories
+# ------------------------------------------------------------------- keys that leave results alone
 # Keys that say how a run is kept, not what it computes: changing them between a run and its rerun leaves the
-# results as they are (a launcher comparing a workdir's config.json with a new command may ignore them).
+# results as they are. ``changed_keys`` and ``config_digest`` ignore them (a workdir resumes under a new value,
+# a launcher comparing a workdir's config.json with a new command may ignore them).
 OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_every_seconds", "resume_from",
                     "input_workers")
+# Keys the compiled functions (model, steps, evaluation) never read: the operational ones, and what a run does
+# around those functions (which epochs it measures, where TPT starts, how many DeepFool inputs, which folder
+# the data come from). They may change a run's records, so a changed value is still a changed config; the
+# trainer caches its program on the config without them, and a mid-epoch checkpoint resumes across them
+# (training.loop's run digest).
+PROGRAM_NEUTRAL_KEYS = OPERATIONAL_KEYS + ("measure_epochs", "tpt_threshold", "deepfool_samples", "data_dir")
 
 
 def fill_defaults(values: Mapping[str, Any]) -> dict:
@@ -558,7 +522,7 @@ def config_digest(values: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "IMBALANCES", "INPUT_PIPELINES",
-           "KNOWN_LR", "LOSSES", "MODELS", "MODEL_OPTIONS", "NETS", "NOTEBOOK_LR", "OPERATIONAL_KEYS", "OPTIMIZERS",
-           "STANDARDIZATIONS", "STEMS", "base_config", "cells", "changed_keys", "config_digest", "fill_defaults", "mlp_variant",
-           "model_options_for", "paper_config", "validate", "validate_sizes"]
+__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "EVAL_DTYPES", "IMBALANCES",
+           "INPUT_PIPELINES", "LOSSES", "MODELS", "MODEL_OPTIONS", "OPERATIONAL_KEYS", "OPTIMIZERS",
+           "PROGRAM_NEUTRAL_KEYS", "STANDARDIZATIONS", "STEMS", "base_config", "changed_keys", "config_digest",
+           "fill_defaults", "mlp_variant", "model_options_for", "parse_per_class", "validate", "validate_sizes"]

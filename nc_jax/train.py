@@ -217,15 +217,11 @@ def main(argv) -> None:
     cli.fail("interrupted twice; stopped without a final checkpoint. Rerun the command to resume from the last one",
              130)
   except Diverged as diverged:
-    if diverged.last_good_epoch is None:
-      cli.fail(str(diverged))
-    # The new base lr, not a tenth of the (decayed) lr in force: the schedule decays the base again.
-    new_workdir = f"{FLAGS.workdir.rstrip('/')}_lr{diverged.advised_lr:.3g}"
-    command = rerun_command(sys.argv, workdir=new_workdir, resume_from=f"{FLAGS.workdir}:{diverged.last_good_epoch}",
-                            lr=diverged.advised_lr)
-    cli.fail(f"training loss is {diverged.loss} at epoch {diverged.epoch} (lr {diverged.lr:.3g}); stopped. The last "
-             f"good checkpoint is epoch {diverged.last_good_epoch}; to go on from it with a 10x lower lr (base "
-             f"{diverged.advised_lr:.3g}, so {diverged.lr / 10:.3g} at epoch {diverged.epoch}): {command}")
+    command = None
+    if diverged.last_good_epoch is not None:  # the advice as the whole command, the same flags otherwise
+      command = rerun_command(sys.argv, workdir=diverged.rerun_workdir(FLAGS.workdir),
+                              resume_from=f"{FLAGS.workdir}:{diverged.last_good_epoch}", lr=diverged.advised_lr)
+    cli.fail(diverged.message(command))
   except (schema.ConfigError, WorkdirError, records.RecordsError) as error:
     cli.fail(str(error))
   except Exception as error:  # noqa: BLE001  (one line for the user; the traceback helps nobody here)

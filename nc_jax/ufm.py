@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nc_jax import files
 from nc_jax.metrics import neural_collapse
 
 
@@ -102,7 +103,7 @@ def run(config, workdir: str) -> dict:
   }
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "ufm.json").write_text(json.dumps(result, indent=2) + "\n")
+  files.write_atomically(out / "ufm.json", (json.dumps(result, indent=2) + "\n").encode())
   return result
 
 

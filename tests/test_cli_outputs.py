@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from experiments import grid
-from nc_jax import records, report, schema
+from nc_jax import files, records, report, schema
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
@@ -81,17 +81,17 @@ def test_report_os_errors_are_one_line_naming_the_path_and_leave_no_partial_file
   real_fsync = os.fsync
   def disk_full(descriptor):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-  monkeypatch.setattr(records.os, "fsync", disk_full)  # every write reaches the disk, then the disk is full
+  monkeypatch.setattr(files.os, "fsync", disk_full)  # every write reaches the disk, then the disk is full
   full = tmp_path / "full"
   assert report.main([run, "--out", str(full)]) == 1
   line = error_line(capsys)
   assert f"cannot write {full / 'fig1_train_error.png'}: No space left on device; free space" in line, line
   assert leftovers(full) == [], "no 0-byte PNG, no temporary file"
-  monkeypatch.setattr(records.os, "fsync", real_fsync)
+  monkeypatch.setattr(files.os, "fsync", real_fsync)
 
   def read_only(path, mode="r", *args, **kwargs):  # chmod does not stop root: the refusal a read-only mount gives
     raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
-  monkeypatch.setattr(records, "open", read_only, raising=False)
+  monkeypatch.setattr(files, "open", read_only, raising=False)
   assert report.main([run, "--out", str(tmp_path / "ro")]) == 1
   assert "Read-only file system; pass a --out on a writable disk" in error_line(capsys)
   monkeypatch.undo()
@@ -112,7 +112,7 @@ def test_a_benchmark_table_is_appended_whole_or_not_at_all(tmp_path, capsys, mon
   benchmarks_common.report("| a |\n| 1 |", append=True, path=log)
   before = log.read_text()
   assert before.startswith("# Benchmarks") and before.endswith("| a |\n| 1 |\n\n")
-  monkeypatch.setattr(records.os, "fsync", lambda descriptor: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+  monkeypatch.setattr(files.os, "fsync", lambda descriptor: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
   with pytest.raises(SystemExit) as exit_:
     benchmarks_common.report("| b |\n| 2 |", append=True, path=log)
   assert exit_.value.code == 1 and log.read_text() == before and leftovers(tmp_path) == ["BENCHMARKS.md"]

@@ -6,7 +6,8 @@ import pathlib
 import pytest
 import tensorflow_datasets as tfds
 
-from nc_jax import schema
+from configs.paper import common as paper
+from nc_jax.data import idx
 from nc_jax.training import train_and_evaluate
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -19,12 +20,12 @@ def load_config(path, variant=""):
   return module.get_config(variant)
 
 
-PAPER_FILES = sorted((CONFIGS / "paper").glob("*.py"))
+PAPER_FILES = sorted(p for p in (CONFIGS / "paper").glob("*.py") if p.stem != "common")  # common: what they share
 
 
 def test_one_config_per_cell_of_the_grid():
-  assert len(schema.cells()) == 21
-  assert sorted(p.stem for p in PAPER_FILES) == sorted(f"{d}_{n}" for d, n in schema.cells())
+  assert len(paper.cells()) == 21
+  assert sorted(p.stem for p in PAPER_FILES) == sorted(f"{d}_{n}" for d, n in paper.cells())
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=lambda p: p.stem)
@@ -58,16 +59,17 @@ def test_fashion_mnist_mlp_is_the_default_job_on_other_data():
     default, fashion = (load_config(CONFIGS / name, variant).to_dict()
                         for name in ("default.py", "fashion_mnist_mlp.py"))
     assert (fashion["dataset"], fashion["data_source"]) == ("fashion_mnist", "idx")
-    assert fashion["model_options"]["width"] == (32 if variant else 1024)
-    fashion["model_options"]["width"] = default["model_options"]["width"]
-    # the main job's lr is 0.0184 (configs/default.py says why); Fashion-MNIST's sweep starts at the notebook's
-    assert (default["lr"], fashion["lr"]) == (0.0184, 0.0679)
+    assert (fashion["model_options"]["width"], fashion["model_options"]["depth"]) == (32 if variant else 1024, 3)
+    assert (default["model_options"]["width"], default["model_options"]["depth"]) == (32 if variant else 512, 5)
+    fashion["model_options"] = default["model_options"]
+    # the main job's 5x512 at lr 0.0255 (configs/default.py says why); Fashion-MNIST's sweep starts at the notebook's
+    assert (default["lr"], fashion["lr"]) == (0.0255, 0.0679)
     assert {**fashion, "dataset": default["dataset"], "data_source": default["data_source"],
             "lr": default["lr"]} == default
 
 
-@pytest.mark.skipif(not pathlib.Path("/usr/share/datasets/fashion-mnist").exists(),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(not idx.DEBIAN_FASHION_MNIST.exists(),
+                    reason=f"no Fashion-MNIST in {idx.DEBIAN_FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
 def test_fashion_mnist_smoke_run_on_the_real_data(tmp_path):
   config = load_config(CONFIGS / "fashion_mnist_mlp.py", "smoke")
   config.num_epochs, config.measure_epochs, config.deepfool_samples = 2, (1, 2), 4

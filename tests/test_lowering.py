@@ -17,6 +17,7 @@ import functools
 import re
 
 import jax
+import jax.export  # jax 0.7 has jax.export only once it is imported
 import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
@@ -26,6 +27,7 @@ from nc_jax.data import device
 from nc_jax.metrics import finalize_collapse, finalize_transfer, neural_collapse, streaming
 from nc_jax.training import loop
 from configs import default as default_config, fashion_mnist_mlp
+from configs.paper import common as paper
 
 PLATFORMS = ("tpu", "cuda")
 # name: (input shape after nc_jax.data's preprocessing (MNIST's 28x28 padded to 32), classes,
@@ -140,12 +142,12 @@ def check_trainer(config, dataset: str) -> dict:
   return {"train": train["tpu"], "evaluate": evaluate["tpu"]}
 
 
-@pytest.mark.parametrize("dataset,net", schema.cells(), ids=[f"{d}-{n}" for d, n in schema.cells()])
+@pytest.mark.parametrize("dataset,net", paper.cells(), ids=[f"{d}-{n}" for d, n in paper.cells()])
 def test_cell_lowers_for_tpu_and_cuda(dataset, net):
   """The cell's paper config (real widths, the paper's data sizes, batch 128 on 8 devices, 100 DeepFool
   inputs) trains and evaluates on TPU and GPU with the shardings it has on CPU. The three deepest nets
   have fewer blocks here (SHALLOWER); test_full_depth_lowers lowers them whole."""
-  config = schema.paper_config(dataset, net)
+  config = paper.load(dataset, net)
   config.model_options.update(SHALLOWER.get(net, {}))
   check_trainer(config, dataset)
 
@@ -157,7 +159,7 @@ def test_cell_lowers_for_tpu_and_cuda(dataset, net):
 def test_full_depth_lowers(dataset, net):
   """ResNet-152 on 224x224 ImageNet, at full depth and width, lowers for TPU and GPU. (DenseNet-201 and
   DenseNet-BC-250 whole take 90-130 s each; their widths are lowered above.)"""
-  check_trainer(schema.paper_config(dataset, net), dataset)
+  check_trainer(paper.load(dataset, net), dataset)
 
 
 @pytest.mark.parametrize("config,dataset", [
@@ -165,14 +167,14 @@ def test_full_depth_lowers(dataset, net):
     pytest.param(fashion_mnist_mlp.get_config(), "fashion_mnist", id="fashion_mnist-mlp1024"),
 ])
 def test_mlp_configs_lower(config, dataset):
-  """The MLP configs (3x512 on MNIST-1D vectors, 3x1024 on Fashion-MNIST images) lower for TPU and GPU."""
+  """The MLP configs (5x512 on MNIST-1D vectors, 3x1024 on Fashion-MNIST images) lower for TPU and GPU."""
   check_trainer(config, dataset)
 
 
 def test_bfloat16_compute_lowers_with_float32_state():
   """compute_dtype='bfloat16' (CIFAR-10 ResNet-18): the TPU module computes in bf16 while the state it
   returns (params, BatchNorm statistics, momentum) stays float32."""
-  config = schema.paper_config("cifar10", "resnet18")
+  config = paper.load("cifar10", "resnet18")
   config.compute_dtype = "bfloat16"
   texts = check_trainer(config, "cifar10")
   assert re.search(r"stablehlo\.convolution.*bf16", texts["train"])
@@ -185,7 +187,7 @@ def test_bfloat16_compute_lowers_with_float32_state():
 def test_per_layer_collapse_and_mse_loss_lower():
   """per_layer_nc (NC1 and NCC accuracy of every ResNet stage, from sown intermediates) and the MSE loss
   lower for TPU and GPU."""
-  config = schema.paper_config("mnist", "resnet18")
+  config = paper.load("mnist", "resnet18")
   config.per_layer_nc, config.loss = True, "mse"
   program, _, eval_args = trainer_program(config, "mnist")
   check_trainer(config, "mnist")
@@ -240,7 +242,7 @@ def test_streaming_accumulators_lower(name):
 def test_cpu_reference_is_the_jits_own_lowering():
   """The CPU export every platform is compared with has the shardings, mesh and donations of
   ``jit(...).lower()``, the lowering the trainer itself runs on CPU (CIFAR-10 ResNet-18)."""
-  program, train_args, eval_args = trainer_program(schema.paper_config("cifar10", "resnet18"), "cifar10")
+  program, train_args, eval_args = trainer_program(paper.load("cifar10", "resnet18"), "cifar10")
   for fn, args in ((program.train_epoch, train_args), (program.evaluate, eval_args)):
     exported = jax.export.export(fn, platforms=["cpu"])(*args)
     assert module_shardings(fn.lower(*args).as_text()) == module_shardings(exported.mlir_module())
@@ -257,7 +259,7 @@ def test_exports_survive_serialisation():
   """The CIFAR-10 ResNet-18 train epoch and evaluation, exported for TPU and GPU, come back from
   ``serialize``/``deserialize`` with the same module, platforms, shapes and shardings."""
   pytest.importorskip("flatbuffers", reason="jax.export serialisation needs the flatbuffers package")
-  program, train_args, eval_args = trainer_program(schema.paper_config("cifar10", "resnet18"), "cifar10")
+  program, train_args, eval_args = trainer_program(paper.load("cifar10", "resnet18"), "cifar10")
   shapes = lambda e: [(a.shape, a.dtype) for a in (*e.in_avals, *e.out_avals)]  # avals lose their mesh
   for fn, args in ((program.train_epoch, train_args), (program.evaluate, eval_args)):
     flat_fn, leaves = flat(fn, args)

@@ -94,10 +94,10 @@ def _describe_os_error(error: OSError) -> str:
   """One line: a failed write under --out names the file and the fix (free space, another --out); any other
   OS error (reading the run) its reason and file."""
   import os
-  from nc_jax import records
+  from nc_jax import files
   out = os.path.abspath(FLAGS.out)
   if error.filename and os.path.abspath(str(error.filename)).startswith(out):
-    return records.describe_write_error(error, "--out")
+    return files.describe_write_error(error, "--out")
   return cli.describe_os_error(error)
 
 

@@ -1,10 +1,10 @@
-"""The accumulator file: a measurement's resumable state on disk, and the atomic writes all outputs use.
+"""The accumulator file: a measurement's resumable state on disk.
 
 ``DIR/accumulators.npz`` (``accumulators.I-of-P.npz`` for process I of P) holds every accumulator (a pytree
 of arrays, leaves named by their pytree paths) and a JSON ``__meta__``: format, fingerprint of what is
 measured, the pass and the number of this process's batches done in it, and a sha256 of all of it. Files
-are written to a temporary file, fsynced and renamed (``write_atomically``), so a kill leaves the old file
-or the new one; a file that fails its checksum is moved to ``DIR/corrupt/`` and the measurement restarts.
+are written whole or not at all (``nc_jax.files.write_atomically``), so a kill leaves the old file or the
+new one; a file that fails its checksum is moved to ``DIR/corrupt/`` and the measurement restarts.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from nc_jax import records
 from nc_jax.collect.errors import CollectError
+from nc_jax.files import write_atomically
 
 FORMAT = "nc_jax.collect/1"
 CORRUPT_DIR = "corrupt"
@@ -42,17 +42,6 @@ def _checksum(arrays: dict, meta: dict) -> str:
     digest.update(memoryview(array).cast("B"))
   digest.update(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode())
   return digest.hexdigest()
-
-
-def write_atomically(path: pathlib.Path, payload: bytes) -> None:
-  """``nc_jax.records.write_atomically`` (temporary file, fsync, rename; the temporary file removed on any
-  failure), then an fsync of the folder, so the rename itself survives a power cut."""
-  records.write_atomically(path, payload)
-  folder = os.open(path.parent, os.O_RDONLY)
-  try:
-    os.fsync(folder)
-  finally:
-    os.close(folder)
 
 
 def save_accumulators(path: pathlib.Path, tree, meta: dict) -> None:

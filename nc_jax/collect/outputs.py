@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from nc_jax.collect.accumulator_files import write_atomically
+from nc_jax.files import write_atomically
 from nc_jax.collect.errors import CollectError
 
 NC_FILE = "nc.json"

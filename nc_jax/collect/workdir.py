@@ -178,7 +178,7 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
   moved since training; when the data is not found, the CollectError gives the command that passes it.
   """
   from nc_jax import models
-  from nc_jax.training import step as step_lib
+  from nc_jax.training import evaluate as evaluate_lib, step as step_lib
 
   if split not in SPLITS:
     raise CollectError(f"--split {split!r}: choose one of {', '.join(SPLITS)}", 2)
@@ -198,6 +198,7 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
                        "holds it") from None
   sizes = (len(dataset.train_labels), len(dataset.test_labels))
   batch_size = min(batch_size or config.eval_batch_size, max(sizes))  # a larger batch would be padding only
+  model = evaluate_lib.eval_model(model, config.eval_dtype)  # float32 features whatever compute_dtype was
   apply_fn = lambda v, x: model.apply(v, x, train=False)
   feature_shape = jax.eval_shape(apply_fn, variables, np.zeros((1, *dataset.input_shape), np.float32))[1].shape
   weights, bias = models.classifier_weights(variables["params"], feature_dim=math.prod(feature_shape[1:]),

@@ -25,16 +25,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nc_jax import data, models, records as records_lib, schema
+from nc_jax import data, files, models, records as records_lib, schema
 from nc_jax.data import device, stream as stream_lib
 from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
 from nc_jax.training import checkpoints, evaluate as evaluate_lib, schedule, step as step_lib
 from nc_jax.training import workdir as workdir_lib
 
 SUMMARY_KEYS = ("nc1", "equinorm_means", "equiangular_means", "self_duality", "ncc_mismatch")
-# Config keys that change what a run does around its compiled functions, not the functions themselves.
-RUN_ONLY_KEYS = ("measure_epochs", "checkpoint_every_epochs", "checkpoint_every_seconds", "keep_checkpoints",
-                 "resume_from", "tpt_threshold", "deepfool_samples", "data_dir", "input_workers")
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 # Streamed runs also checkpoint mid-epoch (cadence, signals) into checkpoints/MID_EPOCH_DIR, keyed by the global
 # step, so epoch-keyed checkpoints/ keeps meaning "the state after epoch E" for --resume_from and collect.
@@ -68,21 +65,34 @@ class Diverged(FloatingPointError):
   def __init__(self, epoch: int, loss: float, workdir: pathlib.Path, last_good_epoch: Optional[int], lr: float,
                holds_results: bool = False, feature_decay: float = 0.0, base_lr: Optional[float] = None):
     self.epoch, self.loss, self.workdir, self.last_good_epoch, self.lr = epoch, loss, workdir, last_good_epoch, lr
+    self.holds_results, self.feature_decay = holds_results, feature_decay
     self.base_lr = lr if base_lr is None else base_lr
     self.advised_lr = advised_lr(self.base_lr)
-    lower = "--config.lr" + (f" (or --config.feature_decay, now {feature_decay:g})" if feature_decay else "")
-    if last_good_epoch is None and holds_results:
-      advice = (f"no checkpoint of this run was written before it; lower {lower} and rerun with --overwrite "
-                "(this workdir holds measurements copied by --resume_from, which the changed config discards)")
-    elif last_good_epoch is None:
-      advice = (f"no checkpoint was written before it; lower {lower} and rerun (this workdir holds no "
-                "result, so the changed config is accepted)")
-    else:
-      advice = (f"the last good checkpoint is epoch {last_good_epoch}; go on from it with a 10x lower lr (base "
-                f"{self.advised_lr:.3g}, so {lr / 10:.3g} at epoch {epoch}) in a new workdir: "
-                f"--workdir {workdir}_lr{self.advised_lr:.3g} --resume_from {workdir}:{last_good_epoch} "
-                f"--config.lr={self.advised_lr:.3g}")
-    super().__init__(f"training loss is {loss} at epoch {epoch}; stopping. {advice}")
+    super().__init__(self.message())
+
+  def rerun_workdir(self, workdir=None) -> str:
+    """The new workdir the advice names: ``workdir`` (default: the run's) with the advised lr appended."""
+    return f"{str(workdir or self.workdir).rstrip('/')}_lr{self.advised_lr:.3g}"
+
+  def message(self, rerun: Optional[str] = None) -> str:
+    """One line: the loss, the epoch, the lr, and what to do (the only place that advice is written).
+
+    With a last good checkpoint: go on from it in a new workdir at ``advised_lr``, given as ``rerun`` (the
+    command line's whole command, ``nc_jax.train.rerun_command``) or else as the flags to change.
+    """
+    head = f"training loss is {self.loss} at epoch {self.epoch} (lr {self.lr:.3g}); stopped: "
+    lower = "--config.lr" + (f" (or --config.feature_decay, now {self.feature_decay:g})" if self.feature_decay else "")
+    if self.last_good_epoch is None and self.holds_results:
+      return head + (f"no checkpoint of this run was written before it; lower {lower} and rerun with --overwrite "
+                     "(this workdir holds measurements copied by --resume_from, which the changed config discards)")
+    if self.last_good_epoch is None:
+      return head + (f"no checkpoint was written before it; lower {lower} and rerun (this workdir holds no "
+                     "result, so the changed config is accepted)")
+    rerun = rerun or (f"--workdir {self.rerun_workdir()} --resume_from {self.workdir}:{self.last_good_epoch} "
+                      f"--config.lr={self.advised_lr:.3g}")
+    return head + (f"the last good checkpoint is epoch {self.last_good_epoch}; to go on from it with a 10x lower lr "
+                   f"(base {self.advised_lr:.3g}, so {self.lr / 10:.3g} at epoch {self.epoch}) in a new workdir: "
+                   f"{rerun}")
 
 
 def advised_lr(base_lr: float) -> float:
@@ -147,7 +157,7 @@ def _program(config_json: str, mesh, num_classes: int, input_shape: tuple, steps
       evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
       batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc,
       mse_weight_decay=config.weight_decay if config.loss == "mse" else None,
-      minority_classes=_minority_classes(config, num_classes)))
+      minority_classes=_minority_classes(config, num_classes), eval_dtype=config.eval_dtype))
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
       tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
   return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite, train_step)
@@ -165,21 +175,15 @@ def _config_dict(config: ml_collections.ConfigDict) -> dict:
 
 
 def _compiled_json(config: ml_collections.ConfigDict) -> str:
-  """The config without its ``RUN_ONLY_KEYS``, as sorted JSON: what a run's compiled functions (and results)
+  """The config without ``schema.PROGRAM_NEUTRAL_KEYS``, as sorted JSON: what a run's compiled functions
   depend on; ``build_program`` caches on it and ``_run_digest`` hashes it."""
-  return json.dumps({k: v for k, v in _config_dict(config).items() if k not in RUN_ONLY_KEYS}, sort_keys=True)
-
-
-def _per_class(config):
-  per_class = config.per_class
-  if isinstance(per_class, str) and per_class not in ("paper",):
-    per_class = None if per_class.lower() == "none" else int(per_class)
-  return per_class
+  neutral = schema.PROGRAM_NEUTRAL_KEYS
+  return json.dumps({k: v for k, v in _config_dict(config).items() if k not in neutral}, sort_keys=True)
 
 
 def _load_dataset(config, pipeline: str = "memory"):
   """The in-memory ``data.Dataset``, or with pipeline 'stream' a ``stream.StreamedDataset`` (same subset, stats)."""
-  per_class = _per_class(config)
+  per_class = schema.parse_per_class(config.per_class)
   if pipeline == "stream":
     return stream_lib.open_dataset(
         config.dataset, source=config.data_source, data_dir=config.data_dir or None, per_class=per_class,
@@ -192,11 +196,16 @@ def _load_dataset(config, pipeline: str = "memory"):
                    minority_classes=config.minority_classes, random_label_fraction=config.random_label_fraction)
 
 
+def _pipeline(config) -> str:
+  """'memory' or 'stream': ``config.input_pipeline``, with 'auto' decided by the size of the data it keeps."""
+  return stream_lib.choose_pipeline(config.input_pipeline, config.dataset, schema.parse_per_class(config.per_class))
+
+
 def load_dataset(config: ml_collections.ConfigDict):
   """A run's data, as ``train_and_evaluate`` loads it for ``config``: the in-memory ``data.Dataset``, or a
   ``stream.StreamedDataset`` (same subset and statistics, read batch by batch) where the run streams
   (``config.input_pipeline``; 'auto' streams what does not fit in memory)."""
-  pipeline = stream_lib.choose_pipeline(config.input_pipeline, config.dataset, _per_class(config))
+  pipeline = _pipeline(config)
   return _load_dataset(config, pipeline)
 
 
@@ -204,7 +213,7 @@ def build_program(config: ml_collections.ConfigDict, mesh, num_classes: int, inp
                   steps_per_epoch: int, num_train: int = 0) -> Program:
   """A config's ``Program`` (model, lr schedule, jitted init/steps/evaluation, the state's abstract shapes
   with their shardings on ``mesh``), exactly as ``train_and_evaluate`` builds it: from the config without
-  its ``RUN_ONLY_KEYS``, cached per (config, mesh, shapes). input_shape is one example's (no batch axis);
+  ``schema.PROGRAM_NEUTRAL_KEYS``, cached per (config, mesh, shapes). input_shape is one example's (no batch axis);
   num_train (N) is needed only with ``feature_decay``."""
   return _program(_compiled_json(config), mesh, num_classes, tuple(input_shape), steps_per_epoch, num_train)
 
@@ -261,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   mesh = device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
 
   # ------------------------------------------------------------------- data
-  pipeline = stream_lib.choose_pipeline(config.input_pipeline, config.dataset, _per_class(config))
+  pipeline = _pipeline(config)
   if pipeline == "stream":  # a batch the processes cannot split is refused before any reading
     stream_lib.process_rows(config.batch_size, jax.process_index(), jax.process_count())
   dataset = _load_dataset(config, pipeline)
@@ -472,6 +481,7 @@ def _check_config(config, workdir: pathlib.Path, restored, resolved: dict, plan)
 
 
 def _write_tpt(workdir: pathlib.Path, tpt_start_epoch: Optional[int], threshold: float) -> None:
+  """DIR/tpt.json: the epoch TPT started and its threshold (written whole), or no file before TPT."""
   path = workdir / "tpt.json"
   if path.is_dir():
     raise workdir_lib.WorkdirError(f"{path} is a directory, not the run's tpt.json; remove it and rerun (the run "
@@ -479,7 +489,8 @@ def _write_tpt(workdir: pathlib.Path, tpt_start_epoch: Optional[int], threshold:
   if tpt_start_epoch is None:
     path.unlink(missing_ok=True)
   else:
-    _write_json(path, {"tpt_start_epoch": tpt_start_epoch, "threshold": threshold})
+    text = json.dumps({"tpt_start_epoch": tpt_start_epoch, "threshold": threshold}) + "\n"
+    files.write_atomically(path, text.encode())
 
 
 def _run_digest(config) -> str:
@@ -626,7 +637,7 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
       if tpt_starts_now:
         meta["tpt_start_epoch"] = epoch
         if is_main:
-          _write_json(workdir / "tpt.json", {"tpt_start_epoch": epoch, "threshold": config.tpt_threshold})
+          _write_tpt(workdir, epoch, config.tpt_threshold)
       images_per_sec = count / seconds
       typical = float(np.median(epoch_seconds[1:] or epoch_seconds))
       eta = typical * (config.num_epochs - epoch)
@@ -672,7 +683,7 @@ def _loop(config, workdir, ckpt, state, meta, records, start_epoch, mesh, progra
 def _streamed_evaluation(config, mesh, dataset, program, num_classes: int, chosen):
   """state -> the measurement's dict, from streamed batches (``evaluate.StreamedEvaluator``)."""
   evaluator = evaluate_lib.StreamedEvaluator(model=program.model, loss_fn=step_lib.loss_function(config.loss),
-                                             num_classes=num_classes, mesh=mesh)
+                                             num_classes=num_classes, mesh=mesh, eval_dtype=config.eval_dtype)
   feature_dim = jax.eval_shape(lambda variables: program.model.apply(
       variables, jnp.zeros((1, *dataset.input_shape)), train=False), program.abstract_state.variables)[1].shape[-1]
   deepfool_inputs = None
@@ -713,12 +724,6 @@ def _append_record(path: pathlib.Path, records: list, log) -> None:
     log(f"WARNING: {path} held {len(on_disk)} of the run's {len(records) - 1} earlier measurements (removed or "
         "changed while the run went on); rewrote it from the run's own copy")
     records_lib.rewrite(path, records)
-
-
-def _write_json(path: pathlib.Path, value: dict) -> None:
-  temporary = path.with_name(path.name + ".tmp")
-  temporary.write_text(json.dumps(value) + "\n")
-  os.replace(temporary, path)
 
 
 __all__ = ["Diverged", "Preempted", "train_and_evaluate"]

@@ -29,7 +29,7 @@ import socket
 import time
 from typing import Optional
 
-from nc_jax import records as records_lib, schema
+from nc_jax import files, records as records_lib, schema
 
 LOCK_FILE = "lock"
 RESULTS = ("checkpoints", records_lib.METRICS_FILE, "tpt.json")
@@ -285,7 +285,8 @@ def plan(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, restart_epoc
 
 
 def apply(workdir: pathlib.Path, plan: Plan, resolved: dict, *, log=print) -> None:
-  """Carries out ``plan`` (checked before, by ``plan``), then writes config.json atomically."""
+  """Carries out ``plan`` (checked before, by ``plan``), then writes config.json (``files.write_atomically``:
+  other processes may be reading it)."""
   if plan.discard:
     discard_results(workdir)
   if plan.restart_epoch is not None:
@@ -298,10 +299,8 @@ def apply(workdir: pathlib.Path, plan: Plan, resolved: dict, *, log=print) -> No
   if plan.note:
     log(plan.note)
   workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / records_lib.CONFIG_FILE
-  temporary = path.with_name(path.name + ".tmp")  # atomic: other processes may be reading it
-  temporary.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-  os.replace(temporary, path)
+  text = json.dumps(resolved, indent=2, sort_keys=True) + "\n"
+  files.write_atomically(workdir / records_lib.CONFIG_FILE, text.encode())
 
 
 def config_mismatch(workdir: pathlib.Path, epoch: int, digest: Optional[str], resolved: dict,
