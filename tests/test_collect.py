@@ -364,8 +364,13 @@ def test_two_processes_equal_one(workdir, tmp_path):
   one = json.loads((tmp_path / "single" / "nc.json").read_text())
   two = json.loads((tmp_path / "multi" / "nc.json").read_text())
   assert set(one) == set(two)
-  assert_same_metrics(two, one, [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256",
-                                                              "sha256")])
+  keys = [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256", "sha256")]
+  # CDNV and the kernel statistics divide by squared distances between class means. The smoke net's means lie
+  # close together (|mu_c - mu_c'|^2 << |mu_c|^2), which magnifies the last-bit differences that another merge order
+  # leaves in the float32 means: measured up to 7e-5 relative (jax 0.10.2; 2e-5 on 0.12) where the rest agree to 5e-6.
+  ratio_keys = [k for k in keys if k.startswith(("cdnv", "kernel_"))]
+  assert_same_metrics(two, one, [k for k in keys if k not in ratio_keys])
+  assert_same_metrics(two, one, ratio_keys, rtol=3e-4)
   assert not list((tmp_path / "multi").glob("accumulators*"))
 
 
