@@ -471,6 +471,20 @@ OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_e
 PROGRAM_NEUTRAL_KEYS = OPERATIONAL_KEYS + ("measure_epochs", "tpt_threshold", "deepfool_samples", "data_dir")
 
 
+# Keys that say which examples a run trains and is measured on, with which labels: a --resume_from may not change
+# them (its records so far came from the source's data), unlike the lr, the schedule or what is measured.
+DATA_KEYS = ("dataset", "data_source", "per_class", "standardization", "data_seed", "imbalance", "imbalance_ratio",
+             "minority_classes", "random_label_fraction")
+
+
+def data_changes(previous: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+  """'key: old -> new' for each of ``DATA_KEYS`` where ``requested`` reads other data than ``previous`` (an older
+  config.json read with today's defaults; 1.0 and 1 are the same value)."""
+  previous, requested = fill_defaults(previous), fill_defaults(requested)
+  return [f"{k}: {previous[k]!r} -> {requested[k]!r}" for k in DATA_KEYS
+          if _canonical(previous[k]) != _canonical(requested[k])]
+
+
 def fill_defaults(values: Mapping[str, Any]) -> dict:
   """A config as JSON-ready values (e.g. an older run's config.json) with every key it lacks at its default.
 
@@ -522,7 +536,7 @@ def config_digest(values: Mapping[str, Any]) -> str:
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_SOURCES", "EPOCH_LOOPS", "EVAL_DTYPES", "IMBALANCES",
+__all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_KEYS", "DATA_SOURCES", "EPOCH_LOOPS", "EVAL_DTYPES", "IMBALANCES",
            "INPUT_PIPELINES", "LOSSES", "MODELS", "MODEL_OPTIONS", "OPERATIONAL_KEYS", "OPTIMIZERS",
            "PROGRAM_NEUTRAL_KEYS", "STANDARDIZATIONS", "STEMS", "base_config", "changed_keys", "config_digest",
-           "fill_defaults", "mlp_variant", "model_options_for", "parse_per_class", "validate", "validate_sizes"]
+           "data_changes", "fill_defaults", "mlp_variant", "model_options_for", "parse_per_class", "validate", "validate_sizes"]

@@ -90,7 +90,8 @@ def _override_name(argument: str) -> str | None:
 
 
 def last_values(argv: list[str]) -> list[str]:
-  """``argv`` with each --config.KEY kept only where it is last given: the last value wins, for every type.
+  """``argv`` with each --config.KEY, and --config itself, kept only where last given: the last value wins, for
+  every type (a second --config would otherwise define every override flag twice).
 
   config_flags joins the values of a repeated tuple key ('(2,)' then '(4,)' gives (2, 4)) where a repeated
   scalar takes the last; dropping the earlier ones makes one rule. '--config.KEY VALUE' (two arguments) is
@@ -101,6 +102,11 @@ def last_values(argv: list[str]) -> list[str]:
   keys = None  # the config's keys, loaded only when a two-argument override needs its type
   spans, i = [], 1  # (name, first, last + 1) of each override
   while i < end:
+    if re.match(r"^--?config(=|$)", argv[i]):  # the config file itself: the last --config wins too
+      width = 1 if "=" in argv[i] else 2
+      spans.append((" config", i, min(i + width, end)))
+      i += width
+      continue
     name = _override_name(argv[i])
     width = 1
     if name is not None and "=" not in argv[i] and not argv[i].lstrip("-").startswith("no"):

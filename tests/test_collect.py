@@ -252,7 +252,8 @@ def test_bad_inputs_are_one_line(workdir, tmp_path):
   config["model_options"]["width"] = 48
   (other_model / "config.json").write_text(json.dumps(config))
   cases = [
-      (["--workdir", other_model, "--out", tmp_path / "o"], 1, "other shapes or structure"),
+      # config.json of another model than its checkpoints': refused by their config digest, before restoring
+      (["--workdir", other_model, "--out", tmp_path / "o"], 1, "config.json is not the config its run was trained"),
       (["--workdir", workdir], 2, "--out must be given"),
       (["--workdir", tmp_path / "nowhere", "--out", tmp_path / "o"], 2, "does not exist"),
       (["--workdir", tmp_path / "empty", "--out", tmp_path / "o"], 1, "has no config.json"),
@@ -583,3 +584,15 @@ def test_a_batch_larger_than_the_data_is_capped_at_the_data(user_model, workdir,
   result = collect_lib.collect_workdir(workdir, tmp_path / "huge", batch_size=10**6, **QUIET)
   assert result["batch_size"] == expected["num_samples"] < 10**6
   assert_same_metrics(result, expected, ["nc1", "accuracy", "train_loss", "nc1_test"], rtol=1e-4)
+
+
+def test_a_config_json_edited_after_training_is_refused_not_measured(workdir, tmp_path):
+  # adversarial finding 3: data_seed edited in config.json measured the checkpoint on other data (nc1 114 vs 116)
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  path = run / "config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), "data_seed": 1}))
+  with pytest.raises(collect_lib.CollectError, match=r"config.json is not the config its run was trained with.*"
+                     r"epoch 3.*restore it"):
+    collect_lib.collect_workdir(run, tmp_path / "out", **QUIET)
+  assert not (tmp_path / "out" / "nc.json").exists()

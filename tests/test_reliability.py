@@ -569,3 +569,136 @@ def test_the_printed_command_after_a_divergence_runs_and_gives_a_tenth_of_the_lr
   lrs = {r["epoch"]: r["lr"] for r in records.read(new_run)}
   assert lrs[3] == pytest.approx(100 / 10, rel=1e-6) and lrs[4] == pytest.approx(10, rel=1e-6)
   assert lrs[1] == pytest.approx(0.1, rel=1e-6)  # epochs 1-2 are the first run's, copied with its checkpoint
+
+
+# ------------------------------------------------- adversarial findings on issue 24's fixes (numbers: the list's)
+def test_a_lock_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path):
+  # finding 12: the lock followed the link and truncated its target to 0 bytes
+  target = tmp_path / "precious"
+  target.write_text("data\n")
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "lock").symlink_to(target)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"lock is a symbolic link.*remove the link"):
+    with workdir_lib.Lock(tmp_path / "run"):
+      pass
+  assert target.read_text() == "data\n"
+  (tmp_path / "run" / "lock").unlink()  # the advice: then it works (the refusal released the directory's lock)
+  with workdir_lib.Lock(tmp_path / "run"):
+    pass
+  assert target.read_text() == "data\n"
+
+
+def test_a_lock_file_that_cannot_be_written_names_its_path(tmp_path, monkeypatch):
+  # finding 20: a full disk at the claim said "No space left on device" without a path
+  def full(*args):
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(workdir_lib.os, "pwrite", full)
+  with pytest.raises(workdir_lib.WorkdirError, match=rf"{tmp_path / 'lock'}: cannot write .*No space left.*free "
+                     "space"):
+    workdir_lib.Lock(tmp_path).__enter__()
+  monkeypatch.undo()
+  with workdir_lib.Lock(tmp_path):  # nothing left held
+    pass
+
+
+def test_a_config_json_that_is_a_directory_is_named(straight, tmp_path):
+  # finding 11: "Is a directory (...); free space or fix permissions"
+  run = copy_of(straight, tmp_path)
+  (run / "config.json").unlink()
+  (run / "config.json").mkdir()
+  with pytest.raises(workdir_lib.WorkdirError, match=r"config.json is a directory, not the run's config.json; "
+                     "remove it and rerun"):
+    train_and_evaluate(smoke(), str(run), **QUIET)
+
+
+def test_an_edited_config_json_is_rewritten_when_the_command_is_the_checkpoints_config(straight, tmp_path):
+  # finding 10: the advice was --overwrite, which would have deleted the good run the command belongs to
+  run = copy_of(straight, tmp_path)
+  original = (run / "config.json").read_text()
+  (run / "config.json").write_text(json.dumps({**json.loads(original), "lr": 0.005}))
+  before = snapshot(run)
+  with pytest.raises(workdir_lib.WorkdirError, match=r"config.json is not the config its run was trained with.*"
+                     r"epoch 12.*restore it.*or --overwrite"):
+    train_and_evaluate(smoke(lr=0.5), str(run), **QUIET)  # neither config.json's nor the run's: refused
+  assert snapshot(run) == before
+  lines = []
+  train_and_evaluate(smoke(), str(run), log=lambda line, *a, **k: lines.append(str(line)))
+  assert any("config.json had been edited" in line for line in lines), lines
+  assert (run / "config.json").read_text() == original
+  assert_same_run(run, straight)
+
+
+def test_resume_from_into_a_workdir_holding_a_run_is_refused_or_overwrites_it(stopped, straight, tmp_path):
+  # finding 7: the flag was ignored ("nothing to do") while config.json recorded it
+  run = copy_of(straight, tmp_path)
+  before = snapshot(run)
+  resume = smoke(resume_from=f"{stopped}:6")
+  with pytest.raises(workdir_lib.WorkdirError, match=r"holds a run of its own, so --resume_from .*:6 would be "
+                     r"ignored.*--overwrite"):
+    train_and_evaluate(resume, str(run), **QUIET)
+  assert snapshot(run) == before
+  lines = []
+  train_and_evaluate(resume, str(run), overwrite=True, log=lambda line, *a, **k: lines.append(str(line)))
+  assert any(line.startswith(f"starting from epoch 6 of {stopped}:6") for line in lines), lines
+  assert json.loads((run / "config.json").read_text())["resume_from"] == f"{stopped}:6"
+  assert_same_run(run, straight)  # same config: epoch 6 of the stopped run goes on as the straight run did
+  train_and_evaluate(resume, str(run), **QUIET)  # the resume's own command again: its run, finished, no refusal
+
+
+def test_resume_from_with_other_data_is_refused(stopped, tmp_path):
+  # finding 5: records of epochs 1-6 from data_seed 0, later ones from 1, config.json saying 1
+  for key, value in (("data_seed", 1), ("random_label_fraction", 0.5), ("per_class", "50")):
+    with pytest.raises(workdir_lib.WorkdirError, match=rf"reads other data than that run \({key}: .* -> "):
+      train_and_evaluate(smoke(**{key: value}, resume_from=f"{stopped}:6"), str(tmp_path / key), **QUIET)
+    assert not (tmp_path / key / "config.json").exists()
+
+
+def test_an_edited_record_is_rewritten_from_the_checkpoint(stopped, straight, tmp_path):
+  # finding 6: only the epoch numbers were compared, so an edited nc1 stayed in metrics.jsonl
+  run = copy_of(stopped, tmp_path)
+  lines = (run / "metrics.jsonl").read_text().splitlines()
+  edited = json.loads(lines[1])
+  assert edited["epoch"] == 3
+  lines[1] = json.dumps({**edited, "nc1": 0.001})
+  (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  logged = []
+  train_and_evaluate(smoke(), str(run), log=lambda line, *a, **k: logged.append(str(line)))
+  assert any("measurements of epochs [3] differ from the checkpoint's copy" in line for line in logged), logged
+  assert_same_run(run, straight)
+
+
+def test_grid_select_leaves_out_a_run_whose_config_json_was_edited(straight, tmp_path, capsys):
+  # finding 2: an lr edited in config.json was selected as the run's lr
+  sys.path.insert(0, str(REPO / "experiments"))
+  try:
+    import grid
+  finally:
+    sys.path.remove(str(REPO / "experiments"))
+  cell = tmp_path / "default"
+  good, edited = cell / "lr_a", cell / "lr_b"
+  shutil.copytree(straight, good)
+  shutil.copytree(straight, edited)
+  config = json.loads((edited / "config.json").read_text())
+  (edited / "config.json").write_text(json.dumps({**config, "lr": 0.005}))
+  choices = grid.select(tmp_path)
+  assert [s["run"] for s in choices["default"]["sweep"]] == [str(good)]
+  assert choices["default"]["lr"] == config["lr"]
+  assert "lr_b/config.json is not the config its run was trained with" in capsys.readouterr().err
+
+
+def test_verified_config_names_a_missing_config_and_skips_checkpoints_without_a_digest(straight, tmp_path):
+  run = copy_of(straight, tmp_path)
+  assert workdir_lib.verified_config(run) == json.loads((run / "config.json").read_text())
+  (run / "config.json").unlink()
+  with pytest.raises(workdir_lib.WorkdirError, match="config.json is missing; rerun the run's training command"):
+    workdir_lib.verified_config(run)
+
+
+def test_a_second_config_file_replaces_the_first(tmp_path):
+  # finding 19: "The flag 'config.num_epochs' is defined twice"; the last --config wins, as every flag's last value
+  result = subprocess.run(train_command(tmp_path / "run", "--config", str(REPO / "configs/default_mse.py:smoke"),
+                                        "--config.lr=-1"), cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                          timeout=300)
+  line = one_line_error(result)
+  assert "defined twice" not in line and "lr" in line, line
+  assert not (tmp_path / "run").exists()

@@ -111,11 +111,15 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, data_dir: Optional[
   otherwise); the returned config keeps the run's own. DataNotFound when the data is not there.
   """
   from nc_jax.data import device
-  from nc_jax.training import checkpoints, loop
+  from nc_jax.training import checkpoints, loop, workdir as workdir_lib
 
   _not_empty(workdir, "--workdir", "a run directory of python -m nc_jax.train")
   workdir = pathlib.Path(workdir).absolute()
   config = _read_workdir_config(workdir)
+  try:  # config.json edited after training would measure the checkpoint under another config (data, model)
+    workdir_lib.verified_config(workdir)
+  except workdir_lib.WorkdirError as error:
+    raise CollectError(str(error)) from None
   directory = workdir / "checkpoints"
   epochs = []
   if directory.is_dir():

@@ -337,7 +337,7 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
   restart_epoch = _restart_epoch(config, workdir, resolved)
   restored, resumed_from = None, None
   if restart_epoch is not None:  # the epoch restarted from is there and fits this config: else nothing to plan
-    restored, resumed_from = _restore_other(config.resume_from, abstract_state), config.resume_from
+    restored, resumed_from = _restore_other(config.resume_from, abstract_state, resolved), config.resume_from
     _refuse_nothing_to_train(config, restored[0])
   plan = workdir_lib.plan(workdir, resolved, overwrite=overwrite, restart_epoch=restart_epoch)
   ckpt = mid_ckpt = None
@@ -346,7 +346,7 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
       pass
     elif plan.discard:  # this workdir's checkpoints are not resumed
       if config.resume_from:
-        restored, resumed_from = _restore_other(config.resume_from, abstract_state), config.resume_from
+        restored, resumed_from = _restore_other(config.resume_from, abstract_state, resolved), config.resume_from
         _refuse_nothing_to_train(config, restored[0])
     else:
       ckpt = checkpoints.Checkpoints(workdir / "checkpoints", keep=config.keep_checkpoints)
@@ -357,7 +357,7 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
       if restored is not None:
         _check_config(config, workdir, restored, resolved, plan)
       elif config.resume_from:
-        restored, resumed_from = _restore_other(config.resume_from, abstract_state), config.resume_from
+        restored, resumed_from = _restore_other(config.resume_from, abstract_state, resolved), config.resume_from
         _refuse_nothing_to_train(config, restored[0])
       if restored is None and records_lib.read(metrics_path):
         found = records_lib.read(metrics_path)
@@ -365,7 +365,7 @@ def _train(config, workdir: pathlib.Path, mesh, dataset, program, num_classes: i
             f"{metrics_path} holds {len(found)} measurements (up to epoch {found[-1]['epoch']}) but there is no "
             f"checkpoint to resume from in {ckpt.directory}; rerun with --overwrite to start again "
             "(the measurements are deleted), or use another --workdir")
-    if not plan.config_readable and restored is not None:
+    if not plan.config_readable and restored is not None and plan.note is None:
       log(f"note: {workdir / records_lib.CONFIG_FILE} was missing or damaged; written again from this command, "
           f"whose config is the one its checkpoint of epoch {restored[0]} was trained with")
     if is_main:
@@ -449,22 +449,12 @@ def _restart_epoch(config, workdir: pathlib.Path, resolved: dict) -> Optional[in
         "its latest checkpoint")
   previous = workdir_lib.read_previous_config(workdir)
   if previous is None:  # config.json lost: the newest checkpoint's config digest says whether this is the rerun
-    return None if _newest_digest(workdir / "checkpoints") == schema.config_digest(resolved) else epoch
+    return None if workdir_lib.newest_config_digest(workdir)[1] == schema.config_digest(resolved) else epoch
   if previous.get("resume_from") and not schema.changed_keys(previous, resolved):
     before, before_epoch = _resume_source(previous["resume_from"])
     if before_epoch == epoch and _same_directory(before, workdir):
       return None
   return epoch
-
-
-def _newest_digest(directory: pathlib.Path) -> Optional[str]:
-  """The config digest in the meta of the newest epoch checkpoint in ``directory``, unverified (None if absent
-  or unreadable): a hint only, as the restore verifies the checkpoint and compares its digest again."""
-  steps = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit()), reverse=True)
-  try:
-    return json.loads((directory / str(steps[0]) / "meta" / "metadata").read_text()).get("config_digest")
-  except (IndexError, OSError, ValueError, AttributeError):
-    return None
 
 
 def _check_config(config, workdir: pathlib.Path, restored, resolved: dict, plan) -> None:
@@ -520,10 +510,25 @@ def _newer_mid_epoch(mid_ckpt, abstract_state, restored, log, digest: str):
   return position["epoch"] - 1, state, meta
 
 
-def _restore_other(spec: str, abstract_state):
+def _restore_other(spec: str, abstract_state, resolved: dict):
+  """(epoch, state, meta) of the checkpoint ``spec`` ('DIR[:EPOCH]') names, for a run of config ``resolved``.
+
+  Refused (WorkdirError) where it is missing or damaged, its shapes differ, or its run read other data
+  (``schema.DATA_KEYS``, against the source's config.json verified by its checkpoints' digest): the records
+  carried over would then come from other data than the rest of the run's.
+  """
   directory, epoch = _resume_source(spec)
   if not (directory / "checkpoints").is_dir():
     raise workdir_lib.WorkdirError(f"--resume_from {spec}: {directory / 'checkpoints'} does not exist")
+  try:
+    source = workdir_lib.verified_config(directory)
+  except workdir_lib.WorkdirError as error:
+    raise workdir_lib.WorkdirError(f"--resume_from {spec}: its data cannot be checked: {error}") from None
+  changed = schema.data_changes(source, resolved)
+  if changed:
+    raise workdir_lib.WorkdirError(
+        f"--resume_from {spec}: this config reads other data than that run ({', '.join(changed)}); --resume_from "
+        "can change the lr, the schedule and what is measured, not the data: keep its values, or start a new run")
   other = checkpoints.Checkpoints(directory / "checkpoints", read_only=True)
   try:
     if epoch is not None and epoch not in other.epochs():
@@ -545,13 +550,20 @@ def _restore_other(spec: str, abstract_state):
 
 
 def _reconcile(path: pathlib.Path, on_disk: list, in_checkpoint: list, start_epoch: int, is_main: bool, log) -> list:
-  """The records up to the resumed epoch, from the checkpoint's copy when the file lost some."""
+  """The records up to the resumed epoch: the checkpoint's copy (verified by its checksum) wherever the file's
+  differ from it, lost or changed (compared as canonical JSON, so NaN equals NaN)."""
   kept = [r for r in on_disk if r["epoch"] <= start_epoch]
   backup = [r for r in in_checkpoint if r["epoch"] <= start_epoch]
+  canonical = lambda rs: [json.dumps(r, sort_keys=True) for r in rs]
   if [r["epoch"] for r in kept] != [r["epoch"] for r in backup]:
     if len(backup) > len(kept):
       log(f"WARNING: {path} lacked {len(backup) - len(kept)} of the {len(backup)} measurements up to epoch "
           f"{start_epoch}; restored them from the checkpoint")
+    kept = backup
+  elif canonical(kept) != canonical(backup):
+    changed = [b["epoch"] for a, b in zip(canonical(kept), backup) if a != json.dumps(b, sort_keys=True)]
+    log(f"WARNING: {path}: the measurements of epochs {changed} differ from the checkpoint's copy (edited or "
+        "damaged); rewrote them from the checkpoint")
     kept = backup
   if is_main and kept != on_disk:
     records_lib.rewrite(path, kept)  # later records are re-measured, bit for bit, as training passes them

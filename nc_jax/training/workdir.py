@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import socket
+import stat
 import time
 from typing import Optional
 
@@ -91,10 +92,20 @@ class Lock:
   def _lock_file(self) -> int:
     """A descriptor of ``self.path``, flocked, that the path still names (retried if it was replaced meanwhile)."""
     for _ in range(100):
-      try:
-        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:  # O_NOFOLLOW: a link named lock would make the claim truncate whatever it points to
+        descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
       except IsADirectoryError:
         raise self.error(f"{self.path} is a directory, not the {self.what}'s lock file; remove it and rerun") from None
+      except OSError as error:
+        if self.path.is_symlink():
+          raise self.error(f"{self.path} is a symbolic link, not the {self.what}'s lock file; remove the link "
+                           "(not what it points to) and rerun") from None
+        raise self.error(f"{self.path}: cannot open the {self.what}'s lock file ({error.strerror}); free space or "
+                         "fix permissions there and rerun") from None
+      if not stat.S_ISREG(os.fstat(descriptor).st_mode):  # a FIFO or device: not ours to write
+        os.close(descriptor)
+        raise self.error(f"{self.path} is not a regular file, so not the {self.what}'s lock file; remove it "
+                         "and rerun")
       try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError:
@@ -108,9 +119,15 @@ class Lock:
 
   def _claim(self, descriptor: int) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, (json.dumps(info) + "\n").encode(), 0)
-    os.fsync(descriptor)
+    try:
+      os.ftruncate(descriptor, 0)
+      os.pwrite(descriptor, (json.dumps(info) + "\n").encode(), 0)
+      os.fsync(descriptor)
+    except OSError as error:  # a full disk or quota: name the file, not just the errno
+      os.close(descriptor)
+      self._release_directory()
+      raise self.error(f"{self.path}: cannot write the {self.what}'s lock file ({error.strerror}); free space "
+                       "there (or fix permissions) and rerun") from None
     self.descriptor = descriptor
 
   def check(self) -> None:
@@ -162,7 +179,7 @@ def _lock_directory(directory: pathlib.Path):
 
 def _same_file(descriptor: int, path: pathlib.Path) -> bool:
   try:
-    named = os.stat(path)
+    named = os.lstat(path)  # a link put in the lock's place is not the locked file
   except FileNotFoundError:
     return False
   opened = os.fstat(descriptor)
@@ -228,12 +245,80 @@ class Plan:
 
 
 def read_previous_config(workdir: pathlib.Path) -> Optional[dict]:
-  """The workdir's config.json as a dict; None if it is missing, not JSON, or JSON but not an object."""
+  """The workdir's config.json as a dict; None if it is missing, not JSON, or JSON but not an object;
+  WorkdirError (naming the fix) if it cannot be read at all (a directory of that name, no permission)."""
+  path = workdir / records_lib.CONFIG_FILE
   try:
-    previous = json.loads((workdir / records_lib.CONFIG_FILE).read_text())
+    previous = json.loads(path.read_text())
   except (FileNotFoundError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
     return None
+  except IsADirectoryError:
+    raise WorkdirError(f"{path} is a directory, not the run's config.json; remove it and rerun (the run writes it "
+                       "again from its checkpoints)") from None
+  except OSError as error:
+    raise WorkdirError(f"{path}: cannot read the run's config ({error.strerror}); fix its permissions and "
+                       "rerun") from None
   return previous if isinstance(previous, dict) else None
+
+
+class ConfigMismatch(WorkdirError):
+  """config.json disagrees with the config digest of the run's newest checkpoint (``digest``, of ``epoch``)."""
+
+  def __init__(self, message: str, epoch: int, digest: str):
+    super().__init__(message)
+    self.epoch, self.digest = epoch, digest
+
+
+def newest_config_digest(workdir: pathlib.Path) -> tuple[Optional[int], Optional[str]]:
+  """(epoch, config digest) stored in the meta of the newest epoch checkpoint whose meta can be read; (None, None)
+  if none carries one. Read from the meta's JSON file without restoring (no JAX): a hint that the restore,
+  which verifies the checkpoint, confirms. Older checkpoints without a digest give (epoch, None)."""
+  directory = workdir / "checkpoints"
+  steps = sorted((int(p.name) for p in directory.glob("*") if p.name.isdigit()), reverse=True) \
+      if directory.is_dir() else []
+  for step in steps:
+    try:
+      meta = json.loads((directory / str(step) / "meta" / "metadata").read_text())
+    except (OSError, ValueError):
+      continue  # damaged or half written: the restore moves it aside; the next one still says the run's config
+    if isinstance(meta, dict):
+      return step, meta.get("config_digest")
+  return None, None
+
+
+def _restarts_from(values: dict, workdir: pathlib.Path, epoch: int) -> bool:
+  """True if ``values`` (a config.json) is an in-place restart of ``workdir`` from ``epoch`` (resume_from
+  'DIR:EPOCH' naming this workdir): that checkpoint was trained under the config before the restart."""
+  directory, _, start = str(values.get("resume_from") or "").rpartition(":")
+  try:
+    return start == str(epoch) and pathlib.Path(directory).resolve() == workdir.resolve()
+  except OSError:
+    return False
+
+
+def verified_config(workdir: pathlib.Path) -> dict:
+  """The workdir's config.json, checked against the config digest (``schema.config_digest``) carried by its
+  newest checkpoint: a config.json edited or replaced after training would relabel the run (a report, a grid
+  selection, a collect or a resume under a config the run never had). Returned as written (earlier versions'
+  files lack later keys; ``schema.fill_defaults`` reads them as train does). Unchecked where nothing can
+  check it: no checkpoint, checkpoints older than digests, or the epoch an in-place restart starts from.
+
+  Raises WorkdirError (one line naming the fix) if config.json is missing or damaged, ConfigMismatch if it is
+  not the config of the newest checkpoint.
+  """
+  path = workdir / records_lib.CONFIG_FILE
+  values = read_previous_config(workdir)
+  if values is None:
+    state = "damaged" if path.exists() else "missing"
+    raise WorkdirError(f"{path} is {state}; rerun the run's training command (python -m nc_jax.train --workdir "
+                       f"{workdir} ...): it writes {path.name} again when its config is the checkpoints' own")
+  epoch, digest = newest_config_digest(workdir)
+  if digest is None or digest == schema.config_digest(values) or _restarts_from(values, workdir, epoch):
+    return values
+  raise ConfigMismatch(f"{path} is not the config its run was trained with: the newest checkpoint (epoch {epoch}) "
+                       f"carries another config digest ({path.name} was edited or replaced); restore it, or rerun "
+                       f"the run's own training command (python -m nc_jax.train --workdir {workdir} ...), which "
+                       f"writes {path.name} again", epoch, digest)
 
 
 def results_after(workdir: pathlib.Path, epoch: int) -> list[str]:
@@ -267,6 +352,15 @@ def plan(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, restart_epoc
     return Plan(restart_epoch=restart_epoch)
   path = workdir / records_lib.CONFIG_FILE
   previous = read_previous_config(workdir)
+  source = resolved.get("resume_from") or ""
+  if holds and source and not _names_workdir(source, workdir) and not _same_source(
+      (previous or {}).get("resume_from") or "", source):
+    # The workdir holds a run that is not this resume's: resuming its checkpoints would ignore --resume_from
+    # while config.json recorded it (a provenance that never happened).
+    if not overwrite:
+      raise WorkdirError(f"workdir {workdir} holds a run of its own, so --resume_from {source} would be ignored; "
+                         f"use another --workdir, or add --overwrite to discard that run and start from {source}")
+    return Plan(discard=True)
   if previous is None:
     if holds and overwrite:
       return Plan(discard=True)
@@ -278,10 +372,41 @@ def plan(workdir: pathlib.Path, resolved: dict, *, overwrite: bool, restart_epoc
     return Plan(note=f"note: replacing the config of {workdir}, which holds no measurement or checkpoint yet")
   if overwrite:
     return Plan(discard=True)
+  try:
+    verified_config(workdir)
+  except ConfigMismatch as mismatch:  # config.json is not the run's: the checkpoints say what the run is
+    if mismatch.digest == schema.config_digest(resolved):
+      return Plan(config_readable=False, note=f"note: {path} had been edited (it was not the config of the "
+                  f"checkpoint of epoch {mismatch.epoch}, this command's is); written again from this command")
+    raise WorkdirError(f"{mismatch}; or --overwrite to discard that run") from None
   details = ", ".join(_differences(previous, resolved, changed))
   raise WorkdirError(f"workdir {workdir} holds a run with a different config ({details}); use another "
                      f"--workdir (--resume_from {workdir}:EPOCH starts one from its checkpoint), or --overwrite to "
                      f"discard that run (its {path.name} says what it was trained with)")
+
+
+def _source(spec: str) -> tuple[Optional[pathlib.Path], str]:
+  """(resolved directory, epoch text or '') of a resume_from 'DIR[:EPOCH]'."""
+  directory, colon, epoch = spec.rpartition(":")
+  if not colon or not epoch.isdigit():
+    directory, epoch = spec, ""
+  try:
+    return pathlib.Path(directory).expanduser().resolve(), epoch
+  except OSError:
+    return None, epoch
+
+
+def _names_workdir(spec: str, workdir: pathlib.Path) -> bool:
+  directory, _ = _source(spec)
+  try:
+    return directory is not None and directory == workdir.expanduser().resolve()
+  except OSError:
+    return False
+
+
+def _same_source(recorded: str, requested: str) -> bool:
+  """True if config.json's resume_from and the command's name the same checkpoint (a rerun of the resume)."""
+  return bool(recorded) and (recorded == requested or _source(recorded) == _source(requested))
 
 
 def apply(workdir: pathlib.Path, plan: Plan, resolved: dict, *, log=print) -> None:
