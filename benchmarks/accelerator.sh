@@ -20,9 +20,10 @@
 # that take seconds on a CPU: the rehearsal), or --out DIR. Nothing is fetched from the network. A machine
 # without ml_collections (or tensorflow-datasets, mnist1d) gets them from --wheels DIR (default wheels/),
 # made where pip works: see README, "On an accelerator".
-# Exit status: 0 every stage done; 3 some stage ran (or ran out of time) in this call and others remain: run
-# the same command again to go on; 4 no stage can start within --budget (it names the budget that lets one
-# start; rerunning the same command would never progress); 1 a stage failed (its log is named); 2 bad arguments.
+# Exit status: 0 every stage done; 3 some stage finished, or the MNIST run saved a new checkpoint, in this call
+# and others remain: run the same command again to go on; 4 no stage can start within --budget, or the stages
+# that started all ran out of time without finishing or checkpointing (it names a larger budget; rerunning the
+# same command would never progress); 1 a stage failed (its log is named) or OUT is full; 2 bad arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +39,8 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if ! [[ "$budget" =~ ^[0-9]+$ ]]; then
-  echo "accelerator.sh: --budget $budget: must be a whole number of seconds, e.g. --budget 540"; exit 2
+if ! [[ "$budget" =~ ^[0-9]{1,7}$ ]]; then  # bash's integers overflow past 18 digits; 10^7 s is 115 days
+  echo "accelerator.sh: --budget $budget: must be a whole number of seconds (at most 7 digits), e.g. --budget 540"; exit 2
 fi
 if [ -z "$mnist" ] || [ ! -f "$mnist/train-images-idx3-ubyte.gz" ]; then
   echo "accelerator.sh: --mnist DIR must hold the four MNIST IDX files (train-images-idx3-ubyte.gz, ...); got '$mnist'"
@@ -50,6 +51,18 @@ if [ -z "$out" ]; then out=results/accelerator; [ $smoke = 1 ] && out=results/ac
 if ! mkdir -p "$out" 2>/dev/null || [ ! -w "$out" ]; then
   echo "accelerator.sh: cannot write to $out; pass a writable --out DIR"; exit 2
 fi
+# full: true when OUT cannot take a small write (a full disk): then every log would be empty and every stage fail
+full() {
+  local probe="$out/.space_probe.$$"
+  if head -c 65536 /dev/zero 2>/dev/null >"$probe"; then rm -f "$probe"; return 1; fi
+  rm -f "$probe" 2>/dev/null; return 0
+}
+full_exit() {
+  echo "accelerator.sh: $out is full (a 64 KiB write fails there): free space on it or pass another --out DIR," \
+       "then run the same command again (finished stages and checkpoints are kept)"
+  exit 1
+}
+full && full_exit
 
 # Seconds each stage needs to start (its budget); the MNIST run also leaves RESERVE seconds for the stages after it.
 STAGES=(env train mnist report metrics)
@@ -87,7 +100,16 @@ fi
 
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
-say() { echo "[accelerator $(( $(date +%s) - start ))s] $*" | tee -a "$out/progress.log"; }
+say() { echo "[accelerator $(( $(date +%s) - start ))s] $*" | tee -a "$out/progress.log" 2>/dev/null; }
+# newest_epoch: the newest checkpoint epoch of the MNIST run (0 if none): what a timed-out run must advance
+newest_epoch() {
+  local newest=0 e
+  for e in "$workdir"/checkpoints/*; do
+    e=${e##*/}
+    [[ "$e" =~ ^[0-9]{1,9}$ ]] && [ "$((10#$e))" -gt "$newest" ] && newest=$((10#$e))
+  done
+  echo "$newest"
+}
 
 python=${PYTHON:-python3}
 if compgen -G "$wheels/*.whl" >/dev/null; then
@@ -96,7 +118,7 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 
-ran=() failed=()
+ran=() failed=() advanced=0 timed_out=()
 # stage NAME COMMAND...: runs COMMAND within the time left (SIGTERM at the end) if need(NAME) is left,
 # logs to OUT/NAME.log; a timeout (the budget ran out: 124) is not a failure, any other non-zero exit is
 stage() {
@@ -106,13 +128,20 @@ stage() {
   if [ "$remaining" -lt "$needed" ]; then say "$name: skipped, ${remaining}s left of the budget, needs ${needed}s"; return 1; fi
   say "$name: starting (${remaining}s left)"
   ran+=("$name")
-  local limit=$remaining
+  local limit=$remaining before
   [ "$name" = mnist ] && limit=$(( remaining - RESERVE ))
+  before=$(newest_epoch)
   timeout -s TERM -k 30 "$limit" "$@" >>"$out/$name.log" 2>&1
   local rc=$?
-  if [ $rc = 0 ]; then touch "$out/$name.done"; say "$name: finished"
-  elif [ $rc = 124 ] || [ $rc = 137 ]; then say "$name: stopped at its time limit (log: $out/$name.log)"
-  else failed+=("$name (exit $rc, log: $out/$name.log)"); say "$name: exit $rc (log: $out/$name.log)"; fi
+  if [ $rc = 0 ]; then touch "$out/$name.done" && advanced=1; say "$name: finished"
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then
+    # progress only if the MNIST run checkpointed a newer epoch: other stages restart from scratch next call
+    if [ "$name" = mnist ] && [ "$(newest_epoch)" -gt "$before" ]; then advanced=1; fi
+    timed_out+=("$name (${limit}s)"); say "$name: stopped at its time limit (log: $out/$name.log)"
+  else
+    full && full_exit
+    failed+=("$name (exit $rc, log: $out/$name.log)"); say "$name: exit $rc (log: $out/$name.log)"
+  fi
   tail -n 15 "$out/$name.log"
   return $rc
 }
@@ -159,8 +188,13 @@ fi
 missing=()
 for name in "${STAGES[@]}"; do [ -f "$out/$name.done" ] || missing+=("$name"); done
 if [ ${#missing[@]} = 0 ]; then exit 0; fi
-if [ ${#ran[@]} -gt 0 ]; then
+if [ $advanced = 1 ]; then
   say "not finished: ${missing[*]}; run the same command again to go on"; exit 3
+fi
+if [ ${#ran[@]} -gt 0 ]; then  # every stage that started ran out of time having finished and saved nothing
+  say "no progress within --budget ${budget}s: ${timed_out[*]} ran out of time without finishing or saving a" \
+      "checkpoint, so rerunning this command would never progress; rerun with --budget $(( budget * 2 )) or more"
+  exit 4
 fi
 say "no stage could start within --budget ${budget}s (not finished: ${missing[*]}); rerun with --budget" \
     "$smallest or more"

@@ -11,8 +11,11 @@ as configs/default.py. The sweep is the paper's 25 learning rates log-spaced on
 [1e-4, 0.25]; --lr-indices picks some of them, --lrs gives values directly.
 ``run`` goes through the runs one after another, skipping finished ones and
 resuming interrupted ones (rerunning nc_jax.train in the same workdir resumes it);
-a workdir whose config.json differs from the requested config is reported and left
-alone. Only the CLI is launched: nothing here imports the trainer (configs are
+a workdir whose config.json differs from the requested config, or cannot be read, is reported and left
+alone, the other runs go on, and the exit status is 1 naming each such workdir at the end. After '--',
+--config.KEY=VALUE overrides go to every run; one that sets what the sweep sets (--config.lr, --config,
+--workdir, and --config.num_epochs with --epochs) is refused; a key given twice takes its last value, as
+nc_jax.train does. Only the CLI is launched: nothing here imports the trainer (configs are
 resolved with ml_collections, as the CLI resolves them, to compare).
 """
 
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -32,6 +36,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # nc_jax.records (no JAX), also when not installed
 from nc_jax import files, records, schema  # noqa: E402
+from nc_jax.training import workdir as workdir_lib  # noqa: E402  (no JAX: the package loads its loop lazily)
 
 PAPER_CONFIGS = REPO / "configs" / "paper"
 # Workdirs are relative to the caller's directory; the package is found even when not installed.
@@ -93,12 +98,34 @@ def command(config, lr, workdir, args) -> list[str]:
   return line + list(args.extra)
 
 
+def sweep_conflicts(extra: list[str], epochs: int) -> list[str]:
+  """The arguments of ``extra`` (what follows '--') that set what the sweep sets for each run: --config,
+  --workdir, --config.lr, and --config.num_epochs when --epochs is given. Appended after the sweep's own
+  flags, each would win (the last value wins) and every lr_* folder would train the same run."""
+  from nc_jax.train import _override_name  # absl and ml_collections only, no JAX
+
+  swept = {"lr"} | ({"num_epochs"} if epochs else set())
+  return [a for a in extra
+          if re.match(r"^--?(config|workdir)(=|$)", a) or _override_name(a) in swept]
+
+
 def requested_config(line: list[str]) -> dict:
-  """The config a command line asks for, resolved as nc_jax.train resolves it and writes it to config.json."""
+  """The config a command line asks for, resolved as nc_jax.train resolves it and writes it to config.json:
+  a --config.KEY given more than once takes its last value (``nc_jax.train.last_values``), for every type."""
   from absl import flags
   from ml_collections import config_flags
 
-  argv = ["grid", "--config", line[line.index("--config") + 1], *(a for a in line if a.startswith("--config."))]
+  from nc_jax.train import _override_name, last_values  # absl and ml_collections only, no JAX
+
+  overrides, i = [], line.index("--workdir") + 2  # everything after is the sweep's or the user's overrides
+  while i < len(line):
+    if _override_name(line[i]) is not None:
+      overrides.append(line[i])
+      if "=" not in line[i] and i + 1 < len(line) and not line[i + 1].startswith("-"):
+        overrides.append(line[i + 1])  # '--config.KEY VALUE' (two arguments)
+        i += 1
+    i += 1
+  argv = last_values(["grid", "--config", line[line.index("--config") + 1], *overrides])
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)
@@ -126,7 +153,12 @@ def _summary(run_dir: pathlib.Path) -> Optional[dict]:
   """The numbers a sweep is compared by, from a finished run's config and last measurement; None (with a line
   on stderr) for a run whose last record has no test accuracy to compare."""
   run = records.read(run_dir)
-  last, config = run[-1], records.read_config(run_dir)
+  try:  # config.json checked against the checkpoints' config digest: an edited lr would relabel the run
+    config = workdir_lib.verified_config(run_dir)
+  except workdir_lib.WorkdirError as error:
+    print(f"     {error}; left out of the selection", file=sys.stderr, flush=True)
+    return None
+  last = run[-1]
   if records.number(last.get("test_acc")) is None:
     print(f"     {run_dir}: its last record has no finite test_acc; left out of the selection", file=sys.stderr,
           flush=True)
@@ -196,6 +228,11 @@ def _main(argv=None) -> int:
   extra = argv[argv.index("--") + 1:] if "--" in argv else []  # --config.KEY=VALUE overrides for every run
   args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
   args.extra = extra
+  conflicts = sweep_conflicts(extra, args.epochs)
+  if conflicts:
+    raise SystemExit(f"error: {' '.join(conflicts)} after '--' would replace what the sweep sets for each run; "
+                     "give learning rates with --lrs or --lr-indices, epochs with --epochs, cells with --cells "
+                     "and --variant, and the folders with --root")
   root = pathlib.Path(args.root)
   if args.action in ("select", "report"):
     choices = select(root)
@@ -208,15 +245,22 @@ def _main(argv=None) -> int:
       return subprocess.run([sys.executable, "-m", "nc_jax.report", *chosen, "--out", str(root / "report")],
                             env=ENV).returncode
     return 0
-  failures = 0
+  failures = []  # the workdirs not done, named again at the end
   for cell, config, lr, workdir in runs(args):
     line = command(config, lr, workdir, args)
     if args.action == "print":
       print(shlex.join(line))
       continue
-    changed = changed_keys(workdir, line)
+    try:
+      changed = changed_keys(workdir, line)
+    except records.RecordsError as error:  # a damaged config.json: this lr is left alone, the others still run
+      failures.append(workdir)
+      problem = str(error).split("; ")[0]  # its advice is train's (--overwrite), not grid's
+      print(f"     {problem}; left alone: restore that file, or delete {workdir} and rerun this command to "
+            "train that lr again", flush=True)
+      continue
     if changed:  # never skipped as finished, never overwritten: the user decides
-      failures += 1
+      failures.append(workdir)
       print(f"     {workdir} holds a run with a different config ({', '.join(changed)}); "
             "use another --root, or delete that run", flush=True)
       continue
@@ -228,10 +272,13 @@ def _main(argv=None) -> int:
     with (workdir / "train.log").open("a") as log:
       result = subprocess.run(line, env=ENV, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-      failures += 1
+      failures.append(workdir)
       print(f"     failed with exit code {result.returncode}; see {workdir / 'train.log'}", flush=True)
   if args.action == "run":
     select(root)
+  if failures:
+    print(f"error: {len(failures)} run(s) not done, each named above: {', '.join(map(str, failures))}",
+          file=sys.stderr)
   return 1 if failures else 0
 
 

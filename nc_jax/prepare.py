@@ -30,10 +30,13 @@ import difflib
 import importlib.util
 import os
 import pathlib
+import shlex
+import shutil
 import sys
 import socket
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from typing import Optional, Sequence
 
@@ -68,6 +71,15 @@ def check_dataset(name: str) -> str:
   close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
   hint = f"did you mean {close[0]!r}? " if close else ""
   raise PrepareError(f"unknown dataset {name!r}; {hint}choose one of {', '.join(DATASETS)}", 2)
+
+
+def check_not_a_file(data_dir: str) -> None:
+  """A PrepareError when --data_dir or a folder above it is a file (checked first: creates nothing)."""
+  path = pathlib.Path(data_dir).expanduser().absolute()
+  existing = next((p for p in (path, *path.parents) if p.exists()), None)
+  if existing is not None and not existing.is_dir():
+    raise PrepareError(f"--data_dir {path} cannot be written ({existing} is a file, not a folder): pass a folder "
+                       "you can write (it will hold the downloads and the prepared dataset)")
 
 
 def check_writable(data_dir: str) -> pathlib.Path:
@@ -127,13 +139,40 @@ def check_packages(name: str) -> None:
                        f"pip install {install} (for preparation only: training reads the prepared files without them)")
 
 
-def check_network(name: str) -> None:
-  """Fails fast when the download host's name does not resolve: offline, tfds's downloader retries for minutes.
+PROXY_TIMEOUT_S = 2.0  # a proxy on the same network answers a connect in milliseconds
 
-  Skipped behind a proxy (the proxy resolves names) and for ImageNet (nothing to download).
+
+def _proxy_for(host: str) -> Optional[str]:
+  """The proxy URL requests would use for https://HOST (HTTPS_PROXY, else ALL_PROXY), or None (direct or bypassed
+  by NO_PROXY)."""
+  proxies = urllib.request.getproxies()
+  proxy = proxies.get("https") or proxies.get("all")
+  if not proxy or urllib.request.proxy_bypass(host):
+    return None
+  return proxy
+
+
+def check_network(name: str) -> None:
+  """Fails fast when the download host cannot be reached: offline, tfds's downloader retries for minutes.
+
+  Direct: the host's name must resolve. Behind a proxy (which resolves names itself): the proxy's host:port must
+  accept a TCP connection within PROXY_TIMEOUT_S. Nothing to check for ImageNet (nothing is downloaded).
   """
   host = DOWNLOAD_HOSTS.get(name)
-  if host is None or urllib.request.getproxies():
+  if host is None:
+    return
+  proxy = _proxy_for(host)
+  if proxy is not None:
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    default_port = {"https": 443, "socks5": 1080, "socks5h": 1080, "socks4": 1080}.get(parts.scheme, 80)
+    try:
+      address = (parts.hostname or "", parts.port or default_port)
+      socket.create_connection(address, timeout=PROXY_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:  # ValueError: a port that is not a number
+      reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+      raise PrepareError(f"cannot reach the proxy {proxy} ({reason}), set by HTTPS_PROXY / ALL_PROXY for "
+                         f"downloads from {host}: fix or unset that variable and rerun, or prepare {name} on a "
+                         "machine with internet and copy --data_dir here") from None
     return
   try:
     socket.getaddrinfo(host, 443)
@@ -199,7 +238,28 @@ def _existing(name: str, root: pathlib.Path) -> Optional[Prepared]:
   if stored is not None and stored != tfds.core.FileFormat.ARRAY_RECORD:
     raise PrepareError(f"{builder.data_path} holds {name} as {stored.value} files, which training cannot read: pass "
                        "another --data_dir, or delete that folder and rerun")
-  return Prepared(name, root, pathlib.Path(os.fspath(builder.data_path)), _read_back(name, root), built=False)
+  folder = pathlib.Path(os.fspath(builder.data_path))
+  return Prepared(name, root, folder, _checked_read_back(name, root, folder), built=False)
+
+
+def _checked_read_back(name: str, root: pathlib.Path, folder: pathlib.Path) -> dict:
+  """``_read_back``, with a dataset whose files cannot be read (truncated, a shard deleted) as a PrepareError
+  naming its folder and the fix (ArrayRecord's own RuntimeError names neither)."""
+  try:
+    return _read_back(name, root)
+  except Exception as error:  # noqa: BLE001  (ArrayRecord and tfds raise several types)
+    detail = " ".join(str(error).split())[:300] or type(error).__name__
+    raise PrepareError(f"{folder} is damaged ({type(error).__name__}: {detail}): delete that folder and rerun "
+                       f"this command (downloads already made in {root / 'downloads'} are kept)") from None
+
+
+def _remove_partial_downloads(downloads: pathlib.Path) -> None:
+  """Deletes what tfds's downloader left half-written (NAME.tmp.UUID files and folders); finished downloads stay."""
+  for path in sorted(downloads.rglob("*.tmp.*")) if downloads.is_dir() else []:
+    try:
+      shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    except OSError:  # already gone with its parent folder, or not ours to remove: left
+      pass
 
 
 def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None, *, download_config=None) -> Prepared:
@@ -214,6 +274,7 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None, *, downl
   if existing is not None:
     return existing
   manual = check_manual_dir(name, manual_dir)
+  check_not_a_file(data_dir)  # before the packages: the path, not TensorFlow, is then what must change
   check_packages(name)
   check_writable(root)
   import tensorflow_datasets as tfds
@@ -228,6 +289,7 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None, *, downl
   except Exception as error:  # tfds and its builders raise many types; each becomes one line
     reason = _download_failure(error)
     downloads = root / "downloads"
+    _remove_partial_downloads(downloads)
     if reason:
       raise PrepareError(f"{reason}: preparing {name} needs internet access to its original files; rerun with "
                          f"internet (finished downloads in {downloads} are kept), or prepare it on a machine with "
@@ -242,22 +304,25 @@ def prepare(name: str, data_dir: str, manual_dir: Optional[str] = None, *, downl
       raise PrepareError(f"preparing {name} in {root} failed: {cli.describe_os_error(error)}; free the space or "
                          "fix the folder, then rerun (finished downloads are kept)") from None
     raise PrepareError(f"preparing {name} failed: {type(error).__name__}: {cli.one_line(error)[:400]}") from None
-  return Prepared(name, root, pathlib.Path(os.fspath(builder.data_path)), _read_back(name, root), built=True)
+  folder = pathlib.Path(os.fspath(builder.data_path))
+  return Prepared(name, root, folder, _checked_read_back(name, root, folder), built=True)
 
 
 # ------------------------------------------------------------------ what to run next
 def paper_configs(name: str) -> list[str]:
-  """The paper's config files for ``name`` (configs/paper/NAME_NET.py), ResNet first; [] outside a checkout."""
+  """The paper's config files for ``name`` (configs/paper/NAME_NET.py) as absolute paths (the printed command
+  works from any folder), ResNet first; [] outside a checkout."""
   found = sorted(PAPER_CONFIGS.glob(f"{name}_*.py"), key=lambda p: ("resnet" not in p.stem, p.stem))
-  return [f"configs/paper/{path.name}" for path in found]
+  return [str(path) for path in found]
 
 
 def train_command(name: str, data_dir: pathlib.Path) -> str:
   """The command that trains on the prepared set (Fashion-MNIST's configs read Debian's IDX files unless told)."""
   configs = paper_configs(name)
-  config = configs[0] if configs else f"configs/paper/{name}_NET.py"
+  config = shlex.quote(configs[0]) if configs else f"configs/paper/{name}_NET.py"
   source = " --config.data_source=tfds" if name == "fashion_mnist" else ""
-  return f"python -m nc_jax.train --config {config} --workdir WORKDIR --config.data_dir={data_dir}{source}"
+  data = shlex.quote(f"--config.data_dir={data_dir}")  # a folder with a space still pastes as one argument
+  return f"python -m nc_jax.train --config {config} --workdir WORKDIR {data}{source}"
 
 
 def summary(prepared: Prepared) -> str:
@@ -267,7 +332,8 @@ def summary(prepared: Prepared) -> str:
   lines = [f"{state}: {prepared.name} as ArrayRecord in {prepared.folder} ({sizes} examples)",
            "train with:", f"  {train_command(prepared.name, prepared.data_dir)}"]
   if others:
-    lines.append(f"  (or --config {' / '.join(others)}; copy {prepared.data_dir} to every host of a multi-host run)")
+    lines.append(f"  (or --config {' / '.join(map(shlex.quote, others))}; copy {prepared.data_dir} to every host of "
+                 "a multi-host run)")
   return "\n".join(lines)
 
 
@@ -284,9 +350,12 @@ def _flags():
 
 
 def main(argv: Sequence[str]) -> None:
+  import logging as std_logging
+
   from absl import logging
 
   logging.set_verbosity(logging.ERROR)  # tfds's warnings (no OpenCV, ImageNet's absent test split) are not ours
+  std_logging.getLogger("urllib3").setLevel(std_logging.ERROR)  # its retry warnings come before our one line
   values = _flags()
   if any(arg in ("-h", "--help", "-?") for arg in argv[1:]):
     print(__doc__)

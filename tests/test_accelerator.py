@@ -78,3 +78,68 @@ def test_bad_arguments_exit_2(folders):
   (out.parent / "file").write_text("")
   result = run(mnist, out.parent / "file", "--budget", "100")
   assert result.returncode == 2 and "pass a writable --out" in result.stdout
+
+
+def _only_mnist_left(out):
+  out.mkdir()
+  for name in ("env", "train", "metrics"):
+    (out / f"{name}.done").write_text("")
+
+
+def run_training(mnist, out, training: str, *arguments):
+  """The script with a stub Python whose nc_jax.train runs the shell ``training`` (then exits 124, as when timeout
+  stops it at its limit: the stub only pretends to run out of time); every other stage exits 0."""
+  stub = out.parent / "stub_python"
+  stub.write_text('#!/bin/sh\ncase "$*" in *nc_jax.train*) ' + training + "; exit 124 ;; esac\nexit 0\n")
+  stub.chmod(0o755)
+  return subprocess.run(["bash", str(SCRIPT), "--mnist", str(mnist), "--out", str(out), *arguments],
+                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": str(stub)})
+
+
+def test_a_run_that_times_out_without_a_new_checkpoint_is_no_progress(folders):
+  """A run too slow to checkpoint within its share of the budget used to get exit 3 ("run the same command
+  again") on every call; it advanced nothing, so it exits 4 naming a larger budget, on every call alike."""
+  mnist, out = folders
+  _only_mnist_left(out)
+  for _ in range(2):
+    result = run_training(mnist, out, "true", "--smoke", "--budget", "135")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "rerun with --budget 270 or more" in result.stdout and "run the same command again" not in result.stdout
+
+
+def test_a_run_that_times_out_after_a_new_checkpoint_is_progress(folders):
+  mnist, out = folders
+  _only_mnist_left(out)
+  checkpoints = out / "mnist_resnet18" / "checkpoints"
+  checkpoints.mkdir(parents=True)
+  (checkpoints / "2").mkdir()
+  result = run_training(mnist, out, f"mkdir -p '{checkpoints}/3'", "--smoke", "--budget", "135")
+  assert result.returncode == 3 and "run the same command again" in result.stdout, result.stdout
+  result = run_training(mnist, out, f"mkdir -p '{checkpoints}/3'", "--smoke", "--budget", "135")  # 3 was there
+  assert result.returncode == 4, result.stdout
+
+
+@pytest.mark.parametrize("budget", ["99999999999999999999", "12345678"])
+def test_a_budget_of_too_many_digits_is_one_line(folders, budget):
+  mnist, out = folders
+  result = run(mnist, out, "--budget", budget)
+  assert result.returncode == 2 and result.stderr == "" and len(result.stdout.strip().splitlines()) == 1
+  assert f"--budget {budget}: must be a whole number of seconds" in result.stdout
+
+
+@pytest.mark.skipif(not pathlib.Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_out_folder_is_named_in_one_line(folders, monkeypatch):
+  """A full --out: every log would be empty and every stage 'fail'. The script's writes are steered into
+  /dev/full (always full) through a `head` on PATH that fails as a full disk does."""
+  mnist, out = folders
+  fake_bin = out.parent / "bin"
+  fake_bin.mkdir()
+  head = fake_bin / "head"
+  head.write_text("#!/bin/sh\necho 'head: error writing: No space left on device' >&2\nexit 1\n")
+  head.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+  result = run(mnist, out, "--smoke", "--budget", "100")
+  assert result.returncode == 1 and "Traceback" not in result.stdout, result.stdout
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) == 1 and f"{out} is full" in lines[0] and "another --out" in lines[0], result.stdout
+  assert not list(out.glob("*.done"))

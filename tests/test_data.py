@@ -129,7 +129,7 @@ class TestTFDS:
       data.load("imagenet2012")
 
   def test_unprepared_dataset_says_how_to_prepare_it(self, tmp_path):
-    with pytest.raises(FileNotFoundError, match="tfds build cifar10 --file_format=array_record"):
+    with pytest.raises(FileNotFoundError, match=r"python -m nc_jax\.prepare cifar10 --data_dir DIR"):
       data.load("cifar10", data_dir=str(tmp_path))
 
 

@@ -14,6 +14,7 @@ import json
 import pathlib
 import posixpath
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_command_prepares_and_prints_how_to_train(tmp_path, monkeypatch, capsys)
   code, out, err = _main(capsys, "fashion_mnist", "--data_dir", str(tmp_path / "tfds"))
   assert code == 0, err
   assert f"--config.data_dir={tmp_path / 'tfds'} --config.data_source=tfds" in out  # its configs read Debian IDX
-  assert "--config configs/paper/fashion_mnist_resnet18.py" in out and "train 40, test 20" in out
+  assert f"--config {REPO}/configs/paper/fashion_mnist_resnet18.py" in out and "train 40, test 20" in out
   assert (tmp_path / "tfds" / "fashion_mnist" / "3.0.1").is_dir()
   monkeypatch.setattr(prepare, "missing_packages", lambda name: ["tensorflow"])  # a rerun needs no TensorFlow
   code, out, err = _main(capsys, "fashion_mnist", "--data_dir", str(tmp_path / "tfds"))
@@ -320,3 +321,91 @@ def test_no_network_fails_at_once_naming_the_host(capsys, tmp_path, monkeypatch)
 def test_an_unprepared_set_points_at_the_command(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"python -m nc_jax\.prepare cifar10 --data_dir DIR"):
     stream.TfdsSource("cifar10", "train", str(tmp_path))
+
+
+# ------------------------------------------------------------------ hostile cases (issue 24, findings 15, 17, 18)
+@needs_builders
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_prepared_set_is_one_line_naming_its_folder(prepared, tmp_path, capsys, damage):
+  data_dir, _, _ = prepared
+  copy = tmp_path / "tfds"
+  shutil.copytree(data_dir / "cifar10", copy / "cifar10")
+  folder = next((copy / "cifar10").iterdir())  # cifar10/VERSION
+  shard = next(folder.glob("cifar10-train.array_record-*" if damage == "truncated" else "cifar10-test.array_record-*"))
+  if damage == "truncated":
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  else:
+    shard.unlink()
+  err = _error(_main(capsys, "cifar10", "--data_dir", str(copy)), 1)
+  assert f"{folder} is damaged" in err and "delete that folder and rerun" in err, err
+
+
+def test_a_data_dir_under_a_file_is_named_before_any_missing_package(capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(prepare.importlib.util, "find_spec", lambda module: None)  # as without TensorFlow
+  (tmp_path / "file").write_text("")
+  err = _error(_main(capsys, "mnist", "--data_dir", str(tmp_path / "file" / "tfds")), 1)
+  assert f"{tmp_path / 'file'} is a file" in err and "pip install" not in err
+
+
+def test_the_printed_command_quotes_the_folder_and_names_the_config_absolutely():
+  data_dir = pathlib.Path("/tmp/data dir's")  # a space and a quote: pasted unquoted, it splits
+  words = shlex.split(prepare.train_command("cifar10", data_dir))
+  config = pathlib.Path(words[words.index("--config") + 1])
+  assert config.is_absolute() and config.is_file()  # works from any folder, not only the repo root
+  assert f"--config.data_dir={data_dir}" in words
+
+
+def _closed_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    return probe.getsockname()[1]  # closed again on exit: a connect is refused
+
+
+def test_a_proxy_that_does_not_answer_fails_at_once_naming_it(capsys, tmp_path, monkeypatch):
+  import logging
+  import time
+  monkeypatch.setattr(prepare, "missing_packages", lambda name: [])
+  proxy = f"http://127.0.0.1:{_closed_port()}"
+  monkeypatch.setattr(prepare.urllib.request, "getproxies", lambda: {"https": proxy})
+  monkeypatch.setattr(prepare.urllib.request, "proxy_bypass", lambda host: False)
+  start = time.monotonic()
+  err = _error(_main(capsys, "mnist", "--data_dir", str(tmp_path)), 1)
+  assert time.monotonic() - start < 30  # tfds's downloader retries through a dead proxy for minutes
+  assert f"cannot reach the proxy {proxy}" in err and "HTTPS_PROXY" in err
+  assert logging.getLogger("urllib3").getEffectiveLevel() >= logging.ERROR  # no retry warnings before it
+
+
+def test_a_proxy_that_answers_passes_the_check(monkeypatch):
+  with socket.socket() as listening:
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(1)
+    monkeypatch.setattr(prepare.urllib.request, "getproxies",
+                        lambda: {"https": f"http://127.0.0.1:{listening.getsockname()[1]}"})
+    monkeypatch.setattr(prepare.urllib.request, "proxy_bypass", lambda host: False)
+
+    real = socket.getaddrinfo
+
+    def unresolved(host, *args, **kwargs):  # behind a proxy the download host's name need not resolve here
+      if host == prepare.DOWNLOAD_HOSTS["cifar10"]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+      return real(host, *args, **kwargs)
+    monkeypatch.setattr(prepare.socket, "getaddrinfo", unresolved)
+    prepare.check_network("cifar10")
+
+
+@needs_builders
+def test_a_failed_download_leaves_no_partial_files(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(prepare, "check_network", lambda name: None)
+  downloads = tmp_path / "downloads"
+  downloads.mkdir()
+  (downloads / "finished.tar.gz").write_bytes(b"kept")
+
+  def midway(self, url, **kwargs):  # as tfds's downloader leaves it: NAME.tmp.UUID/ holding a part of the file
+    partial = downloads / "cs.toronto.edu_cifar-10.tmp.0123abcd"
+    partial.mkdir(exist_ok=True)
+    (partial / "cifar-10-binary.tar.gz").write_bytes(b"half")
+    raise requests.exceptions.ConnectionError("Connection reset", request=requests.Request("GET", url).prepare())
+  monkeypatch.setattr(requests.Session, "get", midway)
+  code, _, err = _main(capsys, "cifar10", "--data_dir", str(tmp_path))
+  assert code == 1 and "cannot download" in err
+  assert not list(downloads.rglob("*.tmp.*")) and (downloads / "finished.tar.gz").read_bytes() == b"kept"

@@ -272,6 +272,31 @@ def test_corrupt_record_names_the_file_and_the_index(data_dir, tmp_path):
       source.read(range(start, start + 500))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_damaged_files_name_the_folder_and_the_command_that_rebuilds_it(data_dir, tmp_path, monkeypatch, damage):
+  # Both readers (streamed and in-memory): ArrayRecord's own RuntimeError names neither the folder nor the fix.
+  from nc_jax.data import sources
+  monkeypatch.setitem(sources.TFDS_DATASETS, FIXTURE, (CLASSES, "test"))  # as one of nc_jax.prepare's sets
+  copy = tmp_path / "tfds copy"  # a space: the printed command must quote it
+  shutil.copytree(data_dir, copy)
+  folder = copy / FIXTURE / "1.0.0"
+  split = "train" if damage == "truncated" else "test"
+  shard = next(folder.glob(f"{FIXTURE}-{split}.array_record-*"))
+  if damage == "truncated":
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  else:
+    shard.unlink()
+  fix = f"python -m nc_jax.prepare {FIXTURE} --data_dir '{copy}'"
+  source = stream.TfdsSource(FIXTURE, split, str(copy))
+  with pytest.raises(stream.StreamError) as streamed:
+    source.labels()
+  with pytest.raises(sources.DamagedDataset) as in_memory:
+    sources.from_tfds(FIXTURE, str(copy))
+  for error in (streamed.value, in_memory.value):
+    message = str(error)
+    assert "\n" not in message and f"{folder} is damaged" in message and fix in message, message
+
+
 def test_batch_the_processes_cannot_split_is_refused():
   with pytest.raises(stream.StreamError, match="batch_size 130 cannot be split over 4 processes.*128 or 132"):
     stream.process_rows(130, 0, 4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shlex
 from typing import Optional
 
 import numpy as np
@@ -25,6 +26,29 @@ TFDS_DATASETS = {  # name -> (num_classes, test split)
 }
 IDX_DATASETS = ("mnist", "fashion_mnist")  # MNIST-format files: what ``from_idx`` reads
 GENERATED_DATASETS = ("mnist1d", "synthetic")  # made here: ``from_mnist1d``, ``synthetic``
+
+
+class DamagedDataset(ValueError):
+  """A prepared tfds dataset whose files are there but cannot be read (truncated, edited, a shard deleted)."""
+
+
+def prepare_command(name: str, data_dir: Optional[str]) -> str:
+  """The command that (re)builds ``name`` in ``data_dir``: nc_jax.prepare for its seven sets, tfds build else."""
+  where = shlex.quote(str(data_dir)) if data_dir else "DIR"
+  manual = " --manual_dir DIR_WITH_ILSVRC2012_TARS" if name == "imagenet2012" else ""
+  if name in TFDS_DATASETS:
+    return f"python -m nc_jax.prepare {name} --data_dir {where}{manual}"
+  return f"tfds build {name} --file_format=array_record --data_dir {where}{manual}"
+
+
+def damaged(name: str, data_dir: Optional[str], folder, error: BaseException, where: str = "") -> DamagedDataset:
+  """The one-line error for a prepared dataset in ``folder`` (DATA_DIR/NAME/VERSION) that cannot be read:
+  ``where`` (a file and record, if known) and the reader's own first line, then the fix. The folder is deleted
+  first: tfds reuses a folder it finds prepared, and nc_jax.prepare keeps the downloads (in DATA_DIR/downloads)."""
+  detail = " ".join(str(error).split())[:300] or type(error).__name__
+  return DamagedDataset(f"the prepared {name} in {folder} is damaged ({where + ': ' if where else ''}"
+                        f"{type(error).__name__}: {detail}): delete {folder} and rerun "
+                        f"`{prepare_command(name, data_dir)}` (downloads already made are kept), then rerun this")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +73,17 @@ def from_tfds(name: str, data_dir: Optional[str] = None) -> RawSplits:
   except Exception as error:  # tfds raises several types for a missing dataset
     where = data_dir or "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
     raise FileNotFoundError(
-        f"tfds dataset {name!r} is not prepared in {where} ({type(error).__name__}: {error}). On a machine with "
-        f"internet and tensorflow: `tfds build {name} --file_format=array_record --data_dir DIR`, then copy DIR "
-        "here and pass data_dir=DIR") from None
+        f"tfds dataset {name!r} is not prepared as ArrayRecord in {where} ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}). Prepare it on a machine with internet: "
+        f"`{prepare_command(name, None)}`, then pass data_dir=DIR (--config.data_dir=DIR), copying DIR here if "
+        "it was prepared elsewhere") from None
 
   def arrays(source):
-    records = [source[i] for i in range(len(source))]
+    try:
+      records = [source[i] for i in range(len(source))]
+    except Exception as error:  # ArrayRecord's reader raises RuntimeError naming neither folder nor fix
+      folder = getattr(getattr(source, "dataset_info", None), "data_dir", None) or data_dir
+      raise damaged(name, data_dir, folder, error) from None
     images = np.stack([np.asarray(r["image"]) for r in records])
     labels = np.asarray([r["label"] for r in records], np.int32)
     return images, labels

@@ -166,10 +166,14 @@ class TfdsSource:
         try:
           out.append(self._record(i, self._source[i]))
         except Exception as error:
-          raise StreamError(f"corrupt record in {self.locate(i)} ({self.name} {self.split} index {i}): "
-                            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}; "
-                            "rebuild the dataset with `tfds build`") from None
+          raise self.damaged(error, f"corrupt record in {self.locate(i)} ({self.split} index {i})") from None
       return out
+
+  def damaged(self, error: BaseException, where: str = "") -> StreamError:
+    """The one-line error for files of this split that cannot be read: the dataset's folder and the command that
+    rebuilds it (``sources.damaged``), as a StreamError."""
+    folder = getattr(getattr(self._source, "dataset_info", None), "data_dir", None) or self.data_dir
+    return StreamError(str(sources.damaged(self.name, self.data_dir, folder, error, where)))
 
   def _labels_cache(self) -> Optional[tuple[pathlib.Path, str]]:
     """(folder, stem) of the split's label cache next to its files, or None for mock data.

@@ -1,0 +1,72 @@
+"""experiments/grid.py's run and print on hostile input (issue 24, adversarial findings 1, 8 and 9): no run is
+started here (nc_jax.train is replaced by a stub), so these take seconds."""
+
+import json
+import pathlib
+import subprocess
+
+import pytest
+
+from experiments import grid
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CELL = str(REPO / "configs" / "default.py")
+
+
+@pytest.mark.parametrize("extra", [["--config.lr=0.5"], ["--config.lr", "0.5"], ["--workdir=/tmp/elsewhere"],
+                                   ["--config", "configs/default_mse.py"], ["--config.num_epochs=3"]])
+def test_an_override_of_what_the_sweep_sets_is_refused_in_one_line(extra, capsys):
+  # Appended after the sweep's --config.lr, a user's --config.lr=0.5 would win: every lr_* folder at lr 0.5.
+  with pytest.raises(SystemExit) as exit_:
+    grid.main(["print", "--root", "/tmp/r", "--cells", CELL, "--variant", "smoke", "--lrs", "0.01,0.02",
+               "--epochs", "4", "--", *extra])
+  message = str(exit_.value.code)
+  assert "\n" not in message and extra[0] in message and "--lrs" in message
+  assert "nc_jax.train" not in capsys.readouterr().out  # no command printed
+
+
+def test_other_overrides_after_the_separator_are_passed_on(capsys):
+  assert grid.main(["print", "--root", "/tmp/r", "--cells", CELL, "--lrs", "0.01", "--",
+                    "--config.batch_size=64"]) == 0
+  line = capsys.readouterr().out
+  assert "--config.lr=0.01" in line and line.rstrip().endswith("--config.batch_size=64")
+
+
+def _config_of(line):
+  return grid.requested_config(line)
+
+
+def test_a_repeated_tuple_override_takes_its_last_value_as_train_does(tmp_path):
+  # The run grid itself trained with '(1,)' then '(6,)' holds measure_epochs [6] (train keeps the last value);
+  # comparing it with the two values joined, (1, 6), would call grid's own run a different config.
+  workdir = tmp_path / "default" / "lr_0.01"
+  workdir.mkdir(parents=True)
+  base = ["python", "-m", "nc_jax.train", "--config", f"{CELL}:smoke", "--workdir", str(workdir),
+          "--config.lr=0.01"]
+  (workdir / "config.json").write_text(json.dumps(_config_of([*base, "--config.measure_epochs=(6,)"])))
+  assert _config_of([*base, "--config.measure_epochs=(6,)"])["measure_epochs"] == [6]
+  repeated = [*base, "--config.measure_epochs=(1,)", "--config.measure_epochs=(6,)"]
+  assert grid.changed_keys(workdir, repeated) == []
+  assert _config_of([*base, "--config.measure_epochs=(1,)", "--config.measure_epochs", "(6,)"])[
+      "measure_epochs"] == [6]
+
+
+def test_a_damaged_workdir_is_named_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+  root = tmp_path / "runs"
+  damaged = root / "default" / "lr_0.01"
+  damaged.mkdir(parents=True)
+  (damaged / "config.json").write_text('{"lr":')
+  started = []
+
+  def fake_run(line, **kwargs):  # the trainer, not run: only which workdirs grid launches matters here
+    started.append(line[line.index("--workdir") + 1])
+    return subprocess.CompletedProcess(line, 0)
+
+  monkeypatch.setattr(grid.subprocess, "run", fake_run)
+  code = grid.main(["run", "--root", str(root), "--cells", CELL, "--variant", "smoke", "--lrs", "0.01,0.02"])
+  out, err = capsys.readouterr()
+  assert code == 1
+  assert started == [str(root / "default" / "lr_0.02")]  # the other lr still ran
+  assert str(damaged / "config.json") in out and "--overwrite" not in out  # grid has no --overwrite
+  assert str(damaged) in err.strip().splitlines()[-1]  # named again at the end
+  assert (damaged / "config.json").read_text() == '{"lr":'  # left alone
