@@ -277,7 +277,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
   drop = ("wall_time", "images_per_sec")
   for a, b in zip(straight, resumed):
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
-  model = models.create("mlp", 10, width=256, depth=3)
+  model = models.create("mlp", 10, width=256, depth=default_config.get_config("smoke").model_options.depth)
   tx = schedule.sgd(optax.constant_schedule(0.1), 0.9, 5e-4)
   abstract = jax.eval_shape(lambda: step_lib.create_state(model, tx, (40,), 0))
   finals = []
