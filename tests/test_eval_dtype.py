@@ -126,7 +126,9 @@ def test_the_float32_evaluation_of_a_bf16_run_is_an_independent_float32_forward_
   collected = collect_workdir.collect_workdir(tmp_path, tmp_path / "nc", quiet=True, warn=lambda message: None)
   np.testing.assert_allclose([collected[k] for k in ("nc1", "train_loss", "test_loss")], float32_values, rtol=2e-5)
   gaps = np.abs(np.subtract(bf16_values, float32_values)) / np.abs(float32_values)
-  assert gaps.max() > 1e-3, gaps  # so the comparisons above tell the two precisions apart
+  # the comparisons above (rtol 2e-5) tell the two precisions apart: the bf16 gap is >= 10x their tolerance
+  # (measured 2.8e-3 on jax 0.10.2, 6.7e-4 on jax 0.7.1)
+  assert gaps.max() > 10 * 2e-5, gaps
 
 
 @pytest.mark.parametrize("eval_dtype,bf16_expected", [("float32", False), ("same", True)])
