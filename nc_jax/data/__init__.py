@@ -49,6 +49,7 @@ class Dataset:
   std: np.ndarray
   train_indices: np.ndarray
   train_true_labels: Optional[np.ndarray] = None
+  streamed = False  # class attribute, not a field: the in-memory kind (``stream.StreamedDataset.streamed`` is True)
 
   @property
   def input_shape(self) -> tuple[int, ...]:

@@ -425,6 +425,7 @@ class StreamedDataset:
   input_shape: tuple
   mean: np.ndarray
   std: np.ndarray
+  streamed = True  # class attribute, not a field: read batch by batch (``data.Dataset.streamed`` is False)
 
 
 def _sources(name: str, source: str, data_dir: Optional[str], seed: int, synthetic_options: dict):
