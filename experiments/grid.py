@@ -35,7 +35,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # nc_jax.records (no JAX), also when not installed
-from nc_jax import files, records, schema  # noqa: E402
+from nc_jax import cli, files, records, schema  # noqa: E402  (cli: absl and ml_collections only, no JAX)
 from nc_jax.training import workdir as workdir_lib  # noqa: E402  (no JAX: the package loads its loop lazily)
 
 PAPER_CONFIGS = REPO / "configs" / "paper"
@@ -102,30 +102,26 @@ def sweep_conflicts(extra: list[str], epochs: int) -> list[str]:
   """The arguments of ``extra`` (what follows '--') that set what the sweep sets for each run: --config,
   --workdir, --config.lr, and --config.num_epochs when --epochs is given. Appended after the sweep's own
   flags, each would win (the last value wins) and every lr_* folder would train the same run."""
-  from nc_jax.train import _override_name  # absl and ml_collections only, no JAX
-
   swept = {"lr"} | ({"num_epochs"} if epochs else set())
   return [a for a in extra
-          if re.match(r"^--?(config|workdir)(=|$)", a) or _override_name(a) in swept]
+          if re.match(r"^--?(config|workdir)(=|$)", a) or cli.override_name(a) in swept]
 
 
 def requested_config(line: list[str]) -> dict:
   """The config a command line asks for, resolved as nc_jax.train resolves it and writes it to config.json:
-  a --config.KEY given more than once takes its last value (``nc_jax.train.last_values``), for every type."""
+  a --config.KEY given more than once takes its last value (``nc_jax.cli.last_values``), for every type."""
   from absl import flags
   from ml_collections import config_flags
 
-  from nc_jax.train import _override_name, last_values  # absl and ml_collections only, no JAX
-
   overrides, i = [], line.index("--workdir") + 2  # everything after is the sweep's or the user's overrides
   while i < len(line):
-    if _override_name(line[i]) is not None:
+    if cli.override_name(line[i]) is not None:
       overrides.append(line[i])
       if "=" not in line[i] and i + 1 < len(line) and not line[i + 1].startswith("-"):
         overrides.append(line[i + 1])  # '--config.KEY VALUE' (two arguments)
         i += 1
     i += 1
-  argv = last_values(["grid", "--config", line[line.index("--config") + 1], *overrides])
+  argv = cli.last_values(["grid", "--config", line[line.index("--config") + 1], *overrides])
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)
@@ -209,7 +205,7 @@ def main(argv=None) -> int:
     return 1
   except OSError as error:
     if error.filename and error.strerror:
-      print(f"error: {files.describe_write_error(error, '--root')}", file=sys.stderr)
+      print(f"error: {files.describe_os_error(error, '--root')}", file=sys.stderr)
     else:
       print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
     return 1

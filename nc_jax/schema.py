@@ -11,8 +11,9 @@ data are loaded (still before writing). A refused value raises ``ConfigError`` w
 says what is wrong and what to set instead, e.g. ``config.num_epochs = -3: must be an integer >= 1``.
 
 Light: imports ml_collections and the standard library only (no JAX), so launchers and tests can build and check
-configs in milliseconds. The name tables below copy what nc_jax.data, nc_jax.models and nc_jax.training define;
-tests/test_schema.py keeps them equal.
+configs in milliseconds. The name tables below copy what nc_jax.data, nc_jax.models and nc_jax.training define
+(each of those modules imports numpy, flax or optax, so reading the tables from them would load JAX here and in
+every launcher); tests/test_schema.py keeps them equal.
 """
 
 from __future__ import annotations
@@ -360,8 +361,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{key} is missing: add it (default: config.{key} = {default!r}); "
                         "nc_jax.schema.base_config declares every key")
   c = {key: config[key] for key in keys}
+  for check in (_data, _model, _optimisation, _measurement):
+    check(c)
 
-  # data
+
+def _data(c: dict) -> None:
+  """The data keys: which examples, which labels, how they are read."""
   _choice("dataset", c["dataset"], DATASETS)
   _choice("data_source", c["data_source"], DATA_SOURCES)
   if c["dataset"] not in GENERATED_DATASETS and c["data_source"] == "generated":
@@ -384,13 +389,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _fail("per_class", c["per_class"], f"imbalance={c['imbalance']!r} needs the largest class's count: set "
           "per_class to an integer or 'paper'")
 
-  # model
+
+def _model(c: dict) -> None:
+  """The model, its options and the dtypes it computes in."""
   _choice("model", c["model"], MODELS)
   _model_options(c["model"], c["model_options"])
   _choice("compute_dtype", c["compute_dtype"], COMPUTE_DTYPES)
   _choice("eval_dtype", c["eval_dtype"], EVAL_DTYPES, note=" ('same' = compute_dtype)")
 
-  # optimisation
+
+def _optimisation(c: dict) -> None:
+  """The loss, the optimiser and its schedule."""
   _choice("loss", c["loss"], LOSSES)
   _integer("num_epochs", c["num_epochs"], 1)
   _integer("batch_size", c["batch_size"], 1)
@@ -409,7 +418,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _real("adam_eps", c["adam_eps"], 0.0, low_open=True)
   _real("feature_decay", c["feature_decay"], 0.0, note=" (lambda_H; 0 = off)")
 
-  # measurement
+
+def _measurement(c: dict) -> None:
+  """What is measured, when checkpoints are kept, and on which devices."""
   _epochs("measure_epochs", c["measure_epochs"], c["num_epochs"], ascending=False,
           meaning="the notebook's schedule")
   _real("tpt_threshold", c["tpt_threshold"], 0.0, 1.0, low_open=True, note=" (a training accuracy)")

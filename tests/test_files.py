@@ -65,3 +65,33 @@ def test_a_missing_folder_is_an_error_naming_the_file(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
     files.write_atomically(tmp_path / "absent" / "x.json", b"{}")
   assert error.value.filename == str(tmp_path / "absent" / "x.json")
+
+
+def test_one_description_serves_a_read_and_a_write_under_the_chosen_folder(tmp_path):
+  full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "nc.json"))
+  assert files.describe_os_error(full) == f"No space left on device ({tmp_path / 'out' / 'nc.json'})"
+  assert files.describe_os_error(full, "--out", under=str(tmp_path / "out")) == (
+      f"cannot write {tmp_path / 'out' / 'nc.json'}: No space left on device; free space on that disk or pass "
+      "another --out")
+  unreadable = OSError(errno.EACCES, "Permission denied", str(tmp_path / "run" / "config.json"))
+  assert files.describe_os_error(unreadable, "--out", under=str(tmp_path / "out")) == (  # a read: no write advice
+      f"Permission denied ({tmp_path / 'run' / 'config.json'})")
+  assert files.describe_os_error(OSError(errno.EROFS, "Read-only file system"), "--root") == (
+      "cannot write the output: Read-only file system; pass a --root on a writable disk")
+  assert files.describe_os_error(OSError("the disk\n  went away")) == "the disk went away"
+
+
+def test_the_os_error_behind_a_chain_of_causes_is_found_and_a_cycle_ends():
+  disk = OSError(errno.ENOSPC, "No space left on device", "/run/metrics.jsonl")
+  try:
+    try:
+      raise disk
+    except OSError as error:
+      raise RuntimeError("save failed") from error
+  except RuntimeError as wrapped:
+    outer = wrapped
+  assert files.error_chain(outer) == [outer, disk]
+  assert files.os_error(outer) is disk
+  first, second = ValueError("a"), ValueError("b")
+  first.__context__, second.__context__ = second, first  # a cycle: each once, then stop
+  assert files.error_chain(first) == [first, second] and files.os_error(first) is None

@@ -70,3 +70,17 @@ def test_a_damaged_workdir_is_named_and_the_sweep_goes_on(tmp_path, monkeypatch,
   assert str(damaged / "config.json") in out and "--overwrite" not in out  # grid has no --overwrite
   assert str(damaged) in err.strip().splitlines()[-1]  # named again at the end
   assert (damaged / "config.json").read_text() == '{"lr":'  # left alone
+
+
+def test_the_flag_rule_grid_and_train_share_keeps_each_key_where_last_given():
+  from nc_jax import cli
+  assert cli.override_name("--config.model_options.width=3") == "model_options.width"
+  assert cli.override_name("--noconfig.per_layer_nc") == "per_layer_nc"
+  assert cli.override_name("--config=configs/default.py") is None and cli.override_name("--workdir=x") is None
+  argv = ["train", "--config=a.py", "--config.lr=1", "--config.measure_epochs=(2,)", "--config=b.py",
+          "--config.lr=2", "--config.measure_epochs=(4,)", "--", "--config.lr=3"]
+  assert cli.last_values(argv) == ["train", "--config=b.py", "--config.lr=2", "--config.measure_epochs=(4,)",
+                                   "--", "--config.lr=3"]  # after '--': not flags, left alone
+  # '--config.KEY VALUE' spans two arguments unless KEY is a boolean (then the next argument is a flag of its own)
+  two = ["train", f"--config={CELL}", "--config.lr", "0.1", "--config.per_layer_nc", "--config.lr", "0.2"]
+  assert cli.last_values(two) == ["train", f"--config={CELL}", "--config.per_layer_nc", "--config.lr", "0.2"]

@@ -35,8 +35,8 @@ def load_config(path, variant=""):
 
 def parse_command_line(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
   """The config ``--config config_file --config.KEY=VALUE ...`` gives, parsed as nc_jax.train parses it."""
-  from nc_jax import train  # imported here: it defines absl's global flags
-  argv = train.last_values(["train", f"--config={config_file}", *overrides])
+  from nc_jax import cli
+  argv = cli.last_values(["train", f"--config={config_file}", *overrides])
   values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
   values(argv)

@@ -90,17 +90,6 @@ def _fail(message: str, code: int = 1) -> None:
   cli.fail(message, code, drop_unraisable=True)
 
 
-def _describe_os_error(error: OSError) -> str:
-  """One line: a failed write under --out names the file and the fix (free space, another --out); any other
-  OS error (reading the run) its reason and file."""
-  import os
-  from nc_jax import files
-  out = os.path.abspath(FLAGS.out)
-  if error.filename and os.path.abspath(str(error.filename)).startswith(out):
-    return files.describe_write_error(error, "--out")
-  return cli.describe_os_error(error)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   return cli.parse_flags(argv, FLAGS, required=("workdir", "out"), usage=USAGE)
 
@@ -117,8 +106,8 @@ def main(argv) -> None:
     _fail("interrupted; rerun the same command to resume from the last accumulator checkpoint", 130)
   except Exception as error:  # noqa: BLE001  (one line for the user, as nc_jax.train does)
     os_error = cli.os_error(error)
-    if os_error is not None:
-      _fail(_describe_os_error(os_error))
+    if os_error is not None:  # a failed write under --out names the fix; a failed read, its reason and file
+      _fail(cli.describe_os_error(os_error, "--out", under=FLAGS.out))
     if isinstance(error, (ValueError, FileNotFoundError, RuntimeError, ImportError)):
       _fail(cli.one_line(error))
     raise
