@@ -200,3 +200,80 @@ class TestDeviceBatches:
     indices, mask = device.padded_batches(10, 4)
     assert indices.shape == (3, 4) and mask.sum() == 10
     assert sorted(indices[mask].tolist()) == list(range(10))
+
+
+@pytest.fixture(scope="module")
+def pair():
+  """The same synthetic options, in memory and streamed (arrays through ``stream.ArraySource``)."""
+  options = dict(per_class=12, seed=3, feature_dim=5, train_per_class=20, random_label_fraction=0.25)
+  from nc_jax.data import stream
+  return data.load("synthetic", **options), stream.open_dataset("synthetic", batch_size=7, **options)
+
+
+class TestDatasetInterface:
+  """One interface for both kinds: sizes, classes, statistics, ``streamed``, batches in the (seed, epoch) order."""
+
+  def test_both_kinds_satisfy_the_protocol_and_say_their_kind(self, pair):
+    memory, streamed = pair
+    assert isinstance(memory, data.DatasetProtocol) and isinstance(streamed, data.DatasetProtocol)
+    assert (memory.streamed, streamed.streamed) == (False, True)
+    for field in ("train_labels", "train_true_labels", "train_indices", "test_labels", "mean", "std"):
+      np.testing.assert_array_equal(getattr(memory, field), getattr(streamed, field))
+    assert memory.input_shape == streamed.input_shape == (5,) and memory.num_classes == streamed.num_classes == 10
+    assert memory.num_examples("train") == streamed.num_examples("train") == 120
+    assert memory.num_examples("test") == streamed.num_examples("test") == 500
+    with pytest.raises(ValueError, match="split='val': choose 'train' or 'test'"):
+      memory.num_examples("val")
+
+  def test_train_batches_are_the_device_batches_of_each_epoch(self, pair):
+    memory, streamed = pair
+    for epoch in (1, 2):
+      on_device = jax.jit(device.epoch_batches, static_argnums=(2, 4))(
+          memory.train_inputs, memory.train_labels, 9, epoch, 16)
+      batches = list(memory.train_batches(16, 9, epoch))
+      assert len(batches) == 120 // 16
+      np.testing.assert_array_equal(np.stack([x for x, _ in batches]), on_device[0])
+      np.testing.assert_array_equal(np.stack([y for _, y in batches]), on_device[1])
+      for (a, b), (c, d) in zip(batches, streamed.train_batches(16, 9, epoch)):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
+    later = list(memory.train_batches(16, 9, 2, start_step=5))
+    assert len(later) == 2 and np.array_equal(later[0][1], batches[5][1])
+
+  def test_eval_batches_cover_every_example_once_in_order(self, pair):
+    for dataset in pair:
+      parts = list(dataset.eval_batches("test", 64))
+      inputs, labels, mask = (np.concatenate(x) for x in zip(*parts))
+      assert len(parts) == 8 and mask.sum() == 500 and not mask[500:].any()
+      np.testing.assert_array_equal(labels[:500], dataset.test_labels)
+      np.testing.assert_array_equal(inputs[500:], np.repeat(inputs[:1], 12, axis=0))  # padded with example 0
+    np.testing.assert_allclose(np.concatenate([x for x, _, _ in pair[1].eval_batches("test", 64)])[:500],
+                               pair[0].test_inputs, rtol=0, atol=0)
+
+
+class TestSelection:
+
+  def test_options_value_and_keywords_give_the_same_dataset(self):
+    options = data.DataOptions(per_class=8, seed=2, imbalance="step", imbalance_ratio=4.0)
+    a = data.load_with("synthetic", options, feature_dim=3, train_per_class=10)
+    b = data.load("synthetic", per_class=8, seed=2, imbalance="step", imbalance_ratio=4.0, feature_dim=3,
+                  train_per_class=10)
+    np.testing.assert_array_equal(a.train_indices, b.train_indices)
+    assert np.bincount(a.train_labels).tolist() == [8] * 5 + [2] * 5  # step: the last C // 2 keep 8 / 4
+
+  def test_per_class_spelled_as_on_the_command_line(self):
+    from nc_jax import schema
+    from nc_jax.data import selection
+    labels = np.repeat(np.arange(3), 7)
+    assert selection.per_class_count("synthetic", labels, 3, "5") == 5
+    assert selection.per_class_count("synthetic", labels, 3, "none") is None
+    assert selection.per_class_count("synthetic", labels, 3, "paper") == 7  # no paper count: the smallest class
+    assert selection.per_class_count("cifar10", labels, 3, "paper") == 5000
+    with pytest.raises(schema.ConfigError, match="per_class"):
+      selection.per_class_count("synthetic", labels, 3, "lots")
+
+  def test_padding_and_scale_by_stored_shape_and_dtype(self):
+    from nc_jax.data import selection
+    assert selection.pad_side("auto", (28, 28, 1)) == 32 and selection.pad_side("auto", (32, 32, 3)) is None
+    assert selection.pad_side(40, (28, 28, 1)) == 40 and selection.pad_side(40, (40,)) is None
+    assert selection.input_scale(np.uint8) == 1 / 255 and selection.input_scale(np.float32) is None

@@ -252,6 +252,36 @@ def test_resize_shorter_side_to_256_then_centre_crop():
 
 
 # -------------------------------------------------------------------- (f) bad input
+def test_a_label_cache_that_cannot_be_written_is_no_error_and_a_written_one_leaves_no_temporary(data_dir, tmp_path,
+                                                                                                 monkeypatch):
+  """The cache is written by ``files.write_atomically``: a full disk (or a read-only folder) means no cache, not a
+  failed run, and nothing is left behind; a written cache is whole and the only new file."""
+  import errno
+
+  from nc_jax import files
+  copy = tmp_path / "tfds"
+  shutil.copytree(data_dir, copy)
+  folder = copy / FIXTURE / "1.0.0"
+  for cache in folder.glob("nc_jax-labels-*"):
+    cache.unlink()
+  before = sorted(p.name for p in folder.iterdir())
+  truth = stream.TfdsSource(FIXTURE, "train", str(copy)).read(range(CLASSES * TRAIN_PER_CLASS))
+  truth = np.asarray([label for _, label in truth], np.int32)
+
+  def full(path, payload):
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+  warnings = []
+  with monkeypatch.context() as patch:
+    patch.setattr(files, "write_atomically", full)
+    labels = stream.TfdsSource(FIXTURE, "train", str(copy)).labels(warn=warnings.append)
+  assert np.array_equal(labels, truth) and not warnings and sorted(p.name for p in folder.iterdir()) == before
+  labels = stream.TfdsSource(FIXTURE, "train", str(copy)).labels(warn=warnings.append)
+  [added] = sorted(set(p.name for p in folder.iterdir()) - set(before))
+  assert added.startswith("nc_jax-labels-train-") and np.array_equal(np.load(folder / added), truth)
+  assert np.array_equal(labels, truth) and not warnings
+
+
 def test_unprepared_dataset_says_how_to_build_it_and_where_it_looked(tmp_path):
   with pytest.raises(FileNotFoundError, match="tfds build imagenet2012 --file_format=array_record.*manual_dir"):
     stream.open_dataset("imagenet2012", data_dir=str(tmp_path))

@@ -120,14 +120,19 @@ def iterable_batches(batches, *, process_index: int = 0, process_count: int = 1,
 
 def as_batches(batches, batch_size: Optional[int] = None, *, split: str = "train", process_index: int = 0,
                process_count: int = 1) -> Batches:
-  """``Batches`` from a ``Batches``, an ``nc_jax.data.Dataset`` (its ``split``), a dataset name for
-  ``nc_jax.data.load``, a (inputs, labels) pair of arrays, or a re-iterable / callable of batches."""
+  """``Batches`` from a ``Batches``, a dataset of either kind (``nc_jax.data.Dataset`` or
+  ``nc_jax.data.stream.StreamedDataset``: its ``split``), a dataset name for ``nc_jax.data.load``, a (inputs,
+  labels) pair of arrays, or a re-iterable / callable of batches."""
   if isinstance(batches, Batches):
     return batches
   if isinstance(batches, str):
     from nc_jax import data
     batches = data.load(batches)
-  if hasattr(batches, "train_inputs") and hasattr(batches, "test_labels"):  # nc_jax.data.Dataset
+  streamed = getattr(batches, "streamed", None)  # a dataset says its kind (nc_jax.data.DatasetProtocol)
+  if streamed is True:
+    return streamed_batches(batches, split, batch_size or 512, process_index=process_index,
+                            process_count=process_count)
+  if streamed is False:
     inputs, labels = ((batches.train_inputs, batches.train_labels) if split == "train"
                       else (batches.test_inputs, batches.test_labels))
     return array_batches(inputs, labels, batch_size or 512, process_index=process_index, process_count=process_count)

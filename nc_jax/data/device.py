@@ -10,6 +10,7 @@ no host round-trip and no cross-device traffic for the gather.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
@@ -45,6 +46,14 @@ def epoch_permutation(seed: int, epoch: jax.Array | int, num_examples: int) -> j
   return jax.random.permutation(key, num_examples)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """(N,) ``epoch_permutation(seed, epoch, N)`` as a host array, computed on the host CPU (the same values as
+  on any device: threefry is exact), for batches drawn on the host (streamed input, ``Dataset.train_batches``)."""
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    return np.asarray(jax.device_get(epoch_permutation(seed, epoch, num_examples)))
+
+
 def epoch_batches(inputs: jax.Array, labels: jax.Array, seed: int, epoch: jax.Array | int, batch_size: int,
                   mesh: Optional[Mesh] = None):
   """The epoch's full batches: inputs (steps, B, ...), labels (steps, B); the last partial batch is dropped.
@@ -74,6 +83,6 @@ def padded_batches(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.n
   return np.where(flat < num_examples, flat, 0).reshape(steps, batch_size), (flat < num_examples).reshape(steps, batch_size)
 
 
-__all__ = ["DATA_AXIS", "batch_sharding", "data_mesh", "epoch_batches", "epoch_permutation", "padded_batches",
-           "put_replicated", "replicated"]
+__all__ = ["DATA_AXIS", "batch_sharding", "data_mesh", "epoch_batches", "epoch_order", "epoch_permutation",
+           "padded_batches", "put_replicated", "replicated"]
 

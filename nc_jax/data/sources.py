@@ -28,6 +28,31 @@ IDX_DATASETS = ("mnist", "fashion_mnist")  # MNIST-format files: what ``from_idx
 GENERATED_DATASETS = ("mnist1d", "synthetic")  # made here: ``from_mnist1d``, ``synthetic``
 
 
+SOURCES = ("tfds", "idx", "generated")
+
+
+def sources_of(name: str) -> tuple[str, ...]:
+  """The sources that can read dataset ``name`` ('generated' data ignores ``source``)."""
+  if name in GENERATED_DATASETS:
+    return ("generated",)
+  return ("tfds", "idx") if name in IDX_DATASETS else ("tfds",)
+
+
+def check_source(name: str, source: str) -> None:
+  """Raises a one-line ValueError when ``source`` cannot read ``name``, naming the sources that can."""
+  if source in sources_of(name) or (name in GENERATED_DATASETS and source in SOURCES):
+    return
+  if source == "generated":
+    why = f"only {' and '.join(GENERATED_DATASETS)} are generated"
+  elif source == "idx":
+    why = f"'idx' reads MNIST-format files ({', '.join(IDX_DATASETS)}) only"
+  else:
+    why = (f"unknown source; there are 'tfds' (prepared tfds datasets), 'idx' ({', '.join(IDX_DATASETS)}) "
+           f"and 'generated' ({', '.join(GENERATED_DATASETS)})")
+  choices = " or ".join(repr(s) for s in sources_of(name))
+  raise ValueError(f"source={source!r} cannot read {name!r}: {why}; for {name} use source={choices}")
+
+
 class DamagedDataset(ValueError):
   """A prepared tfds dataset whose files are there but cannot be read (truncated, edited, a shard deleted)."""
 
@@ -139,3 +164,19 @@ def synthetic(num_classes: int = 10, feature_dim: int = 32, train_per_class: int
 
   (train_inputs, train_labels), (test_inputs, test_labels) = sample(train_per_class), sample(test_per_class)
   return RawSplits(train_inputs, train_labels, test_inputs, test_labels, num_classes)
+
+
+def raw_splits(name: str, source: str, data_dir: Optional[str], seed: int, synthetic_options: dict) -> RawSplits:
+  """Dataset ``name`` read whole from ``source`` (after ``check_source``): generated, IDX files or tfds.
+
+  synthetic_options: ``from_mnist1d``'s (num_samples, mnist1d_seed) or ``synthetic``'s keywords (its seed is
+  ``seed``)."""
+  check_source(name, source)
+  if name == "mnist1d":
+    return from_mnist1d(seed=synthetic_options.get("mnist1d_seed", 42),
+                        num_samples=synthetic_options.get("num_samples", 5000))
+  if name == "synthetic":
+    return synthetic(seed=seed, **synthetic_options)
+  if source == "idx":
+    return from_idx(name, data_dir)
+  return from_tfds(name, data_dir)
