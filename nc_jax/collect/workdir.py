@@ -1,5 +1,6 @@
 """NC of a run directory made by ``python -m nc_jax.train``: its checkpoint restored with the run's own model
-and data (``nc_jax.training.loop.build_program`` / ``load_dataset``), then measured by ``collect``."""
+and data (``nc_jax.training.program.build_program`` / ``load_dataset``, which training uses too: collect never
+imports the training loop), then measured by ``collect``."""
 
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ def _data_folder(config) -> Optional[str]:
 
 
 def _load_data(config, data_dir: Optional[str]):
-  """``loop.load_dataset`` of the run's config, reading from ``data_dir`` when given (data moved since
+  """``program.load_dataset`` of the run's config, reading from ``data_dir`` when given (data moved since
   training); DataNotFound when the folder or the data in it is missing."""
-  from nc_jax.training import loop
+  from nc_jax.training import program as program_lib
   if data_dir is not None:
     if _data_folder(config) is None:
       raise CollectError(f"--data_dir {data_dir}: the run's data ({config.dataset}, {config.data_source}) is "
@@ -79,7 +80,7 @@ def _load_data(config, data_dir: Optional[str]):
     config.data_dir = str(pathlib.Path(data_dir).expanduser().absolute())
   folder = _data_folder(config)
   try:
-    return loop.load_dataset(config)
+    return program_lib.load_dataset(config)
   except (FileNotFoundError, ValueError) as error:
     moved = isinstance(error, FileNotFoundError) or (
         folder is not None and not pathlib.Path(folder).expanduser().is_dir())
@@ -104,14 +105,14 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, data_dir: Optional[
                     warn: Callable[[str], None] = default_warn):
   """(config, dataset, model, variables, epoch, step, checkpoint path) of a run directory's checkpoint.
 
-  The data, the model and the checkpoint's abstract state are the run's own: ``nc_jax.training.loop``'s
+  The data, the model and the checkpoint's abstract state are the run's own: ``nc_jax.training.program``'s
   ``load_dataset`` and ``build_program`` make them as training made them; ``variables`` ({'params',
   'batch_stats'}) are this process's numpy copies. ``epoch`` None: the newest checkpoint that is not damaged.
   ``data_dir``: where the run's data is now, when it moved since training (config.json's data_dir
   otherwise); the returned config keeps the run's own. DataNotFound when the data is not there.
   """
   from nc_jax.data import device
-  from nc_jax.training import checkpoints, loop, workdir as workdir_lib
+  from nc_jax.training import checkpoints, program as program_lib, workdir as workdir_lib
 
   _not_empty(workdir, "--workdir", "a run directory of python -m nc_jax.train")
   workdir = pathlib.Path(workdir).absolute()
@@ -131,8 +132,9 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, data_dir: Optional[
     raise CollectError(f"--epoch {epoch}: {workdir} has no checkpoint of epoch {epoch}; it has epochs "
                        f"{', '.join(map(str, epochs))}", 2)
   dataset = _load_data(config, data_dir)  # a StreamedDataset where the run streamed
-  program = loop.build_program(config, device.data_mesh(), dataset.num_classes, dataset.input_shape,
-                               max(len(dataset.train_labels) // config.batch_size, 1), len(dataset.train_labels))
+  program = program_lib.build_program(config, device.data_mesh(), dataset.num_classes, dataset.input_shape,
+                                      max(len(dataset.train_labels) // config.batch_size, 1),
+                                      len(dataset.train_labels))
   manager = checkpoints.Checkpoints(directory, read_only=True)
   try:
     if epoch is None:
@@ -208,7 +210,7 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
   weights, bias = models.classifier_weights(variables["params"], feature_dim=math.prod(feature_shape[1:]),
                                             num_classes=dataset.num_classes)
   index, count = jax.process_index(), jax.process_count()
-  if hasattr(dataset, "train_inputs"):
+  if not dataset.streamed:
     train = array_batches(dataset.train_inputs, dataset.train_labels, batch_size, process_index=index,
                           process_count=count)
     test = array_batches(dataset.test_inputs, dataset.test_labels, batch_size, process_index=index,

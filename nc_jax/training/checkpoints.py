@@ -34,6 +34,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nc_jax import multihost
+
 CORRUPT_DIR = "corrupt"
 
 
@@ -211,18 +213,14 @@ class Checkpoints:
 
   def _move_aside(self, epochs: list[int]) -> None:
     """Moves damaged checkpoints to corrupt/<epoch>-<time>/ (process 0, after every process has looked)."""
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("nc_jax: checkpoints inspected")
+    multihost.sync("nc_jax: checkpoints inspected")
     if jax.process_index() == 0:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for epoch in epochs:
         target = self.directory / CORRUPT_DIR / f"{epoch}-{stamp}"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(epoch)), str(target))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices("nc_jax: damaged checkpoints moved")
+    multihost.sync("nc_jax: damaged checkpoints moved")
     self.manager.close()
     self.manager = self._open()
 
