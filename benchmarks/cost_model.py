@@ -118,7 +118,7 @@ class Cost:
 
 @functools.lru_cache(maxsize=None)  # in memory only: a cell compiled for a table is reused for calibration
 def compile_cost(dataset: str, net: str, batch: int) -> Cost:
-  """Builds the cell's model as nc_jax.training.loop does and compiles its train step from abstract inputs."""
+  """Builds the cell's model as nc_jax.training.program does and compiles its train step from abstract inputs."""
   config = paper.load(dataset, net)
   options = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model_options.to_dict().items()}
   model = models.create(net, NUM_CLASSES[dataset], dtype=jnp.bfloat16, **options)

@@ -478,7 +478,7 @@ OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_e
 # around those functions (which epochs it measures, where TPT starts, how many DeepFool inputs, which folder
 # the data come from). They may change a run's records, so a changed value is still a changed config; the
 # trainer caches its program on the config without them, and a mid-epoch checkpoint resumes across them
-# (training.loop's run digest).
+# (training.program's run digest).
 PROGRAM_NEUTRAL_KEYS = OPERATIONAL_KEYS + ("measure_epochs", "tpt_threshold", "deepfool_samples", "data_dir")
 
 
@@ -537,7 +537,7 @@ def config_digest(values: Mapping[str, Any]) -> str:
   """sha256 of what makes a run's results: every key but ``OPERATIONAL_KEYS``, each left out where it has its
   default (model options at their model's), so a key added by a later version at its default, or a default made
   explicit, leaves the digest as it was. Two configs have the same digest exactly when ``changed_keys`` finds
-  no key between them. Each checkpoint carries the digest of the config that wrote it (training.loop)."""
+  no key between them. Each checkpoint carries the digest of the config that wrote it (training.resume)."""
   filled = _canonical(fill_defaults(values) if "model" in values and "model_options" in values else dict(values))
   reference = _canonical(json.loads(_REFERENCE.to_json()))
   kept = {k: v for k, v in filled.items() if k not in OPERATIONAL_KEYS and (k not in reference or v != reference[k])}

@@ -19,7 +19,7 @@ import pytest
 from configs import default as default_config
 from nc_jax import models, schema
 from nc_jax.data import device
-from nc_jax.training import evaluate as evaluate_lib, loop, step as step_lib, train_and_evaluate
+from nc_jax.training import evaluate as evaluate_lib, program as program_lib, step as step_lib, train_and_evaluate
 from tests import reference
 
 CROSS_ENTROPY = step_lib.loss_function("cross_entropy")
@@ -133,13 +133,13 @@ def test_the_float32_evaluation_of_a_bf16_run_is_an_independent_float32_forward_
 
 @pytest.mark.parametrize("eval_dtype,bf16_expected", [("float32", False), ("same", True)])
 def test_the_bf16_runs_jitted_evaluation_computes_no_bf16_under_float32(eval_dtype, bf16_expected):
-  """The trainer's jitted evaluation (loop.build_program) of a compute_dtype='bfloat16' config, lowered: with
+  """The trainer's jitted evaluation (program.build_program) of a compute_dtype='bfloat16' config, lowered: with
   eval_dtype='float32' no bf16 value appears anywhere in it (forward passes, features, metrics); 'same'
   (the old behaviour) computes the forward passes in bf16."""
   config = default_config.get_config("smoke")
   config.update(compute_dtype="bfloat16", eval_dtype=eval_dtype, deepfool_samples=0)
   mesh = device.data_mesh()
-  program = loop.build_program(config, mesh, 10, (40,), 1)
+  program = program_lib.build_program(config, mesh, 10, (40,), 1)
   inputs, labels = jax.ShapeDtypeStruct((64, 40), jnp.float32), jax.ShapeDtypeStruct((64,), jnp.int32)
   text = program.evaluate.lower(program.abstract_state, inputs, labels, inputs, labels).as_text()
   assert ("bf16" in text) is bf16_expected

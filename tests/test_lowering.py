@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from nc_jax import schema
 from nc_jax.data import device
 from nc_jax.metrics import finalize_collapse, finalize_transfer, neural_collapse, streaming
-from nc_jax.training import loop
+from nc_jax.training import program as program_lib
 from configs import default as default_config, fashion_mnist_mlp
 from configs.paper import common as paper
 
@@ -112,14 +112,14 @@ def lower_everywhere(fn, *args) -> dict:
 
 
 def trainer_program(config, dataset: str):
-  """The trainer's jitted train epoch and evaluation for ``config`` (``loop.build_program``, exactly as
+  """The trainer's jitted train epoch and evaluation for ``config`` (``program.build_program``, exactly as
   ``train_and_evaluate`` builds them on the 8-device mesh) and abstract arguments of the data's real shapes."""
   shape, num_classes, num_train, num_test = DATA[dataset]
   num_train, num_test = LOWERED_SIZES.get(dataset, (num_train, num_test))
   config.epoch_loop = "scan"  # what 'auto' picks on accelerators (CPU steps conv nets from the host)
   schema.validate(config)
   schema.validate_sizes(config, num_train=num_train, num_test=num_test, num_devices=mesh().size)
-  program = loop.build_program(config, mesh(), num_classes, shape, num_train // config.batch_size)
+  program = program_lib.build_program(config, mesh(), num_classes, shape, num_train // config.batch_size)
   inputs, labels = abstract((num_train, *shape)), abstract((num_train,), jnp.int32)
   train_args = (program.abstract_state, inputs, labels, abstract((), jnp.int32))
   eval_args = (program.abstract_state, inputs, labels, abstract((num_test, *shape)), abstract((num_test,), jnp.int32),

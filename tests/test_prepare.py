@@ -127,13 +127,13 @@ def _load(config_file: str, overrides: dict):
   """The run's data exactly as ``train_and_evaluate`` loads it, for a config file and command-line overrides."""
   import importlib.util
 
-  from nc_jax.training import loop
+  from nc_jax.training import program as program_lib
   spec = importlib.util.spec_from_file_location("prepared_config", REPO / config_file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config("smoke")  # per_class 'none': every example
   config.update(overrides)
-  return loop.load_dataset(config), config
+  return program_lib.load_dataset(config), config
 
 
 @needs_builders
@@ -178,7 +178,7 @@ def test_imagenet_trains_from_the_prepared_tars_by_streaming(prepared):
 READ_ALL_WITHOUT_TENSORFLOW = """
 import importlib.util, json, sys
 from nc_jax.data import stream
-from nc_jax.training import loop
+from nc_jax.training import program as program_lib
 assert importlib.util.find_spec("tensorflow") is not None  # installed: only not imported
 out = {}
 for name, (config_file, overrides) in json.loads(sys.argv[1]).items():
@@ -187,7 +187,7 @@ for name, (config_file, overrides) in json.loads(sys.argv[1]).items():
   spec.loader.exec_module(module)
   config = module.get_config("smoke")
   config.update({**overrides, "input_pipeline": "stream"})
-  data = loop.load_dataset(config)
+  data = program_lib.load_dataset(config)
   inputs, labels, _ = next(stream.eval_batches(data, "train", 2, process_index=0, process_count=1))
   out[name] = [list(data.input_shape), len(data.train_labels), len(data.test_labels), inputs.shape[0]]
 out["tensorflow"] = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))

@@ -18,7 +18,7 @@ import pytest
 from configs import default as default_config
 from nc_jax import records
 from nc_jax.data import idx, stream
-from nc_jax.training import Preempted, checkpoints, loop, train_and_evaluate
+from nc_jax.training import Preempted, checkpoints, preemption, train_and_evaluate
 from tests.run_helpers import QUIET, REPO, assert_same_run, cli, comparable, cpu_env, train_command
 
 STREAMED = ["--config.input_pipeline=stream", "--config.epoch_loop=steps"]
@@ -32,7 +32,7 @@ def smoke(**overrides):
 
 
 def mid_epoch_metas(run):
-  directory = run / "checkpoints" / loop.MID_EPOCH_DIR
+  directory = run / "checkpoints" / preemption.MID_EPOCH_DIR
   manager = checkpoints.Checkpoints(directory, read_only=True)
   try:
     return {step: manager.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -97,7 +97,7 @@ def test_a_mid_epoch_checkpoint_of_another_config_is_not_resumed(tmp_path, monke
 def test_seconds_cadence_checkpoints_mid_epoch_without_changing_the_run(straight, tmp_path):
   train_and_evaluate(smoke(checkpoint_every_seconds=1e-9), str(tmp_path), **QUIET)
   metas = mid_epoch_metas(tmp_path)
-  assert len(metas) == loop.MID_EPOCH_KEEP and all(m["input_state"]["step"] > 0 for m in metas.values())
+  assert len(metas) == preemption.MID_EPOCH_KEEP and all(m["input_state"]["step"] > 0 for m in metas.values())
   assert_same_run(tmp_path, straight)
 
 
@@ -107,7 +107,7 @@ def test_kill_9_after_a_mid_epoch_checkpoint_then_rerun_is_exact(tmp_path):
                "--config.batch_size=504"]
   assert cli(tmp_path / "straight", *arguments).returncode == 0
   run = tmp_path / "killed"
-  killed = cli(run, *arguments, env_extra={loop.MID_EPOCH_TEST_ENV: "3:4:kill"})
+  killed = cli(run, *arguments, env_extra={preemption.MID_EPOCH_TEST_ENV: "3:4:kill"})
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   assert [m["input_state"] for m in mid_epoch_metas(run).values()] == [{"epoch": 3, "step": 4}]
   assert [r["epoch"] for r in records.read(run)] == [1, 2]
@@ -158,7 +158,7 @@ def test_two_processes_of_four_devices_stream_their_shards_and_match_one_process
   # both processes checkpoint in epoch 2 after step 3 (orbax, together), then are killed (kill -9); the rerun
   # resumes both there
   env |= {"JAX_NUM_CPU_DEVICES": "4", stream.READ_LOG_ENV: str(tmp_path / "killed.reads")}
-  outputs, codes = two_processes(**{loop.MID_EPOCH_TEST_ENV: "2:3:kill"})
+  outputs, codes = two_processes(**{preemption.MID_EPOCH_TEST_ENV: "2:3:kill"})
   assert codes == [-signal.SIGKILL] * 2, [o[-3000:] for o in outputs]
   env[stream.READ_LOG_ENV] = str(tmp_path / "multi.reads")
   outputs, codes = two_processes()

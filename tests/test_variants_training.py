@@ -19,7 +19,7 @@ import pytest
 from configs import default as default_config
 from nc_jax import models, records, schema
 from nc_jax.metrics import neural_collapse
-from nc_jax.training import checkpoints, loop, schedule, step as step_lib, train_and_evaluate
+from nc_jax.training import checkpoints, program as program_lib, schedule, step as step_lib, train_and_evaluate
 from tests.test_reliability import comparable, final_state, stop_after
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def train_features(config, workdir: pathlib.Path):
   """(logits, features, labels, variables) of the trained model on its whole training set, eval mode."""
   variables = final_variables(workdir)
   model = models.create(config.model, NUM_CLASSES, **config.model_options)
-  dataset = loop.load_dataset(config)  # in memory: mnist1d is small
+  dataset = program_lib.load_dataset(config)  # in memory: mnist1d is small
   logits, features = model.apply(variables, dataset.train_inputs, train=False)
   return np.asarray(logits), np.asarray(features), dataset.train_labels, variables
 

@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nc_jax import multihost
+from nc_jax.files import error_chain
 
 CORRUPT_DIR = "corrupt"
 
@@ -85,13 +86,6 @@ def checksum(state, meta: dict) -> str:
 _JSON_FILES = {"state/_METADATA": "orbax's index of the state's arrays", "meta/metadata": "the run's meta and checksum"}
 
 
-def _error_chain(error: BaseException) -> list[BaseException]:
-  chain, seen = [], set()
-  while error is not None and id(error) not in seen:
-    chain.append(error)
-    seen.add(id(error))
-    error = error.__cause__ or error.__context__
-  return chain
 
 
 def _damaged_json(step: pathlib.Path, error: BaseException) -> Optional[str]:
@@ -109,7 +103,7 @@ def _damaged_json(step: pathlib.Path, error: BaseException) -> Optional[str]:
     except ValueError as problem:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
       where = f" (character {problem.pos} of {len(text)})" if isinstance(problem, json.JSONDecodeError) else ""
       return f"its {name}, {holds}, is not valid JSON{where}: truncated or overwritten"
-  for link in _error_chain(error):
+  for link in error_chain(error):
     in_parser = any(f"{os.sep}metadata{os.sep}" in frame.filename or frame.name == "_read_metadata_file"
                     for frame in traceback.extract_tb(link.__traceback__))
     if in_parser and isinstance(link, (KeyError, TypeError, AttributeError, IndexError)):

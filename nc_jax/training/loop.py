@@ -57,7 +57,7 @@ class Diverged(FloatingPointError):
     """One line: the loss, the epoch, the lr, and what to do (the only place that advice is written).
 
     With a last good checkpoint: go on from it in a new workdir at ``advised_lr``, given as ``rerun`` (the
-    command line's whole command, ``nc_jax.train.rerun_command``) or else as the flags to change.
+    command line's whole command, ``nc_jax.cli.rerun_command``) or else as the flags to change.
     """
     head = f"training loss is {self.loss} at epoch {self.epoch} (lr {self.lr:.3g}); stopped: "
     lower = "--config.lr" + (f" (or --config.feature_decay, now {self.feature_decay:g})" if self.feature_decay else "")
