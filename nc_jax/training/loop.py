@@ -28,8 +28,7 @@ from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
 from nc_jax.training import preemption, program as program_lib, resume, schedule
 from nc_jax.training import workdir as workdir_lib
 # Names other modules and tests import from here (their homes are program.py and preemption.py).
-from nc_jax.training.preemption import MID_EPOCH_DIR, MID_EPOCH_KEEP, MID_EPOCH_TEST_ENV, Preempted  # noqa: F401
-from nc_jax.training.program import Program, build_program, load_dataset  # noqa: F401
+from nc_jax.training.preemption import Preempted
 
 SUMMARY_KEYS = ("nc1", "equinorm_means", "equiangular_means", "self_duality", "ncc_mismatch")
 
