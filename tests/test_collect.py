@@ -17,6 +17,7 @@ import pytest
 from nc_jax import cli as cli_lib, collect as collect_lib, records
 from nc_jax.collect import batches as batches_lib, outputs
 from nc_jax.metrics import further, neural_collapse
+from nc_jax.metrics.options import NCOptions
 from nc_jax.training import train_and_evaluate
 from configs import default as default_config
 
@@ -148,6 +149,22 @@ def test_user_model_equals_neural_collapse_in_one_go(user_model, tmp_path):
   without_classifier = collect_lib.collect(apply_fn, params, (inputs, labels), 5, batch_size=100, **QUIET)
   assert "self_duality" not in without_classifier and "ncc_mismatch" not in without_classifier
   assert_same_metrics(without_classifier, expected, ("nc1", "cdnv", "equinorm_means", "ncc_accuracy"))
+
+
+def test_conventions_as_keywords_or_as_options_equal_neural_collapse_with_them(user_model):
+  inputs, labels, _, _ = user_model["data"]
+  apply_fn, params, weights, bias = (user_model[k] for k in ("apply_fn", "params", "weights", "bias"))
+  conventions = dict(global_mean="samples", ncc_use_bias=False, divide_nc1_by_classes=False,
+                     self_duality_squared=False, std_ddof=0)
+  expected = {k: records.plain(np.asarray(v)) for k, v in neural_collapse(
+      apply_fn(params, inputs)[1], labels, 5, weights, bias, **conventions).items()}
+  run = lambda **kw: collect_lib.collect(apply_fn, params, batch_list(inputs, labels, 100), 5, weights=weights,
+                                         bias=bias, **kw, **QUIET)
+  by_keywords = run(**conventions)
+  assert run(options=NCOptions(**conventions)) == by_keywords
+  assert_same_metrics(by_keywords, expected, expected)
+  with pytest.raises(TypeError, match="global_means"):
+    run(global_means="samples")
 
 
 class CrashingBatches:
@@ -392,6 +409,9 @@ def test_bad_user_inputs_are_one_line_collect_errors(user_model, tmp_path):
       (dict(checkpoint_every="a"), "checkpoint_every must be an int"),
       (dict(out_dir=tmp_path / "file"), "is a file"),
       (dict(out_dir=""), "out_dir is empty"),
+      (dict(solver="qr"), "solver='qr': choose one of svd, gram"),
+      (dict(min_count=2), "min_count=2: collect measures every class"),
+      (dict(options={"global_mean": "samples"}), "options must be an nc_jax.metrics.NCOptions"),
   ]
   (tmp_path / "file").write_text("x")
   for options, message in cases:

@@ -9,9 +9,8 @@ passes, resuming, several processes, the outputs and exit codes). Memory is O(C 
 
 One job per module:
 
-  measure.py            ``collect``: the passes (class means, deviations, held-out data), resume, finalize
+  measure.py            ``collect``: ``nc_jax.metrics.engine``'s passes, resumed; merging over processes; finalize
   batches.py            ``Batches``: this process's share of a re-readable stream, from any position
-  steps.py              the accumulator states and their jitted per-batch updates; merging over processes
   accumulator_files.py  the checksummed, atomically written accumulator file (resume after kill -9)
   statistics.py         ``per_class_statistics`` (class_stats.npz) and ``further_keys`` from the sums
   outputs.py            nc.json and class_stats.npz, written as a pair nc.json's sha256 ties together
@@ -28,8 +27,8 @@ from nc_jax.collect.measure import KILL_ENV, OutputLock, collect
 from nc_jax.collect.outputs import NC_FILE, OWN_DIGEST_KEY, STATS_DIGEST_KEY, STATS_FILE, read_outputs
 from nc_jax.collect.progress import Progress
 from nc_jax.collect.statistics import further_keys, per_class_statistics
-from nc_jax.collect.steps import (DeviationPass, LossState, init_loss, merge_across_processes,
-                                  merge_deviation_pass, merge_loss)
+from nc_jax.collect.measure import merge_across_processes
+from nc_jax.metrics.engine import DeviationPass, LossSums as LossState, init_loss, merge_deviation_pass, merge_loss
 from nc_jax.collect.workdir import SPLITS, collect_workdir, restore_workdir
 
 __all__ = [

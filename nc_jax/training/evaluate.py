@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from nc_jax import metrics as nc_metrics
 from nc_jax import models
-from nc_jax.metrics import deepfool, imbalance
+from nc_jax.metrics import deepfool, engine, imbalance
+from nc_jax.metrics.options import NCOptions
 from nc_jax.training import step as step_lib
 
 # The NC suite logged per stage: NC1 (three forms), NC2 of the class means, NC4 as NCC accuracy. NC3
@@ -104,76 +105,36 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
 class StreamedEvaluator:
   """The measurement of ``evaluate`` from batches, for sets that are not on the device (``input_pipeline='stream'``).
 
-  Two passes over the training batches (eval mode, BatchNorm running averages), as the notebook:
-    pass 1  class means (``nc_jax.metrics.streaming.update_class_means``, masked padding rows), loss and
-            correct counts; then ``finalize_class_means`` with W, b in units of the largest |class mean|
-            (``collapse.neural_collapse``'s first round);
-    pass 2  deviations from those means (``update_deviations``) -> ``finalize_collapse``;
-  and one pass over the test batches: deviations from the *training* geometry -> ``finalize_transfer``
-  (the ``*_test`` keys), loss and accuracy. Keys: those of ``evaluate`` without per-layer, MSE-decomposition
-  and minority keys (which need every feature at once); train/test loss and accuracy are means over the
-  set. Each batch's features leave the jitted forward only as the accumulators' sums; nothing of size N
-  is kept. ``batches(split)`` yields (inputs (B, ...), labels (B,), mask (B,)) sharded along 'data'.
-  The forward passes run ``eval_model(model, eval_dtype)``, float32 by default, as ``evaluate``'s.
+  ``nc_jax.metrics.engine.measure`` over the training batches (eval mode, BatchNorm running averages), as the
+  notebook: pass 1 class means (masked padding rows), then ``finalize_class_means`` with W, b in units of the
+  largest |class mean| (``neural_collapse``'s first round); pass 2 deviations from those means, loss and correct
+  counts -> ``finalize_collapse``; and one pass over the test batches: deviations from the *training* geometry
+  -> ``finalize_transfer`` (the ``*_test`` keys), loss and accuracy. Keys: those of ``evaluate`` without
+  per-layer, MSE-decomposition and minority keys (which need every feature at once); train/test loss and
+  accuracy are means over the set. Each batch's features leave the jitted forward only as the accumulators'
+  sums; nothing of size N is kept. ``batches(split)`` yields (inputs (B, ...), labels (B,), mask (B,)) sharded
+  along 'data'. The forward passes run ``eval_model(model, eval_dtype)``, float32 by default, as ``evaluate``'s.
   """
 
-  def __init__(self, *, model, loss_fn, num_classes: int, mesh=None, eval_dtype: str = "float32"):
-    """``mesh``: the devices that share the pair statistics' tiles (``geometry.pair_sums``), or None."""
-    from nc_jax.metrics import streaming
-
-    self.num_classes = num_classes
+  def __init__(self, *, model, loss_fn, num_classes: int, mesh=None, eval_dtype: str = "float32",
+               options: NCOptions = NCOptions()):
+    """``mesh``: the devices that share the pair statistics' tiles (``geometry.pair_sums``), or None;
+    ``options``: the metric conventions."""
+    self.num_classes, self.loss_fn, self.mesh, self.options = num_classes, loss_fn, mesh, options
     model = eval_model(model, eval_dtype)
-
-    def forward(variables, inputs, labels, mask):
-      logits, features = model.apply(variables, inputs, train=False)
-      mask = mask.astype(bool)
-      sums = {"loss": jnp.sum(jnp.where(mask, loss_fn(logits, labels), 0.0)),
-              "correct": jnp.sum(mask & (jnp.argmax(logits, -1) == labels)), "count": jnp.sum(mask)}
-      return features, sums
-
-    def pass1(state, variables, inputs, labels, mask):
-      features, sums = forward(variables, inputs, labels, mask)
-      return streaming.update_class_means(state, features, labels, mask, track_max_abs=False), sums
-
-    def geometry(state, params, feature_dim):
-      weights, bias = models.classifier_weights(params, feature_dim=feature_dim, num_classes=num_classes)
-      exponent = streaming.scale_exponent(streaming.max_finite_abs(state.means))
-      return streaming.finalize_class_means(state, weights, bias, exponent=exponent)
-
-    def pass2(deviations, geometry, variables, inputs, labels, mask):
-      features, sums = forward(variables, inputs, labels, mask)
-      return streaming.update_deviations(deviations, geometry, features, labels, mask), sums
-
-    self._pass1 = jax.jit(pass1)
-    self._geometry = jax.jit(geometry, static_argnums=2)
-    self._pass2 = jax.jit(pass2)
-    self._init_deviations = jax.jit(streaming.init_deviations)
-    self._collapse = jax.jit(functools.partial(nc_metrics.finalize_collapse, mesh=mesh))
-    self._transfer = jax.jit(nc_metrics.finalize_transfer)
-    self._init_means = streaming.init_class_means
+    # One function object per evaluator, so the engine's cached steps compile once for it.
+    self._apply = lambda variables, inputs: model.apply(variables, inputs, train=False)
+    self._classifier = jax.jit(functools.partial(models.classifier_weights, num_classes=num_classes),
+                               static_argnames="feature_dim")
     self._deepfool = jax.jit(lambda variables, inputs: deepfool.robustness_and_failures(
         lambda x: model.apply(variables, x[None], train=False)[0][0], inputs))
 
   def __call__(self, state: step_lib.TrainState, batches, feature_dim: int, deepfool_inputs=None) -> dict:
     """The measurement; with ``deepfool_inputs`` (M, ...) on device also deepfool_robustness / _unfooled."""
-    variables = state.variables
-    means = self._init_means(self.num_classes, feature_dim)
-    totals = None
-    for inputs, labels, mask in batches("train"):
-      means, sums = self._pass1(means, variables, inputs, labels, mask)
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    geometry = self._geometry(means, state.params, feature_dim)
-    deviations = self._init_deviations(geometry)
-    for inputs, labels, mask in batches("train"):
-      deviations, _ = self._pass2(deviations, geometry, variables, inputs, labels, mask)
-    result = dict(self._collapse(deviations, geometry))
-    result["train_loss"], result["train_acc"] = totals["loss"] / totals["count"], totals["correct"] / totals["count"]
-    test_deviations, totals = self._init_deviations(geometry), None
-    for inputs, labels, mask in batches("test"):
-      test_deviations, sums = self._pass2(test_deviations, geometry, variables, inputs, labels, mask)
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    result |= self._transfer(test_deviations, geometry)
-    result["test_loss"], result["test_acc"] = totals["loss"] / totals["count"], totals["correct"] / totals["count"]
+    weights, bias = self._classifier(state.params, feature_dim=feature_dim)
+    result = engine.measure(self._apply, state.variables, lambda: batches("train"), self.num_classes,
+                            weights=weights, bias=bias, test_batches=lambda: batches("test"), loss_fn=self.loss_fn,
+                            options=self.options, mesh=self.mesh, feature_dim=feature_dim, track_max_abs=False)
     if deepfool_inputs is not None:
-      result["deepfool_robustness"], result["deepfool_unfooled"] = self._deepfool(variables, deepfool_inputs)
+      result["deepfool_robustness"], result["deepfool_unfooled"] = self._deepfool(state.variables, deepfool_inputs)
     return result
