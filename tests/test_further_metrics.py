@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nc_jax.metrics import further, geometry
+from nc_jax.metrics import further, geometry, scale
 from tests import reference
 
 @functools.lru_cache(maxsize=None)
@@ -275,12 +275,12 @@ def test_test_means_geometry_is_geometrys_own_numbers_from_one_sweep(ddof):
   centred = jnp.asarray(rng.normal(size=(9, 6)) * 1e3, jnp.float32)
   weights = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
   got = further.mean_geometry(centred, weights, ddof)
-  scaled = further.streaming.unit_scaled(centred)
+  scaled = scale.unit_scaled(centred)
   expected = {"equinorm_means_test": geometry.equinorm(scaled, ddof),
               "equiangular_means_test": geometry.equiangularity(scaled, ddof),
               "max_angle_means_test": geometry.max_angle(scaled),
               "etf_deviation_means_test": geometry.etf_deviation(scaled),
-              "self_duality_test": geometry.self_duality(further.streaming.unit_scaled(weights), scaled)}
+              "self_duality_test": geometry.self_duality(scale.unit_scaled(weights), scaled)}
   assert set(got) == set(expected)
   for key, value in expected.items():
     np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(value), err_msg=key)

@@ -262,6 +262,79 @@ class TestLayersAndLargeC:
     assert np.isfinite(float(got["nc1"])) and float(got["nc1"]) > 0
 
 
+class TestOptionsValue:
+  """NCOptions through the keyword faces: options= measures what the same keywords measure; a keyword
+  that disagrees with options is refused in one line."""
+
+  CONVENTIONS = dict(global_mean="samples", solver="gram", std_ddof=0, divide_nc1_by_classes=False,
+                     self_duality_squared=False, ncc_use_bias=False, min_count=2)
+
+  def test_options_measure_what_the_keywords_measure(self):
+    features, full_labels, weights, bias = gaussian_classes(90, 6, 4, seed=3)
+    labels = np.where(full_labels == 3, 2, full_labels)  # unbalanced, and class 3 empty: min_count drops it
+    test = dict(test_features=features[:30], test_labels=labels[:30])
+    options = metrics.NCOptions(**self.CONVENTIONS)
+    by_keywords = neural_collapse(features, labels, 4, weights, bias, **test, **self.CONVENTIONS)
+    by_options = neural_collapse(features, labels, 4, weights, bias, **test, options=options)
+    agreeing = neural_collapse(features, labels, 4, weights, bias, **test, options=options, solver="gram")
+    paper = neural_collapse(features, labels, 4, weights, bias, **test, min_count=2)
+    assert by_options.keys() == by_keywords.keys() == agreeing.keys()
+    for key in by_keywords:
+      np.testing.assert_array_equal(np.asarray(by_options[key]), np.asarray(by_keywords[key]), err_msg=key)
+      np.testing.assert_array_equal(np.asarray(agreeing[key]), np.asarray(by_keywords[key]), err_msg=key)
+    assert float(by_options["nc1"]) != float(paper["nc1"])  # the options were used, not the defaults
+    further = functools.partial(metrics.further_collapse, features, full_labels, 4, weights, bias)
+    further_keywords, further_options = further(global_mean="samples", ddof=0), further(options=options)
+    for key in further_keywords:
+      np.testing.assert_array_equal(np.asarray(further_options[key]), np.asarray(further_keywords[key]), err_msg=key)
+    assert float(further_options["kernel_log_var"]) != float(further()["kernel_log_var"])  # ddof 0, not 1
+
+  def test_streaming_functions_take_options_or_keywords(self):
+    features, labels, weights, bias = gaussian_classes(90, 6, 4, seed=4)
+    options = metrics.NCOptions(**self.CONVENTIONS)
+    state = streaming.update_class_means(streaming.init_class_means(4, 6), features, labels)
+    results = []
+    for by in ("options", "keywords"):
+      kw = lambda *names: ({"options": options} if by == "options" else
+                           {name: self.CONVENTIONS[name] for name in names})
+      geometry = streaming.finalize_class_means(state, weights, bias, **kw("global_mean", "solver", "min_count"))
+      dev = streaming.update_deviations(streaming.init_deviations(geometry), geometry, features, labels,
+                                        **kw("ncc_use_bias"))
+      results.append(streaming.finalize_collapse(dev, geometry, **kw(
+          "global_mean", "divide_nc1_by_classes", "std_ddof", "self_duality_squared"))
+          | streaming.finalize_transfer(dev, geometry, **kw("divide_nc1_by_classes")))
+    for key in results[1]:
+      np.testing.assert_array_equal(np.asarray(results[0][key]), np.asarray(results[1][key]), err_msg=key)
+
+  def test_a_keyword_that_disagrees_with_options_is_one_line(self):
+    features, labels, weights, bias = gaussian_classes(40, 4, 3, seed=5)
+    options = metrics.NCOptions(global_mean="samples", min_count=2)
+    state = streaming.update_class_means(streaming.init_class_means(3, 4), features, labels)
+    geometry = streaming.finalize_class_means(state, options=options)
+    dev = streaming.init_deviations(geometry)
+    calls = {
+        "neural_collapse": lambda: neural_collapse(features, labels, 3, options=options, global_mean="class_means"),
+        "class_geometry": lambda: metrics.class_geometry(features, labels, 3, options=options, min_count=None),
+        "heldout_collapse": lambda: metrics.heldout_collapse(features, labels, geometry, options=options,
+                                                             ncc_use_bias=False),
+        "further_collapse": lambda: metrics.further_collapse(features, labels, 3, options=options, ddof=0),
+        "finalize_class_means": lambda: streaming.finalize_class_means(state, options=options, solver="gram"),
+        "update_deviations": lambda: streaming.update_deviations(dev, geometry, features, labels, options=options,
+                                                                 ncc_use_bias=False),
+        "finalize_collapse": lambda: streaming.finalize_collapse(dev, geometry, options=options, std_ddof=0),
+        "finalize_transfer": lambda: streaming.finalize_transfer(dev, geometry, options=options,
+                                                                 divide_nc1_by_classes=False),
+    }
+    for name, call in calls.items():
+      with pytest.raises(ValueError, match=f"^{name}: .* against options\\.") as error:
+        call()
+      assert "\n" not in str(error.value), name
+    with pytest.raises(ValueError, match="options must be an nc_jax.metrics.NCOptions or None, got a dict"):
+      neural_collapse(features, labels, 3, options={"global_mean": "samples"})
+    with pytest.raises(ValueError, match="min_count must be None or a non-negative int"):
+      metrics.NCOptions(min_count=-1)
+
+
 class TestBadInput:
 
   @pytest.mark.parametrize("args,match", [

@@ -2,18 +2,18 @@
 
 This module holds the in-memory entry points (``neural_collapse``, ``class_geometry``,
 ``heldout_collapse``, ``per_layer_collapse``, ``filter_classes``) and the input checks
-(``check_shapes``, ``validate_inputs``, ``raise_if_invalid``). The two passes and their
-finalisation (``finalize_collapse``, ``finalize_transfer``, the diagnostics) live in
-``streaming``, and are re-exported here.
+(``check_shapes``, ``validate_inputs``, ``raise_if_invalid``). The two passes' states live in
+``accumulators``, the metrics from their sums (``finalize_collapse``, ``finalize_transfer``, the
+diagnostics) in ``finalize``; the latter are re-exported here.
 
 Definitions follow Papyan, Han & Donoho (PNAS 2020) and the authors' notebook;
-each convention that sources disagree on is a keyword option with the paper's
-choice as default. Notation: N samples, p features, C classes; mu_c class means,
+each convention that sources disagree on is a field of ``NCOptions`` (``options=``), or the
+keyword of the same name, with the paper's choice as default. Notation: N samples, p features, C classes; mu_c class means,
 mu_G the global mean, M = [mu_c - mu_G] (C, p) the centred means,
 Sigma_W = (1/N) sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T,
 Sigma_B = (1/C) sum_c (mu_c - mu_G)(mu_c - mu_G)^T.
 
-Scale. Features are measured in exact power-of-two units (see ``streaming``), so
+Scale. Features are measured in exact power-of-two units (see ``scale``), so
 every scale-invariant key (nc1, nc1_tirer, cdnv, the NC2 numbers, self_duality,
 unc3, ncc_accuracy) is the same for h and for 10^k h, k in [-30, 30], in float32;
 accuracy and ncc_mismatch use the network's own decision argmax(W h + b). Only
@@ -57,9 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nc_jax.metrics import geometry as geo
-from nc_jax.metrics import streaming
-from nc_jax.metrics.streaming import (  # the two-pass API lives in streaming; re-exported for callers of collapse
+from nc_jax.metrics import accumulators as acc
+from nc_jax.metrics.finalize import (  # re-exported for callers of collapse
     DEGENERACY_KEYS,
     DIAGNOSTIC_KEYS,
     FILTER_KEYS,
@@ -68,6 +67,9 @@ from nc_jax.metrics.streaming import (  # the two-pass API lives in streaming; r
     mean_degeneracy,
     weight_diagnostics,
 )
+from nc_jax.metrics.options import UNSET, NCOptions, resolve
+from nc_jax.metrics.scale import float_dtype, max_finite_abs, scale_exponent
+from nc_jax.metrics.sharding import check_mesh, explicit_mesh, run_auto
 
 
 # ----------------------------------------------------------------------------
@@ -240,18 +242,19 @@ def _chunking(num_samples: int, chunk_rows: Optional[int]) -> tuple[int, int]:
   return fewest, fewest * -(-num_samples // fewest)
 
 
-def deviations_pass(geometry, features, labels, mask=None, *, chunk_rows="auto", ncc_use_bias=True):
+def deviations_pass(geometry, features, labels, mask=None, *, chunk_rows="auto", options: Optional[NCOptions] = None):
   """Pass 2 over in-memory features, in row chunks so the (rows, C) products stay bounded.
 
   Chunk c holds rows {j * d + c}: strided, so that every chunk is spread evenly over
   the devices of a mesh that shards N, and no chunk needs communication. On CPU,
   materialising all N x p deviations at once costs twice as much (fresh pages). When no
-  divisor of N gives chunks of the right size, N is padded with masked rows.
+  divisor of N gives chunks of the right size, N is padded with masked rows. ``options``: as for
+  ``accumulators.update_deviations`` (None: NCOptions()).
   """
   num_samples = features.shape[0]
   num_chunks, padded = _chunking(num_samples, _chunk_rows(geometry.means.shape[0], chunk_rows))
-  update = functools.partial(streaming.update_deviations, geometry=geometry, ncc_use_bias=ncc_use_bias)
-  start = streaming.init_deviations(geometry)
+  update = functools.partial(acc.update_deviations, geometry=geometry, options=options)
+  start = acc.init_deviations(geometry)
   if num_chunks == 1:
     return update(start, features=features, labels=labels, mask=mask)
   features, labels = jnp.asarray(features), jnp.asarray(labels)
@@ -271,9 +274,9 @@ def deviations_pass(geometry, features, labels, mask=None, *, chunk_rows="auto",
   return jax.lax.fori_loop(0, num_chunks, body, start)
 
 
-def _class_means(features, labels, num_classes, mask, track_max_abs=True) -> streaming.ClassMeansState:
-  state = streaming.init_class_means(num_classes, features.shape[1], streaming.float_dtype(features))
-  return streaming.update_class_means(state, features, labels, mask, track_max_abs=track_max_abs)
+def _class_means(features, labels, num_classes, mask, track_max_abs=True) -> acc.ClassMeansState:
+  state = acc.init_class_means(num_classes, features.shape[1], float_dtype(features))
+  return acc.update_class_means(state, features, labels, mask, track_max_abs=track_max_abs)
 
 
 def class_geometry(
@@ -284,21 +287,25 @@ def class_geometry(
     bias: Optional[jax.Array] = None,
     *,
     mask: Optional[jax.Array] = None,
-    global_mean: str = "class_means",
-    solver: str = "svd",
-    rcond: Optional[float] = None,
-    min_count: Optional[int] = None,
-) -> streaming.ClassGeometry:
-  """Pass 1 over in-memory features (N, p): class means, scale, centring, factorisation
-  (``min_count``: see ``neural_collapse``)."""
+    options: Optional[NCOptions] = None,
+    global_mean=UNSET,
+    solver=UNSET,
+    rcond=UNSET,
+    min_count=UNSET,
+) -> acc.ClassGeometry:
+  """Pass 1 over in-memory features (N, p): class means, scale, centring, factorisation.
+
+  Of ``options`` (``NCOptions``; or the keywords of the same names) this uses global_mean,
+  solver, rcond and min_count (see ``neural_collapse``).
+  """
+  options = resolve(options, "class_geometry", global_mean=global_mean, solver=solver, rcond=rcond,
+                    min_count=min_count)
   features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
   check_shapes(features, labels, num_classes, weights, bias, mask)
-  return streaming.finalize_class_means(_class_means(features, labels, num_classes, mask), weights, bias,
-                                        global_mean=global_mean, solver=solver, rcond=rcond, min_count=min_count)
+  return acc.finalize_class_means(_class_means(features, labels, num_classes, mask), weights, bias, options=options)
 
 
-def _both_passes(features, labels, num_classes, weights, bias, mask, *, global_mean, solver, rcond,
-                 chunk_rows, ncc_use_bias, min_count):
+def _both_passes(features, labels, num_classes, weights, bias, mask, *, options: NCOptions, chunk_rows):
   """``class_geometry`` and ``deviations_pass``, without pass 1's max |h_ij| read in the common case.
 
   Round 1 measures in units of the largest |class mean| (known after pass 1, free).
@@ -310,19 +317,17 @@ def _both_passes(features, labels, num_classes, weights, bias, mask, *, global_m
   One ``lax.while_loop``, so pass 2 is compiled once.
   """
   means_state = _class_means(features, labels, num_classes, mask, track_max_abs=False)
-  means_exponent = streaming.scale_exponent(streaming.max_finite_abs(means_state.means))
+  means_exponent = scale_exponent(max_finite_abs(means_state.means))
 
   def measure(round_):
-    exponent = jax.lax.cond(round_ == 0, lambda: means_exponent, lambda: streaming.scale_exponent(
-        streaming.max_abs_of_rows(features, streaming.segment_ids(labels, num_classes, mask), num_classes)))
-    geometry = streaming.finalize_class_means(means_state, weights, bias, global_mean=global_mean,
-                                              solver=solver, rcond=rcond, exponent=exponent, min_count=min_count)
+    exponent = jax.lax.cond(round_ == 0, lambda: means_exponent, lambda: scale_exponent(
+        acc.max_abs_of_rows(features, acc.segment_ids(labels, num_classes, mask), num_classes)))
+    geometry = acc.finalize_class_means(means_state, weights, bias, options=options, exponent=exponent)
     # Not carried through the loop: U (C, r), which neither pass 2 nor finalize needs (so it is never
     # formed), and W, b, given (set again below); at C = 50 257 each (C, p) copy is 150 MB.
     geometry = geometry.replace(basis=None, weights=None if weights is None else jnp.zeros((0,)),
                                 bias=None if bias is None else jnp.zeros((0,)))
-    return geometry, deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows,
-                                     ncc_use_bias=ncc_use_bias)
+    return geometry, deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows, options=options)
 
   def again(carry):
     round_, _, state = carry
@@ -347,15 +352,16 @@ def neural_collapse(
     mask: Optional[jax.Array] = None,
     test_features: Optional[jax.Array] = None,
     test_labels: Optional[jax.Array] = None,
-    global_mean: str = "class_means",
-    solver: str = "svd",
-    rcond: Optional[float] = None,
-    divide_nc1_by_classes: bool = True,
-    std_ddof: int = 1,
-    self_duality_squared: bool = True,
-    ncc_use_bias: bool = True,
+    options: Optional[NCOptions] = None,
+    global_mean=UNSET,
+    solver=UNSET,
+    rcond=UNSET,
+    divide_nc1_by_classes=UNSET,
+    std_ddof=UNSET,
+    self_duality_squared=UNSET,
+    ncc_use_bias=UNSET,
+    min_count=UNSET,
     chunk_rows: Union[int, None, str] = "auto",
-    min_count: Optional[int] = None,
     pair_block_rows: Optional[int] = None,
     pair_mesh: Optional[jax.sharding.Mesh] = None,
 ) -> dict:
@@ -371,34 +377,26 @@ def neural_collapse(
     mask: (N,) bool, False for padding rows, or None.
     test_features, test_labels: optional held-out set (N', p), (N',): adds the
       ``*_test`` keys, measured against the training means (``finalize_transfer``).
-    global_mean: 'class_means' (the notebook: mu_G = (1/C) sum_c mu_c) or
-      'samples' (mu_G = (1/N) sum_i h_i); equal on balanced data.
-    solver: 'svd' (default, accurate) or 'gram' (eigh of M M^T; faster for large
-      C on accelerators, squares the condition number of M).
-    rcond: directions of M with s_k <= rcond * s_max are not inverted in
-      Sigma_B^+; default max(C, p) * eps.
-    divide_nc1_by_classes: NC1 = Tr(Sigma_W Sigma_B^+)/C (paper) or without /C (notebook).
-    std_ddof: 1 = unbiased std in equinorm/equiangularity (notebook), 0 = population.
-    self_duality_squared: NC3 as the squared Frobenius distance (paper) or its root.
-    ncc_use_bias: NC4 compares the NCC rule with argmax(W h + b) (paper) or argmax(W h).
+    options: the conventions as one ``NCOptions`` (hashable: static under jit), or None.
+    global_mean, solver, rcond, divide_nc1_by_classes, std_ddof, self_duality_squared,
+      ncc_use_bias, min_count: the same conventions one by one (see ``NCOptions``; defaults:
+      the paper's). A keyword given with ``options`` must agree with it (else a ValueError).
+      With min_count k, classes with fewer than k samples (empty ones included) are left out
+      of every metric, as if the data had only the C' kept classes (labels remapped, rows of
+      W and b dropped): C' replaces C in every formula (NC1's 1/C, Sigma_B, mu_G, the ETF
+      target, max_angle's 1/(C'-1)), their samples are masked out, NCC and argmax run over
+      the kept classes only; adds num_filtered_classes, num_filtered_samples. Fewer than 2
+      kept classes make every metric NaN. ``filter_classes`` does the same on the host.
     chunk_rows: pass 2 runs over row chunks of at most this many rows (None: one
       chunk; 'auto': each (rows, C) temporary at most 64 MB on any backend, and at
       most 4096 rows on CPU; one chunk when that covers N). Only speed, memory and
       summation order depend on it.
-    min_count: None (the paper: an empty class makes every metric NaN) or k: classes
-      with fewer than k samples (empty ones included) are left out of every metric, as
-      if the data had only the C' kept classes (labels remapped, rows of W and b
-      dropped): C' replaces C in every formula (NC1's 1/C, Sigma_B, mu_G, the ETF
-      target, max_angle's 1/(C'-1)), their samples are masked out, NCC and argmax
-      run over the kept classes only; adds num_filtered_classes, num_filtered_samples.
-      Fewer than 2 kept classes make every metric NaN. ``filter_classes`` does the
-      same on the host.
     pair_block_rows: rows per tile of the pair statistics (None: one dense tile up to
       ``geometry.DENSE_MAX_CLASSES`` classes, else ``geometry.PAIR_BLOCK``).
     pair_mesh: a ``jax.sharding.Mesh`` (the one the features live on): beyond the dense
       threshold its devices share the tiles of the pair statistics, each sweeping ~1/D of
       them (``geometry.pair_sums``); None: one device sweeps them all. Inputs sharded on Explicit
-      mesh axes (jax.make_mesh's default) are computed on Auto axes (``geometry.run_auto``).
+      mesh axes (jax.make_mesh's default) are computed on Auto axes (``sharding.run_auto``).
 
   Returns:
     dict of scalar arrays:
@@ -432,58 +430,63 @@ def neural_collapse(
   O(C p) plus (rows, C) per chunk and one tile: no C x C array beyond the dense
   threshold. Use ``nc_jax.metrics.streaming`` when the features do not fit.
   """
-  features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
+  options = resolve(options, "neural_collapse", global_mean=global_mean, solver=solver, rcond=rcond,
+                    divide_nc1_by_classes=divide_nc1_by_classes, std_ddof=std_ddof,
+                    self_duality_squared=self_duality_squared, ncc_use_bias=ncc_use_bias, min_count=min_count)
+  layout = {"chunk_rows": chunk_rows, "pair_block_rows": pair_block_rows, "pair_mesh": pair_mesh}
+  return _collapse((features, labels, weights, bias, mask), (test_features, test_labels), num_classes, options, layout)
+
+
+def _collapse(inputs: tuple, test: tuple, num_classes: int, options: NCOptions, layout: dict) -> dict:
+  """``neural_collapse`` of ``inputs`` = (features, labels, weights, bias, mask) and ``test`` =
+  (test_features, test_labels), with the conventions as ``options`` and ``layout`` = {chunk_rows,
+  pair_block_rows, pair_mesh}."""
+  features, labels, weights, bias, mask = _as_inputs(*inputs)
   check_shapes(features, labels, num_classes, weights, bias, mask)
-  streaming.check_min_count(min_count)
-  geo.check_mesh(pair_mesh)
-  explicit = geo.explicit_mesh(features, labels, weights, bias, mask, test_features, test_labels)
-  if explicit is not None:  # inputs typed on Explicit axes (jax.make_mesh's default): computed on Auto axes
-    options = dict(global_mean=global_mean, solver=solver, rcond=rcond, divide_nc1_by_classes=divide_nc1_by_classes,
-                   std_ddof=std_ddof, self_duality_squared=self_duality_squared, ncc_use_bias=ncc_use_bias,
-                   chunk_rows=chunk_rows, min_count=min_count, pair_block_rows=pair_block_rows, pair_mesh=pair_mesh)
-    return geo.run_auto(lambda h, y, w, b, m, th, ty: neural_collapse(
-        h, y, num_classes, w, b, mask=m, test_features=th, test_labels=ty, **options),
-        explicit, features, labels, weights, bias, mask, test_features, test_labels)
-  geometry, state = _both_passes(features, labels, num_classes, weights, bias, mask, global_mean=global_mean,
-                                 solver=solver, rcond=rcond, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias,
-                                 min_count=min_count)
-  metrics = finalize_collapse(
-      state, geometry, global_mean=global_mean, divide_nc1_by_classes=divide_nc1_by_classes,
-      std_ddof=std_ddof, self_duality_squared=self_duality_squared, block_rows=pair_block_rows, mesh=pair_mesh)
-  if (test_features is None) != (test_labels is None):
+  check_mesh(layout["pair_mesh"])
+  if (test[0] is None) != (test[1] is None):
     raise ValueError("test_features and test_labels must be given together")
-  if test_features is not None:
-    metrics |= heldout_collapse(test_features, test_labels, geometry, divide_nc1_by_classes=divide_nc1_by_classes,
-                             ncc_use_bias=ncc_use_bias, chunk_rows=chunk_rows)
+  explicit = explicit_mesh(features, labels, weights, bias, mask, *test)
+  if explicit is not None:  # inputs typed on Explicit axes (jax.make_mesh's default): computed on Auto axes
+    return run_auto(lambda h, y, w, b, m, th, ty: _collapse((h, y, w, b, m), (th, ty), num_classes, options, layout),
+                    explicit, features, labels, weights, bias, mask, *test)
+  geometry, state = _both_passes(features, labels, num_classes, weights, bias, mask, options=options,
+                                 chunk_rows=layout["chunk_rows"])
+  metrics = finalize_collapse(state, geometry, options=options, block_rows=layout["pair_block_rows"],
+                              mesh=layout["pair_mesh"])
+  if test[0] is not None:
+    metrics |= heldout_collapse(*test, geometry, options=options, chunk_rows=layout["chunk_rows"])
   return metrics
 
 
 def heldout_collapse(
     features: jax.Array,
     labels: jax.Array,
-    geometry: streaming.ClassGeometry,
+    geometry: acc.ClassGeometry,
     *,
     mask: Optional[jax.Array] = None,
-    divide_nc1_by_classes: bool = True,
-    ncc_use_bias: bool = True,
+    options: Optional[NCOptions] = None,
     chunk_rows: Union[int, None, str] = "auto",
+    divide_nc1_by_classes=UNSET,
+    ncc_use_bias=UNSET,
 ) -> dict:
   """Held-out features (N', p) against training ``geometry`` (from ``class_geometry``).
 
   Keys: nc1_test, trace_within_test, ncc_accuracy_test and, with weights,
   ncc_mismatch_test and accuracy_test; plus the diagnostic counts with _test
-  (``finalize_transfer``). Held-out features are measured in the training scale.
+  (``finalize_transfer``). Held-out features are measured in the training scale. Of ``options``
+  (or the keywords) this uses divide_nc1_by_classes and ncc_use_bias.
   """
+  options = resolve(options, "heldout_collapse", divide_nc1_by_classes=divide_nc1_by_classes,
+                    ncc_use_bias=ncc_use_bias)
   features = as_array(features, "test features", "(N', p)", floating=True)
   labels = as_array(labels, "test labels", "(N',)")
   mask = as_array(mask, "mask", "(N',)")
   check_shapes(features, labels, geometry.means.shape[0], mask=mask)
   if features.shape[1] != geometry.means.shape[1]:
     raise ValueError(f"test features have {features.shape[1]} columns, training means {geometry.means.shape[1]}")
-  state = deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows, ncc_use_bias=ncc_use_bias)
-  return finalize_transfer(state, geometry, divide_nc1_by_classes=divide_nc1_by_classes)
-
-
+  state = deviations_pass(geometry, features, labels, mask, chunk_rows=chunk_rows, options=options)
+  return finalize_transfer(state, geometry, options=options)
 
 
 def filter_classes(features, labels, num_classes: int, weights=None, bias=None, *, min_count: int, mask=None):
@@ -497,7 +500,7 @@ def filter_classes(features, labels, num_classes: int, weights=None, bias=None, 
   unchanged as -1, so ``neural_collapse`` still counts them as invalid.
   ``neural_collapse(..., min_count=k)`` gives the metrics of ``neural_collapse`` on these arrays.
   """
-  streaming.check_min_count(min_count)
+  acc.check_min_count(min_count)
   if min_count is None:
     raise ValueError("filter_classes needs min_count, a non-negative int: classes with fewer samples are dropped")
   features, labels, weights, bias, mask = _as_inputs(features, labels, weights, bias, mask)
@@ -521,17 +524,20 @@ def per_layer_collapse(
     features_by_layer: Mapping[str, jax.Array],
     labels: jax.Array,
     num_classes: int,
-    **options,
+    *,
+    options: Optional[NCOptions] = None,
+    **keywords,
 ) -> dict[str, dict]:
   """``neural_collapse`` of every layer's features, each flattened to (N, -1).
 
   Args:
     features_by_layer: name -> (N, ...) activations (e.g. (N, H, W, C) conv maps).
-    labels, num_classes, **options: as for ``neural_collapse`` (without weights).
+    labels, num_classes, options, **keywords: as for ``neural_collapse`` (without weights).
   Returns:
     name -> metrics dict; NC1 and NCC accuracy across depth show where collapse starts.
   """
   layers = {name: as_array(value, f"features of layer {name!r}", "(N, ...)", floating=True)
             for name, value in features_by_layer.items()}
-  return {name: neural_collapse(jnp.reshape(value, (value.shape[0], -1)), labels, num_classes, **options)
+  return {name: neural_collapse(jnp.reshape(value, (value.shape[0], -1)), labels, num_classes, options=options,
+                                **keywords)
           for name, value in layers.items()}

@@ -12,7 +12,9 @@ visiting only tiles i <= j (the matrix is symmetric; an off-diagonal tile stands
 itself and its transpose). Temporary memory is O(C p + block^2). Up to
 ``DENSE_MAX_CLASSES`` classes the whole Gram matrix is one tile (the dense path, which is
 faster there); beyond it tiles have ``PAIR_BLOCK`` rows. ``pair_geometry`` computes
-every NC2 pair statistic (and CDNV and the coincident-means count) in one sweep.
+every NC2 pair statistic (and CDNV and the coincident-means count) in one sweep. Dealing
+the tiles to the devices of a mesh, and inputs on Explicit mesh axes, are ``sharding``'s
+(``check_mesh``, ``explicit_mesh``, ``run_auto`` are re-exported here).
 
 Spreads (equiangularity, gnc2) need a mean first. Rather than a second sweep
 over the Gram matrix, the sweep sums x - m0 and (x - m0)^2 around a pilot mean m0
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nc_jax.metrics.sharding import check_mesh, deals_tiles, explicit_mesh, run_auto, sharded_tile_sweep
 HIGHEST = jax.lax.Precision.HIGHEST
 # Measured (benchmarks/metrics.py --tiles, p = 768, 2 CPU cores): tiles of 256 rows beat one dense tile
 # from C = 512 on (1.5x there, 2.5x at C = 4096, 7x at C = 8192), and beat tiles of 512 or more.
@@ -113,6 +116,56 @@ def _tile_share(part, on_diagonal):
   return jax.tree_util.tree_map(share, part)
 
 
+def _kahan_add(carry, part):
+  """Adds a tile's partial sums (a pytree) to ``carry`` = (totals, compensations), lists of leaves:
+  integers exactly, floats with Kahan compensation (which holds what the last addition lost)."""
+  totals, compensations = carry
+  new_totals, new_compensations = [], []
+  for total, compensation, part in zip(totals, compensations, jax.tree_util.tree_leaves(part)):
+    if jnp.issubdtype(part.dtype, jnp.integer):
+      new_totals.append(total + part)
+      new_compensations.append(compensation)
+    else:
+      corrected = part - compensation
+      summed = total + corrected
+      new_totals.append(summed)
+      new_compensations.append((summed - total) - corrected)
+  return new_totals, new_compensations
+
+
+def _tile_function(statistic: Callable, num_classes: int, block: int) -> Callable:
+  """tile(i, j, vectors, row_data, valid, live=True): ``statistic`` on the tile (block rows i, block
+  rows j) of the Gram matrix, as its share of the whole (``_tile_share``)."""
+  offsets = jnp.arange(block)
+
+  def tile(i, j, vectors, row_data, valid, live=True):
+    # The last block starts at C - block (no padded copy of V): its rows below i * block belong to
+    # the block before, and are masked out here. A tile that is not ``live`` (padding of a device's
+    # share) has an empty mask, so it adds 0.
+    start = lambda k: jnp.minimum(k * block, num_classes - block)
+    rows = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start(k), block)
+    ids_a, ids_b = start(i) + offsets, start(j) + offsets
+    own_a, own_b = rows(valid, i) & (ids_a >= i * block), rows(valid, j) & (ids_b >= j * block)
+    mask = own_a[:, None] & own_b[None, :] & (ids_a[:, None] != ids_b[None, :]) & live
+    part = statistic(_gram(rows(vectors, i), rows(vectors, j)), jax.tree_util.tree_map(lambda x: rows(x, i), row_data),
+                     jax.tree_util.tree_map(lambda x: rows(x, j), row_data), mask)
+    return _tile_share(part, i == j)
+
+  return tile
+
+
+def _serial_tile_sweep(tile: Callable, zeros: list, num_blocks: int, vectors, row_data, valid) -> list:
+  """The tiles i <= j one after another on one device: the leaves of their Kahan-summed shares."""
+  # Nested loops, not the sharded path's flat list of tiles: row i's slice of V stays put while j runs
+  # (one flat loop measured 12% slower at C = 12,288, p = 768 on this CPU).
+  def row_of_tiles(i, carry):
+    return jax.lax.fori_loop(i, num_blocks, lambda j, carry: _kahan_add(carry, tile(i, j, vectors, row_data, valid)),
+                             carry)
+
+  totals, _ = jax.lax.fori_loop(0, num_blocks, row_of_tiles, (zeros, list(zeros)))
+  return totals
+
+
 def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: Optional[jax.Array] = None,
               block_rows: Optional[int] = None, mesh: Optional[jax.sharding.Mesh] = None):
   """Sums of a pair statistic over the Gram matrix G = V V^T of ``vectors`` V (C, p), tile by tile.
@@ -161,7 +214,7 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
     row_data = jnp.sum(vectors**2, axis=-1)
   valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)
   block = _block_rows(num_classes, block_rows)
-  explicit = explicit_mesh(vectors, row_data, valid, shares_tiles=_shares_tiles(mesh, num_classes, block))
+  explicit = explicit_mesh(vectors, row_data, valid, shares_tiles=deals_tiles(mesh, num_classes, block))
   if explicit is not None:
     return run_auto(lambda v, r, ok: pair_sums(statistic, v, r, valid=ok, block_rows=block, mesh=mesh), explicit,
                     vectors, row_data, valid)
@@ -170,133 +223,14 @@ def pair_sums(statistic: Callable, vectors: jax.Array, row_data=None, *, valid: 
     return _tile_share(statistic(_gram(vectors, vectors), row_data, row_data, mask), True)
 
   num_blocks = -(-num_classes // block)
-  offsets = jnp.arange(block)
-
-  def tile(i, j, vectors, row_data, valid, live=True):
-    # The last block starts at C - block (no padded copy of V): its rows below i * block belong to
-    # the block before, and are masked out here. A tile that is not ``live`` (padding of a device's
-    # share) has an empty mask, so it adds 0.
-    start = lambda k: jnp.minimum(k * block, num_classes - block)
-    rows = lambda x, k: jax.lax.dynamic_slice_in_dim(x, start(k), block)
-    ids_a, ids_b = start(i) + offsets, start(j) + offsets
-    own_a, own_b = rows(valid, i) & (ids_a >= i * block), rows(valid, j) & (ids_b >= j * block)
-    mask = own_a[:, None] & own_b[None, :] & (ids_a[:, None] != ids_b[None, :]) & live
-    part = statistic(_gram(rows(vectors, i), rows(vectors, j)), jax.tree_util.tree_map(lambda x: rows(x, i), row_data),
-                     jax.tree_util.tree_map(lambda x: rows(x, j), row_data), mask)
-    return _tile_share(part, i == j)
-
+  tile = _tile_function(statistic, num_classes, block)
   shapes = jax.eval_shape(tile, 0, 0, vectors, row_data, valid)
   zeros = [jnp.zeros(shape.shape, shape.dtype) for shape in jax.tree_util.tree_leaves(shapes)]
-  unflatten = lambda leaves: jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), leaves)
-
-  def add(carry, part):
-    totals, compensations = carry
-    new_totals, new_compensations = [], []
-    for total, compensation, part in zip(totals, compensations, jax.tree_util.tree_leaves(part)):
-      if jnp.issubdtype(part.dtype, jnp.integer):
-        new_totals.append(total + part)
-        new_compensations.append(compensation)
-      else:  # Kahan: compensation holds what the last addition lost
-        corrected = part - compensation
-        summed = total + corrected
-        new_totals.append(summed)
-        new_compensations.append((summed - total) - corrected)
-    return new_totals, new_compensations
-
   if mesh is None or mesh.size == 1:
-    # Nested loops, not the sharded path's flat list of tiles: row i's slice of V stays put while j runs
-    # (one flat loop measured 12% slower at C = 12,288, p = 768 on this CPU).
-    def row_of_tiles(i, carry):
-      return jax.lax.fori_loop(i, num_blocks, lambda j, carry: add(carry, tile(i, j, vectors, row_data, valid)), carry)
-
-    totals, _ = jax.lax.fori_loop(0, num_blocks, row_of_tiles, (zeros, list(zeros)))
-    return unflatten(totals)
-  return unflatten(_sharded_tile_sweep(tile, add, zeros, num_blocks, mesh, vectors, row_data, valid))
-
-
-def check_mesh(mesh) -> None:
-  """TypeError unless ``mesh`` (``pair_mesh``) is None or a concrete ``jax.sharding.Mesh``."""
-  if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-    raise TypeError(f"pair_mesh / mesh must be None or a jax.sharding.Mesh over the devices that hold the inputs "
-                    f"(e.g. jax.make_mesh((jax.device_count(),), ('data',))), got {type(mesh).__name__}: {mesh!r:.80}")
-
-
-def _shares_tiles(mesh, num_classes: int, block: int) -> bool:
-  """Whether ``pair_sums`` deals its tiles to the devices of ``mesh``: a mesh of D > 1 devices, and > 1 tile."""
-  return mesh is not None and mesh.size > 1 and block < num_classes
-
-
-def explicit_mesh(*trees, shares_tiles: bool = False):
-  """The ``AbstractMesh`` with Explicit axes (jax.make_mesh's default) that a metric must run under
-  ``run_auto`` on, or None: that of an input typed on one, or that of ``jax.set_mesh`` when ``shares_tiles``
-  (``shard_map`` cannot close over values typed on Explicit axes). The metrics are written for Auto
-  sharding: on Explicit axes, sums over a sharded axis (segment sums, tile slices) have no output type."""
-  for leaf in jax.tree_util.tree_leaves(trees):
-    if not isinstance(leaf, jax.Array):  # numpy, Python numbers, bad input (refused later, by name)
-      continue
-    mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
-    if mesh is not None and mesh.explicit_axes:
-      concrete = not isinstance(leaf, jax.core.Tracer)
-      return leaf.sharding.mesh if concrete else mesh  # eagerly, the Mesh itself: its devices run the computation
-  context = jax.sharding.get_abstract_mesh()
-  return context if shares_tiles and context.explicit_axes else None
-
-
-def run_auto(fn: Callable, mesh, *args):
-  """fn(*args) with every axis of ``mesh`` (a Mesh eagerly, else an AbstractMesh) Auto
-  (``jax.sharding.auto_axes``); replicated results."""
-  context = jax.set_mesh(mesh) if isinstance(mesh, jax.sharding.Mesh) else jax.sharding.use_abstract_mesh(mesh)
-  with context:
-    return jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())(*args)
-
-
-def _check_mesh_placement(mesh, *trees) -> None:
-  """One ValueError, naming the fix, where ``shard_map`` over ``mesh`` could not run: a ``jax.set_mesh``
-  context with another mesh, or (eagerly; under jit JAX itself refuses) inputs committed to other devices."""
-  context = jax.sharding.get_abstract_mesh()
-  if not context.empty and (context.axis_names, context.axis_sizes) != (mesh.axis_names, mesh.axis_sizes):
-    raise ValueError(f"pair_mesh / mesh has axes {dict(zip(mesh.axis_names, mesh.axis_sizes))} but the mesh in use "
-                     f"(set by jax.set_mesh, or that of inputs on Explicit axes) has "
-                     f"{dict(zip(context.axis_names, context.axis_sizes))}: pass that mesh")
-  devices = set(np.asarray(mesh.devices).flat)
-  for leaf in jax.tree_util.tree_leaves(trees):
-    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.committed
-        and leaf.sharding.device_set != devices):
-      ids = lambda found: sorted(device.id for device in found)
-      raise ValueError(f"pair_mesh / mesh spans devices {ids(devices)} but the inputs are committed to devices "
-                       f"{ids(leaf.sharding.device_set)}: pass the mesh the inputs are sharded on, or put them on "
-                       f"this one (jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))")
-
-
-def _sharded_tile_sweep(tile, add, zeros, num_blocks: int, mesh, vectors, row_data, valid):
-  """``pair_sums``'s sweep with the tiles i <= j dealt round-robin to the devices of ``mesh``."""
-  _check_mesh_placement(mesh, vectors, row_data, valid)
-  num_devices = mesh.size
-  tiles_i, tiles_j = np.triu_indices(num_blocks)
-  per_device = -(-len(tiles_i) // num_devices)
-  padding = per_device * num_devices - len(tiles_i)
-  live = np.concatenate([np.ones(len(tiles_i), bool), np.zeros(padding, bool)])
-  tiles_i, tiles_j = np.pad(tiles_i, (0, padding)), np.pad(tiles_j, (0, padding))
-  # Device d gets tiles d, d + D, d + 2D, ...: rows of the (per_device, D) layout, read as columns.
-  deal = lambda x: jnp.asarray(x.reshape(per_device, num_devices).T)
-  # The tiles' axis is split over every axis of the mesh. The mesh's own axes (not a flat copy): shard_map's mesh
-  # must equal jax.set_mesh's; all Auto, as that context is inside ``run_auto`` (``explicit_mesh``).
-  axes = tuple(mesh.axis_names)
-  mesh = mesh.update(axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
-  spec = jax.sharding.PartitionSpec(axes)
-  replicated = jax.sharding.PartitionSpec()
-
-  def local_sweep(tiles_i, tiles_j, live, vectors, row_data, valid):
-    def step(k, carry):
-      return add(carry, tile(tiles_i[0, k], tiles_j[0, k], vectors, row_data, valid, live[0, k]))
-
-    totals, compensations = jax.lax.fori_loop(0, per_device, step, (zeros, list(zeros)))
-    return [jax.lax.psum(t, axes) - jax.lax.psum(c, axes) if jnp.issubdtype(t.dtype, jnp.floating)
-            else jax.lax.psum(t, axes) for t, c in zip(totals, compensations)]
-
-  sweep = jax.shard_map(local_sweep, mesh=mesh, in_specs=(spec, spec, spec, replicated, replicated, replicated),
-                        out_specs=replicated, check_vma=False)  # the psum makes every output replicated
-  return sweep(deal(tiles_i), deal(tiles_j), deal(live), vectors, row_data, valid)
+    totals = _serial_tile_sweep(tile, zeros, num_blocks, vectors, row_data, valid)
+  else:
+    totals = sharded_tile_sweep(tile, _kahan_add, zeros, num_blocks, mesh, vectors, row_data, valid)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), totals)
 
 
 def pilot_rows(num_classes: int, block: int) -> np.ndarray:
@@ -309,6 +243,84 @@ def pilot_rows(num_classes: int, block: int) -> np.ndarray:
 def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean of ``values`` where ``mask`` (same shape) is True; 0 when none is."""
   return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=values.dtype), 1.0)
+
+
+def _in_unit_scale(vectors: jax.Array, valid: jax.Array, variances, coincident_floor_sq):
+  """(vectors, variances, coincident_floor_sq) in exact power-of-two units with max |v_ij| in [0.5, 1)
+  over the valid rows: no norm over- or underflows (|v| ~ 1e20 would otherwise give norms of inf,
+  unit rows of 0 and finite, wrong angles); the unit-bearing inputs follow (None stays None)."""
+  dtype = vectors.dtype
+  exponent = _power_of_two_exponent(jnp.where(valid[:, None], vectors, 0.0))
+  vectors = vectors * jnp.ldexp(jnp.ones((), dtype), -exponent)
+  unit_sq = jnp.ldexp(jnp.ones((), dtype), -2 * exponent)
+  if variances is not None:
+    variances = variances.astype(dtype) * unit_sq
+  if coincident_floor_sq is not None:
+    coincident_floor_sq = coincident_floor_sq * unit_sq
+  return vectors, variances, coincident_floor_sq
+
+
+def _pilot_shifts(unit: jax.Array, valid: jax.Array, block: int):
+  """(cos_shift, log_shift, pilot_cos, pilot_mask): the means of cos and of log(1/||u_c - u_c'||) over
+  the pairs of ``pilot_rows`` (all pairs on the dense path), and that pilot's (P, P) cosines and pairs."""
+  pilot = pilot_rows(unit.shape[0], block)
+  pilot_cos = _gram(unit[pilot], unit[pilot])
+  pilot_mask = _off_diagonal(len(pilot)) & valid[pilot][:, None] & valid[pilot][None, :]
+  pilot_distance = jnp.maximum(2.0 - 2.0 * pilot_cos, 0.0)
+  pilot_separate = pilot_mask & (pilot_distance > 0)
+  cos_shift = masked_mean(pilot_cos, pilot_mask)
+  log_shift = masked_mean(-0.5 * jnp.log(jnp.where(pilot_separate, pilot_distance, 1.0)), pilot_separate)
+  return cos_shift, log_shift, pilot_cos, pilot_mask
+
+
+def _gram_frobenius(unit, ratio, valid, block: int, mesh, pilot_cos, pilot_mask) -> jax.Array:
+  """||G-hat||_F of G-hat = cos r r^T (r = ``ratio``): from the dense tile (the pilot is every class),
+  from the p x p matrix V^T V when p <= C, else from a first sweep of ``pair_sums``."""
+  num_classes, feature_dim = unit.shape
+  if block >= num_classes:
+    gram_hat = pilot_cos * ratio[:, None] * ratio[None, :]
+    gram_frob_sq = jnp.sum(jnp.where(pilot_mask, gram_hat**2, 0.0)) + jnp.sum(ratio**4)
+  elif feature_dim <= num_classes:
+    scaled = unit * ratio[:, None]
+    gram_frob_sq = jnp.sum(matmul_highest(scaled.T, scaled) ** 2)
+  else:
+    gram_frob_sq = pair_sums(lambda g, a, b, m: jnp.sum(jnp.where(m, (g * a[:, None] * b[None, :]) ** 2, 0.0)),
+                             unit, ratio, valid=valid, block_rows=block, mesh=mesh) + jnp.sum(ratio**4)
+  return jnp.sqrt(gram_frob_sq)
+
+
+def _pair_statistic(constants: dict, with_cdnv: bool, coincident_floor_sq, feature_dim: int) -> Callable:
+  """``pair_geometry``'s per-tile sums for ``pair_sums``; ``constants``: kept (C'), cos_shift, log_shift,
+  gram_frob, etf_off and eps (see ``pair_geometry``)."""
+  kept, gram_frob, etf_off = constants["kept"], constants["gram_frob"], constants["etf_off"]
+
+  def statistic(cos, rows_a, rows_b, mask):
+    select = lambda x: jnp.where(mask, x, 0.0)
+    centred_cos = select(cos - constants["cos_shift"])
+    distance = jnp.maximum(2.0 - 2.0 * cos, 0.0)  # NaN stays NaN
+    touching = mask & (distance == 0.0)
+    log_energy = -0.5 * jnp.log(jnp.where(touching, 1.0, distance))
+    centred_log = jnp.where(mask & ~touching, log_energy - constants["log_shift"], 0.0)
+    gram_hat = cos * rows_a["ratio"][:, None] * rows_b["ratio"][None, :]
+    sums = {
+        "cos": jnp.sum(centred_cos), "cos_sq": jnp.sum(centred_cos**2),
+        "angle": jnp.sum(select(jnp.abs(cos + 1.0 / (kept - 1.0)))),
+        "etf": jnp.sum(select((gram_hat / gram_frob + etf_off) ** 2)),
+        "log": jnp.sum(centred_log), "log_sq": jnp.sum(centred_log**2),
+        "touching": jnp.sum(touching, dtype=jnp.int32),
+    }
+    if with_cdnv or coincident_floor_sq is not None:
+      norm_sq_a, norm_sq_b = rows_a["norm_sq"][:, None], rows_b["norm_sq"][None, :]
+      distance_sq = norm_sq_a + norm_sq_b - 2.0 * cos * jnp.sqrt(norm_sq_a) * jnp.sqrt(norm_sq_b)
+      if with_cdnv:
+        spread = rows_a["variance"][:, None] + rows_b["variance"][None, :]
+        sums["cdnv"] = jnp.sum(select(spread / (2.0 * jnp.where(mask, distance_sq, 1.0))))
+      if coincident_floor_sq is not None:
+        resolution = coincident_floor_sq + 2.0 * np.sqrt(feature_dim) * constants["eps"] * (norm_sq_a + norm_sq_b)
+        sums["coincident"] = jnp.sum(mask & (distance_sq <= resolution), dtype=jnp.int32)
+    return sums
+
+  return statistic
 
 
 def pair_geometry(
@@ -346,80 +358,35 @@ def pair_geometry(
   check_mesh(mesh)
   num_classes, feature_dim = vectors.shape
   inputs = (vectors, valid, variances, coincident_floor_sq)
-  explicit = explicit_mesh(*inputs, shares_tiles=_shares_tiles(mesh, num_classes, _block_rows(num_classes, block_rows)))
+  explicit = explicit_mesh(*inputs, shares_tiles=deals_tiles(mesh, num_classes, _block_rows(num_classes, block_rows)))
   if explicit is not None:  # every value the tile statistic closes over is then made on Auto axes
     return run_auto(lambda v, ok, var, floor: pair_geometry(v, ddof=ddof, valid=ok, variances=var,
                                                             coincident_floor_sq=floor, block_rows=block_rows,
                                                             mesh=mesh), explicit, *inputs)
   dtype = vectors.dtype
-  eps = float(jnp.finfo(dtype).eps)
   valid = jnp.ones((num_classes,), bool) if valid is None else valid.astype(bool)
-  # Exact power-of-two units with max |v_ij| in [0.5, 1): no norm over- or underflows (|v| ~ 1e20 would
-  # otherwise give norms of inf, unit rows of 0 and finite, wrong angles); the unit-bearing inputs follow.
-  exponent = _power_of_two_exponent(jnp.where(valid[:, None], vectors, 0.0))
-  vectors = vectors * jnp.ldexp(jnp.ones((), dtype), -exponent)
-  unit_sq = jnp.ldexp(jnp.ones((), dtype), -2 * exponent)
-  if variances is not None:
-    variances = variances.astype(dtype) * unit_sq
-  if coincident_floor_sq is not None:
-    coincident_floor_sq = coincident_floor_sq * unit_sq
+  vectors, variances, coincident_floor_sq = _in_unit_scale(vectors, valid, variances, coincident_floor_sq)
   kept = jnp.sum(valid, dtype=dtype)
-  num_pairs = kept * (kept - 1.0)
   norms = jnp.where(valid, jnp.linalg.norm(vectors, axis=-1), 0.0)
   unit = jnp.where(valid[:, None], vectors / jnp.where(norms > 0, norms, 1.0)[:, None], 0.0)  # dropped: 0, not NaN
   ratio = norms / jnp.max(norms)  # G / ||G||_F is scale-free: G-hat = cos r r^T cannot underflow
-  etf_off = 1.0 / (kept * jnp.sqrt(kept - 1.0))  # -E_cc'/||E||_F for c != c'
   block = _block_rows(num_classes, block_rows)
-
-  pilot = pilot_rows(num_classes, block)
-  pilot_cos = _gram(unit[pilot], unit[pilot])
-  pilot_mask = _off_diagonal(len(pilot)) & valid[pilot][:, None] & valid[pilot][None, :]
-  pilot_distance = jnp.maximum(2.0 - 2.0 * pilot_cos, 0.0)
-  pilot_separate = pilot_mask & (pilot_distance > 0)
-  cos_shift = masked_mean(pilot_cos, pilot_mask)
-  log_shift = masked_mean(-0.5 * jnp.log(jnp.where(pilot_separate, pilot_distance, 1.0)), pilot_separate)
-  if block >= num_classes:
-    gram_hat = pilot_cos * ratio[:, None] * ratio[None, :]
-    gram_frob_sq = jnp.sum(jnp.where(pilot_mask, gram_hat**2, 0.0)) + jnp.sum(ratio**4)
-  elif feature_dim <= num_classes:
-    scaled = unit * ratio[:, None]
-    gram_frob_sq = jnp.sum(matmul_highest(scaled.T, scaled) ** 2)
-  else:
-    gram_frob_sq = pair_sums(lambda g, a, b, m: jnp.sum(jnp.where(m, (g * a[:, None] * b[None, :]) ** 2, 0.0)),
-                             unit, ratio, valid=valid, block_rows=block, mesh=mesh) + jnp.sum(ratio**4)
-  gram_frob = jnp.sqrt(gram_frob_sq)
-
+  cos_shift, log_shift, pilot_cos, pilot_mask = _pilot_shifts(unit, valid, block)
+  constants = {"kept": kept, "cos_shift": cos_shift, "log_shift": log_shift, "eps": float(jnp.finfo(dtype).eps),
+               "gram_frob": _gram_frobenius(unit, ratio, valid, block, mesh, pilot_cos, pilot_mask),
+               "etf_off": 1.0 / (kept * jnp.sqrt(kept - 1.0))}  # -E_cc'/||E||_F for c != c'
   row_data = {"ratio": ratio, "norm_sq": norms**2}
   if variances is not None:
     row_data["variance"] = variances.astype(dtype)
-
-  def statistic(cos, rows_a, rows_b, mask):
-    select = lambda x: jnp.where(mask, x, 0.0)
-    centred_cos = select(cos - cos_shift)
-    distance = jnp.maximum(2.0 - 2.0 * cos, 0.0)  # NaN stays NaN
-    touching = mask & (distance == 0.0)
-    log_energy = -0.5 * jnp.log(jnp.where(touching, 1.0, distance))
-    centred_log = jnp.where(mask & ~touching, log_energy - log_shift, 0.0)
-    gram_hat = cos * rows_a["ratio"][:, None] * rows_b["ratio"][None, :]
-    sums = {
-        "cos": jnp.sum(centred_cos), "cos_sq": jnp.sum(centred_cos**2),
-        "angle": jnp.sum(select(jnp.abs(cos + 1.0 / (kept - 1.0)))),
-        "etf": jnp.sum(select((gram_hat / gram_frob + etf_off) ** 2)),
-        "log": jnp.sum(centred_log), "log_sq": jnp.sum(centred_log**2),
-        "touching": jnp.sum(touching, dtype=jnp.int32),
-    }
-    if variances is not None or coincident_floor_sq is not None:
-      norm_sq_a, norm_sq_b = rows_a["norm_sq"][:, None], rows_b["norm_sq"][None, :]
-      distance_sq = norm_sq_a + norm_sq_b - 2.0 * cos * jnp.sqrt(norm_sq_a) * jnp.sqrt(norm_sq_b)
-      if variances is not None:
-        spread = rows_a["variance"][:, None] + rows_b["variance"][None, :]
-        sums["cdnv"] = jnp.sum(select(spread / (2.0 * jnp.where(mask, distance_sq, 1.0))))
-      if coincident_floor_sq is not None:
-        resolution = coincident_floor_sq + 2.0 * np.sqrt(feature_dim) * eps * (norm_sq_a + norm_sq_b)
-        sums["coincident"] = jnp.sum(mask & (distance_sq <= resolution), dtype=jnp.int32)
-    return sums
-
+  statistic = _pair_statistic(constants, variances is not None, coincident_floor_sq, feature_dim)
   sums = pair_sums(statistic, unit, row_data, valid=valid, block_rows=block, mesh=mesh)
+  return _pair_results(sums, constants, valid, norms, ratio, ddof)
+
+
+def _pair_results(sums: dict, constants: dict, valid, norms, ratio, ddof: int) -> dict:
+  """``pair_geometry``'s keys from the swept sums (cdnv and num_coincident where they were summed)."""
+  kept, gram_frob = constants["kept"], constants["gram_frob"]
+  num_pairs = kept * (kept - 1.0)
   undirected = jnp.any(valid & (norms == 0.0))
   spread = lambda s1, s2, count: jnp.maximum(s2 - s1**2 / count, 0.0) / (count - ddof)
   diagonal = jnp.sum(jnp.where(valid, (ratio**2 / gram_frob - (1.0 - 1.0 / kept) / jnp.sqrt(kept - 1.0)) ** 2, 0.0))
@@ -430,9 +397,9 @@ def pair_geometry(
       "gnc2": jnp.where(undirected, jnp.nan, jnp.where(sums["touching"] > 0, jnp.inf,
                                                         spread(sums["log"], sums["log_sq"], num_pairs))),
   }
-  if variances is not None:
+  if "cdnv" in sums:
     result["cdnv"] = sums["cdnv"] / num_pairs
-  if coincident_floor_sq is not None:
+  if "coincident" in sums:
     result["num_coincident"] = sums["coincident"]
   return result
 

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 
 from nc_jax.metrics import collapse
+from nc_jax.metrics.accumulators import class_sums, segment_ids
 from nc_jax.metrics.geometry import matmul_highest
-from nc_jax.metrics.streaming import class_sums, float_dtype, segment_ids
+from nc_jax.metrics.scale import float_dtype
 
 
 def mse_decomposition(
@@ -63,7 +64,7 @@ def mse_decomposition(
   counts = class_sums(jnp.ones(labels.shape, dtype), ids, num_classes)
   num_samples = jnp.sum(counts)
 
-  # Two-pass class means with the corrected second pass (see streaming.py).
+  # Two-pass class means with the corrected second pass (see accumulators.py).
   means = class_sums(features, ids, num_classes) / counts[:, None]
   deviations = features - means[safe_labels]
   means = means + class_sums(deviations, ids, num_classes) / counts[:, None]

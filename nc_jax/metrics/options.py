@@ -8,6 +8,7 @@ paper's (Papyan, Han & Donoho 2020) or, where it is silent, the authors' noteboo
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 GLOBAL_MEANS = ("class_means", "samples")
@@ -44,20 +45,24 @@ class NCOptions:
       problems.append(f"global_mean={self.global_mean!r}: choose one of {', '.join(GLOBAL_MEANS)}")
     if self.solver not in SOLVERS:
       problems.append(f"solver={self.solver!r}: choose one of {', '.join(SOLVERS)}")
-    if self.rcond is not None and (isinstance(self.rcond, bool) or not isinstance(self.rcond, (int, float))
+    if self.rcond is not None and (isinstance(self.rcond, bool) or not isinstance(self.rcond, numbers.Real)
                                    or not self.rcond >= 0):
       problems.append(f"rcond={self.rcond!r}: must be None or a number >= 0")
     for name in ("divide_nc1_by_classes", "self_duality_squared", "ncc_use_bias"):
       if not isinstance(getattr(self, name), bool):
         problems.append(f"{name}={getattr(self, name)!r}: must be True or False")
-    if isinstance(self.std_ddof, bool) or not isinstance(self.std_ddof, int) or self.std_ddof < 0:
+    if isinstance(self.std_ddof, bool) or not isinstance(self.std_ddof, numbers.Integral) or self.std_ddof < 0:
       problems.append(f"std_ddof={self.std_ddof!r}: must be an int >= 0 (1 unbiased, 0 population)")
-    if self.min_count is not None and (isinstance(self.min_count, bool) or not isinstance(self.min_count, int)
-                                       or self.min_count < 0):
-      problems.append(f"min_count={self.min_count!r}: must be None or a non-negative int "
-                      "(classes with fewer samples are left out)")
+    if self.min_count is not None and (isinstance(self.min_count, bool)
+                                       or not isinstance(self.min_count, numbers.Integral) or self.min_count < 0):
+      problems.append(f"min_count must be None or a non-negative int (classes with fewer samples are left out), "
+                      f"got {self.min_count!r}")
     if problems:
       raise ValueError("NCOptions: " + "; ".join(problems))
+    # numpy scalars as Python numbers: one hash and one repr for equal options under jit's static arguments.
+    for name, kind in (("rcond", float), ("std_ddof", int), ("min_count", int)):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, kind(getattr(self, name)))
 
   def replace(self, **changes) -> "NCOptions":
     """A copy with ``changes`` (checked as the constructor checks)."""
@@ -65,3 +70,32 @@ class NCOptions:
 
 
 PAPER = NCOptions()
+
+
+class _Unset:
+  """The default of a convention keyword in a keyword face: not given (``options``' value is used)."""
+
+  def __repr__(self) -> str:
+    return "UNSET"
+
+
+UNSET = _Unset()
+
+
+def resolve(options: Optional[NCOptions], where: str, **keywords) -> NCOptions:
+  """The ``NCOptions`` a keyword face measures with.
+
+  ``keywords`` are the face's convention keywords by field name, ``UNSET`` where the caller gave
+  none. Without ``options`` they fill in ``NCOptions()`` (the paper's defaults); with it, a given
+  keyword must agree with ``options`` (one ValueError naming each that does not).
+  """
+  given = {name: value for name, value in keywords.items() if value is not UNSET}
+  if options is None:
+    return NCOptions(**given)
+  if not isinstance(options, NCOptions):
+    raise ValueError(f"{where}: options must be an nc_jax.metrics.NCOptions or None, got a {type(options).__name__}")
+  clashes = [f"{name}={value!r} against options.{name}={getattr(options, name)!r}"
+             for name, value in given.items() if value != getattr(options, name)]
+  if clashes:
+    raise ValueError(f"{where}: {'; '.join(clashes)}: give each convention once, as a keyword or in options")
+  return options
