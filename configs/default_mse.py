@@ -13,7 +13,7 @@ import ml_collections
 
 from nc_jax import schema
 
-NOTEBOOK_MSE_LR = 0.0184  # PAPER.md: the notebook's lr for MSE (0.0679 for cross-entropy)
+NOTEBOOK_MSE_LR = 0.0184  # the authors' notebook's lr for MSE (0.0679 for cross-entropy)
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:

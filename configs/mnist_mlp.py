@@ -19,5 +19,5 @@ from nc_jax import schema
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
   config = schema.base_config(dataset="mnist", data_source="idx", model="mlp",
                               model_options={"width": 512, "depth": 3})
-  config.per_class = "paper"  # 5000 per class (PAPER.md)
+  config.per_class = "paper"  # 5000 per class (the paper's subset)
   return schema.mlp_variant(config, variant, "configs/mnist_mlp.py", per_class="50")

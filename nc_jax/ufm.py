@@ -1,6 +1,6 @@
 """python -m nc_jax.ufm: train the unconstrained features model and compare with its closed form.
 
-Closed form (Zhu et al. 2021, Thm. 3.1; derivation in PAPER.md): every global
+Closed form (Zhu et al. 2021, Thm. 3.1): every global
 minimiser has W rows of equal norm forming a simplex ETF, h_{k,i} = c w_k with
 c = sqrt(lambda_w / (n lambda_h)), b = 0, and with beta = (K/(K-1)) c,
 

@@ -1,4 +1,4 @@
-"""An independent float64 numpy reference, written from PAPER.md's formulas.
+"""An independent float64 numpy reference, written from the paper's formulas (Papyan, Han & Donoho 2020, and its notebook).
 
 Deliberately naive: explicit p x p covariance matrices, loops over classes and
 pairs, a pseudo-inverse of Sigma_B truncated to its top C-1 eigen-directions

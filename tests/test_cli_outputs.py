@@ -1,4 +1,4 @@
-"""Every CLI's output paths and old run directories (issue 24): nc_jax.report, experiments/grid.py and the
+"""Every CLI's output paths and old run directories: nc_jax.report, experiments/grid.py and the
 benchmarks turn OS errors into one line naming the path and the fix and leave no partial file; the readers
 accept the config.json files of the committed runs under results/, written before today's keys existed."""
 

@@ -509,7 +509,7 @@ def test_stderr_drops_only_the_closed_event_loop_tracebacks():
 
 
 # ---------------------------------------------------------------------------
-# Derived files checked, old runs readable, moved data, memory that follows the data (issue 24).
+# Derived files checked, old runs readable, moved data, memory that follows the data.
 # ---------------------------------------------------------------------------
 
 

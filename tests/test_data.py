@@ -81,7 +81,7 @@ class TestIDX:
     dataset = data.load("mnist", source="idx", data_dir=str(REAL_MNIST), per_class=None, standardization="none",
                         pad_to=None)
     assert dataset.train_inputs.shape == (60_000, 28, 28, 1) and dataset.test_inputs.shape == (10_000, 28, 28, 1)
-    # the published class counts and the notebook's normalisation constants (LeCun et al.; PAPER.md)
+    # the published class counts and the notebook's normalisation constants (LeCun et al.)
     assert np.bincount(dataset.train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     assert np.bincount(dataset.test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert dataset.train_inputs.mean() == pytest.approx(0.1307, abs=5e-5)

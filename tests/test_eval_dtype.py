@@ -1,4 +1,4 @@
-"""NC is measured in float32 whatever the training precision (config.eval_dtype, issue 23).
+"""NC is measured in float32 whatever the training precision (config.eval_dtype).
 
 bfloat16 keeps 8 significant bits (7 stored): each rounding errs by up to u = 2^-8 ~ 4e-3 of the value, and
 a bf16 forward pass rounds every activation. NC1 near collapse is Tr(Sigma_W Sigma_B^+)/C, a ratio of a tiny

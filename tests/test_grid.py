@@ -1,4 +1,4 @@
-"""experiments/grid.py's run and print on hostile input (issue 24, adversarial findings 1, 8 and 9): no run is
+"""experiments/grid.py's run and print on hostile input: no run is
 started here (nc_jax.train is replaced by a stub), so these take seconds."""
 
 import json

@@ -323,7 +323,7 @@ def test_an_unprepared_set_points_at_the_command(tmp_path):
     stream.TfdsSource("cifar10", "train", str(tmp_path))
 
 
-# ------------------------------------------------------------------ hostile cases (issue 24, findings 15, 17, 18)
+# ------------------------------------------------------------------ hostile cases
 @needs_builders
 @pytest.mark.parametrize("damage", ["truncated", "deleted"])
 def test_a_damaged_prepared_set_is_one_line_naming_its_folder(prepared, tmp_path, capsys, damage):

@@ -436,7 +436,7 @@ def test_an_in_place_restart_from_an_epoch_is_a_restart_elsewhere_or_refused_bef
                           r"\[6, 8, 9\]"), (smoke(lr=0.01, resume_from=str(run)), r"names this workdir: add the "
                           r"epoch to restart from .*\[6, 8, 9\]")):
     with pytest.raises(workdir_lib.WorkdirError, match=match):
-      train_and_evaluate(refused, str(run), overwrite=True, **QUIET)  # issue 24: everything was deleted first
+      train_and_evaluate(refused, str(run), overwrite=True, **QUIET)  # before the fix, everything was deleted first
   assert snapshot(run) == before
   # With --overwrite it restarts from epoch 6; a death before its first checkpoint, then the same command again.
   with pytest.raises(Died):
@@ -459,7 +459,7 @@ def test_a_workdir_without_its_config_json_resumes_only_the_config_its_checkpoin
   before = snapshot(run)
   with pytest.raises(workdir_lib.WorkdirError, match=r"config.json is missing and the checkpoint of epoch 9 was "
                      r"written under another config.*--overwrite"):
-    train_and_evaluate(smoke(lr=0.5), str(run), **QUIET)  # issue 24: resumed at lr 0.5, relabelled
+    train_and_evaluate(smoke(lr=0.5), str(run), **QUIET)  # before the fix: resumed at lr 0.5, relabelled
   assert snapshot(run) == before
   (run / "config.json").write_text(json.dumps({**json.loads(original), "lr": 0.5}))  # edited to match the command
   with pytest.raises(workdir_lib.WorkdirError, match="was edited or replaced"):
@@ -500,7 +500,7 @@ def test_tpt_json_is_rebuilt_from_the_run_not_trusted(tmp_path):
 
 def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
   with workdir_lib.Lock(tmp_path):
-    (tmp_path / "lock").unlink()  # issue 24: a second run then locked a new file of that name
+    (tmp_path / "lock").unlink()  # before the fix, a second run then locked a new file of that name
     with pytest.raises(workdir_lib.WorkdirError, match="in use by another run"):
       with workdir_lib.Lock(tmp_path):
         pass
@@ -555,7 +555,7 @@ def test_a_run_keeps_its_workdir_when_its_lock_file_is_deleted(tmp_path):
 
 def test_the_printed_command_after_a_divergence_runs_and_gives_a_tenth_of_the_lr_that_diverged(tmp_path):
   # lr 0.1, x1000 after epoch 2: epoch 3 runs at 100 and diverges. The printed command must give 10 there, not
-  # a tenth of 100 as the base lr (10, decayed again to 10,000: issue 24), and 100x lower after a decay of 0.1.
+  # a tenth of 100 as the base lr (10, decayed again to 10,000: the old advice), and 100x lower after a decay of 0.1.
   arguments = ["--config.num_epochs=4", "--config.measure_epochs=1,2,3,4", "--config.checkpoint_every_epochs=1",
                "--config.lr_decay_epochs=(2,)", "--config.lr_decay_factor=1000", "--config.lr=0.1",
                "--config.deepfool_samples=0"]
@@ -571,7 +571,7 @@ def test_the_printed_command_after_a_divergence_runs_and_gives_a_tenth_of_the_lr
   assert lrs[1] == pytest.approx(0.1, rel=1e-6)  # epochs 1-2 are the first run's, copied with its checkpoint
 
 
-# ------------------------------------------------- adversarial findings on issue 24's fixes (numbers: the list's)
+# ------------------------------------------------- adversarial findings on the reliability fixes
 def test_a_lock_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path):
   # finding 12: the lock followed the link and truncated its target to 0 bytes
   target = tmp_path / "precious"

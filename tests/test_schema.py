@@ -285,7 +285,7 @@ SMOKE = str(REPO / "configs" / "default.py") + ":smoke"
 
 @pytest.mark.parametrize("overrides,key,expected", [
     (["--config.lr=0.1", "--config.lr=0.2"], "lr", 0.2),
-    (["--config.lr_decay_epochs=(2,)", "--config.lr_decay_epochs=(4,)"], "lr_decay_epochs", (4,)),  # issue 24
+    (["--config.lr_decay_epochs=(2,)", "--config.lr_decay_epochs=(4,)"], "lr_decay_epochs", (4,)),
     (["--config.lr_decay_epochs", "2,3", "--config.lr_decay_epochs", "4"], "lr_decay_epochs", (4,)),
     (["--config.measure_epochs=1,2", "--config.measure_epochs=3"], "measure_epochs", (3,)),
     (["--config.adam_betas=(0.9,0.99)", "--config.adam_betas=(0.8,0.9)"], "adam_betas", (0.8, 0.9)),

@@ -1,4 +1,4 @@
-"""Protocol variants (issue 14), each trained end to end on MNIST-1D with the default config's small MLP:
+"""Protocol variants, each trained end to end on MNIST-1D with the default config's small MLP:
 a fixed simplex-ETF classifier (p = width, p = C as tding1's --fixdim, p = C - 1; with and without bias),
 weight decay on the penultimate features (lambda_H, the unconstrained features model's), and torch's
 Adam / AdamW in place of the paper's SGD. The paper's protocol stays the default of every key."""

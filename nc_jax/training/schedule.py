@@ -1,6 +1,6 @@
 """The paper's optimisation protocol: SGD with momentum, coupled weight decay, step decay; when to measure.
 
-Variants (issue 14): torch's Adam (coupled L2) and AdamW (decoupled decay), on the same lr schedule.
+Variants: torch's Adam (coupled L2) and AdamW (decoupled decay), on the same lr schedule.
 """
 
 from __future__ import annotations
