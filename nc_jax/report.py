@@ -101,6 +101,9 @@ def _variant_suffix(config: dict) -> str:
     return (list(value) == list(default)) if isinstance(default, tuple) and isinstance(value, list) else value == default
 
   changed = [f"{key} {config[key]}" for key in VARIANT_KEYS if key in config and key in reference and not same(key)]
+  # metric conventions off the paper's (config.nc): NC1 without the 1/C is not the paper's NC1 beside it
+  conventions = config.get("nc") if isinstance(config.get("nc"), dict) else {}
+  changed += [f"nc.{key} {value}" for key, value in schema.non_default_nc(conventions).items()]
   return f", {', '.join(changed)}" if changed else ""
 
 

@@ -93,6 +93,17 @@ FIXED_BY_NAME = ("block_cls",)
 OPTIONAL_OPTIONS = {"classifier_width": int, "feature_dim": int}
 _OPTION_MINIMUM = {"depth": 0}  # every other integer option (and tuple entry) must be >= 1
 
+# ------------------------------------------------------------- the metric conventions (config.nc)
+# nc_jax.metrics.NCOptions' fields at its defaults and its choices (metrics.options.GLOBAL_MEANS / SOLVERS; kept
+# equal by tests/test_nc_options.py). rcond and min_count default to None: ml_collections placeholders of their
+# type, so config.json holds null and the command line can set a value (--config.nc.min_count=5).
+NC_OPTIONS: dict[str, Any] = {"global_mean": "class_means", "solver": "svd", "rcond": None,
+                              "divide_nc1_by_classes": True, "std_ddof": 1, "self_duality_squared": True,
+                              "ncc_use_bias": True, "min_count": None}
+NC_GLOBAL_MEANS = ("class_means", "samples")
+NC_SOLVERS = ("svd", "gram")
+OPTIONAL_NC_OPTIONS = {"rcond": float, "min_count": int}
+
 # ------------------------------------------------------------------------- building
 def model_options_for(model: str, values: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
   """Every constructor option of ``model`` at the model's default, overridden by ``values``."""
@@ -108,6 +119,30 @@ def model_options_for(model: str, values: Optional[Mapping[str, Any]] = None) ->
     value = values.get(name, default)
     options[name] = config_dict.placeholder(OPTIONAL_OPTIONS[name]) if value is None else value
   return ml_collections.ConfigDict(options)
+
+
+def nc_config(values: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+  """``config.nc``: every metric convention (``NC_OPTIONS``) at its default, overridden by ``values``."""
+  values = dict(values or {})
+  for name, value in values.items():
+    if name not in NC_OPTIONS:
+      raise ConfigError(f"config.nc.{name} = {value!r}: not a metric convention; the conventions are "
+                        f"{', '.join(NC_OPTIONS)}")
+  options = {}
+  for name, default in NC_OPTIONS.items():
+    value = values.get(name, default)
+    options[name] = config_dict.placeholder(OPTIONAL_NC_OPTIONS[name]) if value is None else value
+  return ml_collections.ConfigDict(options)
+
+
+def nc_values(config) -> dict:
+  """``config.nc`` as plain values by field name (``NCOptions(**nc_values(config))`` is what every measurement
+  of the run uses); a config (or config.json) without the group reads as every convention at its default."""
+  group = config.get("nc") if isinstance(config, Mapping) else getattr(config, "nc", None)
+  if group is None:
+    return dict(NC_OPTIONS)
+  group = group.to_dict() if isinstance(group, ml_collections.ConfigDict) else dict(group)
+  return {**NC_OPTIONS, **group}
 
 
 def base_config(*, dataset: str, data_source: str, model: str,
@@ -126,7 +161,7 @@ def base_config(*, dataset: str, data_source: str, model: str,
   #   (every example, unbalanced); from the command line as strings: --config.per_class=500 or =None
   config.standardization = "global"  # "global" (the notebook's one mean/std), "channel", "pixel" or "none"
   config.data_seed = 0  # seed of the balanced subsample (and of synthetic data)
-  # --- data variants (issue 14): unequal class sizes (minority collapse, Fang et al. 2021) and random labels
+  # --- data variants: unequal class sizes (minority collapse, Fang et al. 2021) and random labels
   config.imbalance = "none"  # "step": the last minority_classes keep per_class / ratio; "exponential":
   #   class c keeps per_class * ratio^(-c / (C - 1)); "none" = the paper's balanced classes
   config.imbalance_ratio = 1.0  # largest class / smallest class (>= 1)
@@ -158,7 +193,7 @@ def base_config(*, dataset: str, data_source: str, model: str,
   config.lr_decay_factor = 0.1  # lr is multiplied by this after each of lr_decay_epochs (> 1 raises it)
   config.lr_decay_epochs = ()  # () = the paper's (num_epochs // 3, 2 * num_epochs // 3)
   config.seed = 0  # init, batch order and the DeepFool inputs
-  # --- protocol variants (issue 14; the defaults are the paper's): optimiser, decay on the features.
+  # --- protocol variants (the defaults are the paper's): optimiser, decay on the features.
   # "sgd": torch SGD with coupled weight decay (the paper's); "adam": torch Adam (weight_decay as coupled L2);
   # "adamw": torch AdamW (decoupled decay). All follow the same lr schedule (nc_jax.training.schedule).
   config.optimizer = "sgd"
@@ -176,6 +211,11 @@ def base_config(*, dataset: str, data_source: str, model: str,
   config.eval_batch_size = 1024  # batch of the eval-mode passes over train and test sets; a multiple of the devices
   config.per_layer_nc = False  # also the NC suite of every stage (evaluate.PER_LAYER_KEYS: NC1, NC2 of means, NCC)
   config.deepfool_samples = 100  # DeepFool robustness on this many fixed test inputs per measurement (0 = off)
+  # The metric conventions of every NC measurement of the run (in memory, streamed, per layer, the test set, and
+  # python -m nc_jax.collect of its workdir): nc_jax.metrics.NCOptions' fields at the paper's defaults (its
+  # docstring says what each means), e.g. nc.divide_nc1_by_classes=False for the notebook's NC1 without the 1/C,
+  # nc.min_count=k to leave out classes with fewer than k training samples (the MSE and minority keys keep them).
+  config.nc = nc_config()
 
   # --- checkpoints: at every measurement, at the last epoch, on SIGTERM, and on this cadence (whichever first)
   config.keep_checkpoints = 3  # the newest this many are kept
@@ -357,8 +397,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _fail(key, config[key], f"not a config key; {hint}the keys are nc_jax.schema.base_config's")
   for key in _KEYS:
     if key not in keys:
-      default = _REFERENCE[key] if key != "model_options" else "nc_jax.schema.model_options_for(model)"
-      raise ConfigError(f"config.{key} is missing: add it (default: config.{key} = {default!r}); "
+      default = {"model_options": "nc_jax.schema.model_options_for(model)",
+                 "nc": "nc_jax.schema.nc_config()"}.get(key, repr(_REFERENCE[key]))
+      raise ConfigError(f"config.{key} is missing: add it (default: config.{key} = {default}); "
                         "nc_jax.schema.base_config declares every key")
   c = {key: config[key] for key in keys}
   for check in (_data, _model, _optimisation, _measurement):
@@ -427,6 +468,7 @@ def _measurement(c: dict) -> None:
   _integer("eval_batch_size", c["eval_batch_size"], 1)
   _boolean("per_layer_nc", c["per_layer_nc"])
   _integer("deepfool_samples", c["deepfool_samples"], 0, note=" (0 = off)")
+  _nc(c["nc"])
 
   # checkpoints
   _integer("keep_checkpoints", c["keep_checkpoints"], 1)
@@ -437,6 +479,31 @@ def _measurement(c: dict) -> None:
   # devices
   _integer("num_devices", c["num_devices"], 0, note=" (0 = every device)")
   _choice("epoch_loop", c["epoch_loop"], EPOCH_LOOPS)
+
+
+def _nc(group) -> None:
+  """config.nc: exactly the conventions of ``NC_OPTIONS``, each a value ``nc_jax.metrics.NCOptions`` takes."""
+  if not isinstance(group, (Mapping, ml_collections.ConfigDict)):
+    _fail("nc", group, "must be a ConfigDict of the metric conventions (nc_jax.schema.nc_config())")
+  for name in group.keys():
+    if name not in NC_OPTIONS:
+      close = difflib.get_close_matches(name, NC_OPTIONS, n=1)
+      hint = f"did you mean nc.{close[0]}? " if close else ""
+      _fail(f"nc.{name}", group[name], f"not a metric convention; {hint}the conventions are {', '.join(NC_OPTIONS)}")
+  for name in NC_OPTIONS:
+    if name not in group.keys():
+      raise ConfigError(f"config.nc.{name} is missing: declare every convention (build config.nc with "
+                        f"nc_jax.schema.nc_config(); default: {NC_OPTIONS[name]!r})")
+  _choice("nc.global_mean", group["global_mean"], NC_GLOBAL_MEANS,
+          note=" ('class_means': the mean of the class means, the notebook's; 'samples': of every feature)")
+  _choice("nc.solver", group["solver"], NC_SOLVERS, note=" ('gram' is faster for many classes)")
+  if group["rcond"] is not None:
+    _real("nc.rcond", group["rcond"], 0.0, note=", or None (max(C, p) x machine epsilon)")
+  for name in ("divide_nc1_by_classes", "self_duality_squared", "ncc_use_bias"):
+    _boolean(f"nc.{name}", group[name])
+  _integer("nc.std_ddof", group["std_ddof"], 0, note=" (1: unbiased, the notebook's; 0: population)")
+  if group["min_count"] is not None:
+    _integer("nc.min_count", group["min_count"], 0, note=", or None (every class is measured)")
 
 
 def validate_sizes(config: ml_collections.ConfigDict, *, num_train: int, num_test: int, num_devices: int) -> None:
@@ -508,6 +575,8 @@ def fill_defaults(values: Mapping[str, Any]) -> dict:
   if filled["model"] in MODEL_OPTIONS and isinstance(filled["model_options"], Mapping):
     defaults = json.loads(model_options_for(filled["model"]).to_json())
     filled["model_options"] = {**defaults, **filled["model_options"]}
+  if isinstance(filled["nc"], Mapping):  # conventions a later version added, at their defaults
+    filled["nc"] = {**NC_OPTIONS, **filled["nc"]}
   return filled
 
 
@@ -533,6 +602,12 @@ def _canonical(value):
   return value
 
 
+def non_default_nc(group: Mapping[str, Any]) -> dict:
+  """The conventions of a config.nc (plain values) that differ from ``NC_OPTIONS`` (1 and 1.0 the same): what the
+  digests hold of the group, so a run at the defaults keeps the digests it had before config.nc existed."""
+  return {k: v for k, v in _canonical(dict(group)).items() if k not in NC_OPTIONS or v != _canonical(NC_OPTIONS[k])}
+
+
 def config_digest(values: Mapping[str, Any]) -> str:
   """sha256 of what makes a run's results: every key but ``OPERATIONAL_KEYS``, each left out where it has its
   default (model options at their model's), so a key added by a later version at its default, or a default made
@@ -544,10 +619,13 @@ def config_digest(values: Mapping[str, Any]) -> str:
   if isinstance(filled.get("model_options"), Mapping) and filled.get("model") in MODEL_OPTIONS:
     defaults = _canonical(json.loads(model_options_for(filled["model"]).to_json()))
     kept["model_options"] = {k: v for k, v in filled["model_options"].items() if k not in defaults or v != defaults[k]}
+  if isinstance(kept.get("nc"), Mapping):  # the conventions set away from their defaults, as model_options'
+    kept["nc"] = non_default_nc(kept["nc"])
   return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 __all__ = ["COMPUTE_DTYPES", "ConfigError", "DATASETS", "DATA_KEYS", "DATA_SOURCES", "EPOCH_LOOPS", "EVAL_DTYPES", "IMBALANCES",
-           "INPUT_PIPELINES", "LOSSES", "MODELS", "MODEL_OPTIONS", "OPERATIONAL_KEYS", "OPTIMIZERS",
+           "INPUT_PIPELINES", "LOSSES", "MODELS", "MODEL_OPTIONS", "NC_OPTIONS", "OPERATIONAL_KEYS", "OPTIMIZERS",
            "PROGRAM_NEUTRAL_KEYS", "STANDARDIZATIONS", "STEMS", "base_config", "changed_keys", "config_digest",
-           "data_changes", "fill_defaults", "mlp_variant", "model_options_for", "parse_per_class", "validate", "validate_sizes"]
+           "data_changes", "fill_defaults", "mlp_variant", "model_options_for", "nc_config", "nc_values",
+           "non_default_nc", "parse_per_class", "validate", "validate_sizes"]

@@ -1,5 +1,7 @@
 """python -m nc_jax.collect --workdir RUN --out DIR [--split both|train|test] [--epoch E] [--batch_size B]
                           [--data_dir DIR] [--checkpoint_every N] [--progress]
+                          [--global_mean M] [--solver S] [--rcond R] [--[no]divide_nc1_by_classes]
+                          [--std_ddof D] [--[no]self_duality_squared] [--[no]ncc_use_bias]
                           [--coordinator_address HOST:PORT --num_processes P --process_id I]
 
 Measures Neural Collapse of a trained model without training it, in staged passes
@@ -46,6 +48,13 @@ row norms), written first; nc.json, written last, records the sha256 of class_st
 two writes, or an nc.json edited since, is detected (``nc_jax.collect.read_outputs`` refuses it naming
 the command that rewrites both; the next measurement warns and rewrites both).
 
+Metric conventions (``nc_jax.metrics.NCOptions``): by default the run's own config.nc, so collect measures
+what training logged (the paper's for a run older than config.nc); each flag replaces one of them, e.g.
+``--nodivide_nc1_by_classes`` for the notebook's NC1 without the 1/C, ``--solver gram``. min_count is not
+offered: collect measures every class (class_stats.npz and the later metrics have no filtered form), and a
+run's config.nc.min_count is not applied (with a warning). nc.json records the conventions used under
+``nc_options`` (covered by its own sha256).
+
 Old runs: config.json files written by earlier versions are read with today's defaults for the keys
 they lack (``nc_jax.schema.fill_defaults``, as ``nc_jax.train`` reads them). A run whose data moved
 since training is measured with ``--data_dir NEW_FOLDER``; without it, the error prints that command.
@@ -57,9 +66,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from nc_jax import cli
+from nc_jax import cli, schema
 from nc_jax.collect.errors import CollectError
-from nc_jax.collect.workdir import SPLITS, collect_workdir
+from nc_jax.collect.workdir import CONVENTIONS, SPLITS, collect_workdir
 
 USAGE = "python -m nc_jax.collect --workdir RUN --out DIR"
 FLAGS = flags.FLAGS
@@ -82,7 +91,29 @@ def define_flags(values: flags.FlagValues = FLAGS) -> flags.FlagValues:
                        flag_values=values)
   flags.DEFINE_bool("progress", None, "Show the live progress line (default: when stderr is a terminal).",
                     flag_values=values)
+  _define_conventions(values)
   return cli.define_distributed_flags(values)
+
+
+def _define_conventions(values: flags.FlagValues) -> None:
+  """The metric conventions' flags (``workdir.CONVENTIONS``), each defaulting to None: the run's config.nc."""
+  run = " (default: the run's config.nc)"
+  flags.DEFINE_enum("global_mean", None, list(schema.NC_GLOBAL_MEANS), "mu_G: class_means (the mean of the class "
+                    "means, the notebook's) or samples (the mean of every feature)" + run, flag_values=values)
+  flags.DEFINE_enum("solver", None, list(schema.NC_SOLVERS), "Sigma_B^+ by svd, or gram (faster for many classes, "
+                    "squares M's condition number)" + run, flag_values=values)
+  flags.DEFINE_float("rcond", None, "Directions of M at or below rcond x its largest singular value are not "
+                     "inverted in Sigma_B^+" + run + "; None there: max(C, p) x machine epsilon.", lower_bound=0.0,
+                     flag_values=values)
+  flags.DEFINE_bool("divide_nc1_by_classes", None, "NC1 = Tr(Sigma_W Sigma_B^+)/C (the paper's); "
+                    "--nodivide_nc1_by_classes: without the 1/C (the notebook's)" + run, flag_values=values)
+  flags.DEFINE_integer("std_ddof", None, "The std's delta degrees of freedom in equinorm / equiangularity: 1 "
+                       "(unbiased, the notebook's) or 0 (population)" + run, lower_bound=0, flag_values=values)
+  flags.DEFINE_bool("self_duality_squared", None, "NC3 as the squared distance (the paper's); "
+                    "--noself_duality_squared: its root" + run, flag_values=values)
+  flags.DEFINE_bool("ncc_use_bias", None, "NC4 compares the NCC rule with argmax(W h + b) (the paper's); "
+                    "--noncc_use_bias: with argmax(W h)" + run + ". (min_count is not offered: collect measures "
+                    "every class.)", flag_values=values)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -99,7 +130,8 @@ def main(argv) -> None:
   cli.start(argv, FLAGS, detect_cluster=False)
   try:
     collect_workdir(FLAGS.workdir, FLAGS.out, split=FLAGS.split, epoch=FLAGS.epoch, batch_size=FLAGS.batch_size,
-                    checkpoint_every=FLAGS.checkpoint_every, progress=FLAGS.progress, data_dir=FLAGS.data_dir)
+                    checkpoint_every=FLAGS.checkpoint_every, progress=FLAGS.progress, data_dir=FLAGS.data_dir,
+                    conventions={name: FLAGS[name].value for name in CONVENTIONS})
   except CollectError as error:
     _fail(str(error), error.code)
   except KeyboardInterrupt:

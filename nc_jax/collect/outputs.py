@@ -25,6 +25,11 @@ NC_FILE = "nc.json"
 STATS_FILE = "class_stats.npz"
 STATS_DIGEST_KEY = "class_stats_sha256"
 OWN_DIGEST_KEY = "sha256"
+OPTIONS_KEY = "nc_options"  # the metric conventions measured with (nc_jax.metrics.NCOptions' fields)
+# The conventions ``python -m nc_jax.collect`` takes as flags: NCOptions' fields but min_count (collect measures
+# every class, since class_stats.npz and the later metrics have no filtered form).
+CONVENTIONS = ("global_mean", "solver", "rcond", "divide_nc1_by_classes", "std_ddof", "self_duality_squared",
+               "ncc_use_bias")
 
 
 def stats_payload(stats: dict[str, np.ndarray]) -> bytes:
@@ -54,9 +59,22 @@ def stamped(result: dict, payload: bytes) -> dict:
   return {**result, OWN_DIGEST_KEY: own_digest(result)}
 
 
+def convention_flags(conventions) -> list[str]:
+  """The command-line flags of the conventions given (name -> value; None or absent: not given), in
+  ``CONVENTIONS`` order: ['--solver', 'gram', '--nodivide_nc1_by_classes', ...]."""
+  line = []
+  for name in CONVENTIONS:
+    value = conventions.get(name) if isinstance(conventions, dict) else None
+    if isinstance(value, bool):
+      line.append(f"--{'' if value else 'no'}{name}")
+    elif isinstance(value, (str, int, float)):
+      line += [f"--{name}", str(value)]
+  return line
+
+
 def rerun_command(out_dir: pathlib.Path, result) -> str:
-  """The command that measures ``out_dir`` again, from nc.json's own record of its workdir and options when it
-  has them (a measurement of a run directory), else a description."""
+  """The command that measures ``out_dir`` again, from nc.json's own record of its workdir, options and
+  conventions when it has them (a measurement of a run directory), else a description."""
   import shlex
   if not isinstance(result, dict) or not isinstance(result.get("workdir"), str):
     return "rerun the measurement into that folder"
@@ -64,7 +82,8 @@ def rerun_command(out_dir: pathlib.Path, result) -> str:
   for flag in ("split", "epoch", "batch_size"):
     if isinstance(result.get(flag), (str, int)) and not isinstance(result.get(flag), bool):
       line += [f"--{flag}", str(result[flag])]
-  return f"rerun `{shlex.join(line)}`"
+  # every convention recorded, explicitly: the run's config.nc need not be what was measured with
+  return f"rerun `{shlex.join(line + convention_flags(result.get(OPTIONS_KEY)))}`"
 
 
 def write_outputs(out_dir: pathlib.Path, result: dict, payload: bytes) -> None:

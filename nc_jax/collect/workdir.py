@@ -4,6 +4,7 @@ imports the training loop), then measured by ``collect``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import numpy as np
 from nc_jax.collect.batches import array_batches, streamed_batches
 from nc_jax.collect.errors import CollectError, warn as default_warn
 from nc_jax.collect.measure import collect
+from nc_jax.collect.outputs import CONVENTIONS, OPTIONS_KEY, convention_flags
 
 SPLITS = ("both", "train", "test")
 
@@ -158,7 +160,8 @@ def restore_workdir(workdir, epoch: Optional[int] = None, *, data_dir: Optional[
 
 
 def rerun_line(workdir, out_dir, *, split: str = "both", epoch: Optional[int] = None,
-               batch_size: Optional[int] = None, data_dir: Optional[str] = None) -> str:
+               batch_size: Optional[int] = None, data_dir: Optional[str] = None,
+               conventions: Optional[dict] = None) -> str:
   """The ``python -m nc_jax.collect`` command line of these arguments (shell-quoted)."""
   import shlex
   line = ["python", "-m", "nc_jax.collect", "--workdir", str(workdir), "--out", str(out_dir)]
@@ -166,12 +169,39 @@ def rerun_line(workdir, out_dir, *, split: str = "both", epoch: Optional[int] = 
                                ("data_dir", data_dir, None)):
     if value != default:
       line += [f"--{flag}", str(value)]
-  return shlex.join(line)
+  return shlex.join(line + convention_flags(conventions))
+
+
+def workdir_options(config, conventions: Optional[dict] = None, warn: Callable[[str], None] = default_warn):
+  """The ``NCOptions`` a run is measured with: its config.nc (what training logged; the defaults for a run
+  older than the group), with each convention given in ``conventions`` (name -> value, None: the run's) in its
+  place. A run's min_count is not applied (collect measures every class: class_stats.npz and the later metrics
+  have no filtered form), with a warning; a bad value is a CollectError (exit 2) naming the flag."""
+  from nc_jax import schema
+  from nc_jax.metrics.options import NCOptions
+  given = {name: value for name, value in (conventions or {}).items() if value is not None}
+  unknown = sorted(set(given) - set(CONVENTIONS))
+  if unknown:
+    raise CollectError(f"--{unknown[0]}: not a convention collect takes; the conventions are "
+                       f"{', '.join('--' + name for name in CONVENTIONS)}", 2)
+  for name, value in given.items():  # each flag alone, so the message names the one that is wrong
+    try:
+      NCOptions(**{name: value})
+    except ValueError as error:
+      raise CollectError(f"--{name} {value}: {str(error).split(': ', 2)[-1]}", 2) from None
+  run = schema.nc_values(config)
+  if run["min_count"] is not None:
+    warn(f"the run's config.nc.min_count = {run['min_count']} is not applied: collect measures every class "
+         "(class_stats.npz has no filtered form), so its NC keys may differ from metrics.jsonl's")
+  try:
+    return NCOptions(**{**run, "min_count": None, **given})
+  except ValueError as error:  # a config.json whose nc group no trainer wrote
+    raise CollectError(f"config.json's nc group: {error}; pass the conventions as flags (--help lists them)") from None
 
 
 def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[int] = None,
                     batch_size: Optional[int] = None, checkpoint_every: int = 0, progress: Optional[bool] = None,
-                    quiet: bool = False, data_dir: Optional[str] = None,
+                    quiet: bool = False, data_dir: Optional[str] = None, conventions: Optional[dict] = None,
                     warn: Callable[[str], None] = default_warn) -> dict:
   """NC of a run's checkpoint, measured as ``nc_jax.training.evaluate`` measures it; writes ``out_dir``.
 
@@ -182,6 +212,8 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
   ``eval_batch_size``, at most the larger split's size: memory follows the data, not the flag) in dataset
   order, the last one padded and masked, like ``forward_all``. data_dir: where the run's data is now, if it
   moved since training; when the data is not found, the CollectError gives the command that passes it.
+  conventions: the metric conventions to measure with (name -> value, None: the run's config.nc; see
+  ``workdir_options``); nc.json records those used under 'nc_options'.
   """
   from nc_jax import models
   from nc_jax.training import evaluate as evaluate_lib, step as step_lib
@@ -194,14 +226,16 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
   _not_empty(out_dir, "--out", "the folder for nc.json and class_stats.npz")
   out_dir = pathlib.Path(out_dir).absolute()
   _check_out_dir(out_dir)
+  workdir_options(None, conventions)  # a bad flag is refused before anything is loaded
   try:
     config, dataset, model, variables, epoch, step, checkpoint = restore_workdir(workdir, epoch, data_dir=data_dir,
                                                                                  warn=warn)
   except DataNotFound as error:
     command = rerun_line(pathlib.Path(workdir).absolute(), out_dir, split=split, epoch=epoch, batch_size=batch_size,
-                         data_dir="NEW_FOLDER")
+                         data_dir="NEW_FOLDER", conventions=conventions)
     raise CollectError(f"{error}; if it moved, pass its folder: `{command}` with NEW_FOLDER the folder that now "
                        "holds it") from None
+  options = workdir_options(config, conventions, warn)
   sizes = (len(dataset.train_labels), len(dataset.test_labels))
   batch_size = min(batch_size or config.eval_batch_size, max(sizes))  # a larger batch would be padding only
   model = evaluate_lib.eval_model(model, config.eval_dtype)  # float32 features whatever compute_dtype was
@@ -220,11 +254,14 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
                    for split_name in ("train", "test"))
   main, heldout = {"both": (train, test), "train": (train, None), "test": (test, None)}[split]
   info = {"workdir": str(pathlib.Path(workdir).absolute()), "checkpoint": str(checkpoint), "epoch": epoch,
-          "step": step, "split": split, "batch_size": batch_size}
-  config_text = json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+          "step": step, "split": split, "batch_size": batch_size, OPTIONS_KEY: dataclasses.asdict(options)}
+  # Without config.nc (the options are fingerprinted on their own): an accumulator file of a run at the default
+  # conventions, written before the group existed, still resumes.
+  config_text = json.dumps({k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "nc"},
+                           sort_keys=True)
   return collect(apply_fn, variables, main, dataset.num_classes, out_dir=out_dir, weights=np.asarray(weights),
                  bias=np.asarray(bias), test_batches=heldout, loss_fn=step_lib.loss_function(config.loss),
                  checkpoint_every=checkpoint_every, progress=progress, quiet=quiet, info=info,
                  fingerprint=f"{config_text}|{checkpoint}|{epoch}|{split}",
-                 loss_names=("test", "test") if split == "test" else ("train", "test"), warn=warn)
+                 loss_names=("test", "test") if split == "test" else ("train", "test"), options=options, warn=warn)
 

@@ -14,6 +14,7 @@ order appears where the net has none, and NC1 cannot fall below ~(2^-8 |h| / bet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -56,8 +57,12 @@ def eval_model(model, eval_dtype: str = "float32"):
 
 def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs=None,
              *, model, loss_fn, num_classes: int, batch_size: int, mesh, per_layer: bool = False,
-             mse_weight_decay: float | None = None, minority_classes: tuple = (), eval_dtype: str = "float32") -> dict:
+             mse_weight_decay: float | None = None, minority_classes: tuple = (), eval_dtype: str = "float32",
+             options: NCOptions = NCOptions()) -> dict:
   """Scalars: train/test loss and accuracy (eval mode), every NC key, the *_test NC keys, and:
+
+  every NC call (the main suite, its *_test keys, each layer's) measures with the conventions ``options``
+  (config.nc); the MSE decomposition and the minority keys have none to choose and keep every class;
 
   every forward pass (features, logits, per-layer activations, DeepFool) runs ``eval_model(model, eval_dtype)``:
   float32 by default whatever ``model``'s compute dtype;
@@ -79,15 +84,16 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
                                                     batch_size=batch_size, mesh=mesh)
   weights, bias = models.classifier_weights(state.params, feature_dim=train_features.shape[-1],
                                             num_classes=num_classes)
+  conventions = dataclasses.asdict(options)  # the keyword face: the same call with or without an options= argument
   result = nc_metrics.neural_collapse(train_features, train_labels, num_classes, weights, bias,
                                       test_features=test_features, test_labels=test_labels,
-                                      pair_mesh=mesh)  # beyond C = 256 the devices share the pair tiles
+                                      pair_mesh=mesh, **conventions)  # beyond C = 256 the devices share the pair tiles
   result["train_loss"], result["train_acc"] = step_lib.mean_loss_and_accuracy(train_logits, train_labels, loss_fn)
   result["test_loss"], result["test_acc"] = step_lib.mean_loss_and_accuracy(test_logits, test_labels, loss_fn)
   if per_layer:
     pooled = {name: jnp.mean(value, axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
               for name, value in outputs[2].items()}
-    for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, num_classes).items():
+    for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, num_classes, **conventions).items():
       result |= {f"layer/{name}/{key}": layer[key] for key in PER_LAYER_KEYS}
   if mse_weight_decay is not None:
     terms = nc_metrics.mse_decomposition(train_features, train_labels, num_classes, weights, bias, mse_weight_decay)

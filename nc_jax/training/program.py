@@ -22,6 +22,7 @@ import ml_collections
 
 from nc_jax import data, models, schema
 from nc_jax.data import device, stream as stream_lib
+from nc_jax.metrics.options import NCOptions
 from nc_jax.training import evaluate as evaluate_lib, schedule, step as step_lib
 
 CACHE_SIZE = 4  # programs kept compiled per process (a sweep in one process reuses them)
@@ -68,9 +69,22 @@ def program_key(config: ml_collections.ConfigDict) -> tuple:
 
 def run_digest(config: ml_collections.ConfigDict) -> str:
   """sha256 of the program keys as sorted JSON: a mid-epoch checkpoint carries it and is resumed only under a
-  config of the same digest (every checkpoint also carries ``schema.config_digest`` of the whole config)."""
+  config of the same digest (every checkpoint also carries ``schema.config_digest`` of the whole config).
+
+  Of config.nc only the conventions set away from their defaults count (``schema.non_default_nc``; the group
+  is left out when none is): a run at the defaults keeps the digest its checkpoints carried before the group."""
   values = {k: v for k, v in config_values(config).items() if k not in schema.PROGRAM_NEUTRAL_KEYS}
+  if "nc" in values:
+    values["nc"] = schema.non_default_nc(values["nc"])
+    if not values["nc"]:
+      del values["nc"]
   return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def nc_options(config) -> NCOptions:
+  """The metric conventions of a run: ``config.nc`` (a ConfigDict, or the program keys' plain dict) as the
+  ``NCOptions`` every measurement of it uses; a config without the group (an older config.json): the defaults."""
+  return NCOptions(**schema.nc_values(config))
 
 
 # ------------------------------------------------------------------ data
@@ -159,7 +173,8 @@ def _compile(config, mesh, num_classes: int, input_shape: tuple, steps_per_epoch
       evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
       batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc,
       mse_weight_decay=config.weight_decay if config.loss == "mse" else None,
-      minority_classes=minority_classes(config, num_classes), eval_dtype=config.eval_dtype))
+      minority_classes=minority_classes(config, num_classes), eval_dtype=config.eval_dtype,
+      options=nc_options(config)))
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
       tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
   return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite, train_step)
@@ -170,7 +185,7 @@ def streamed_evaluator(config, mesh, dataset, program: Program, deepfool_indices
   the training set, one over the test set; DeepFool on the test examples ``deepfool_indices`` (or none)."""
   evaluator = evaluate_lib.StreamedEvaluator(model=program.model, loss_fn=step_lib.loss_function(config.loss),
                                              num_classes=dataset.num_classes, mesh=mesh,
-                                             eval_dtype=config.eval_dtype)
+                                             eval_dtype=config.eval_dtype, options=nc_options(config))
   feature_dim = jax.eval_shape(lambda variables: program.model.apply(
       variables, jnp.zeros((1, *dataset.input_shape)), train=False), program.abstract_state.variables)[1].shape[-1]
   deepfool_inputs = None
@@ -185,5 +200,5 @@ def streamed_evaluator(config, mesh, dataset, program: Program, deepfool_indices
   return lambda state: evaluator(state, batches, feature_dim, deepfool_inputs)
 
 
-__all__ = ["Program", "build_program", "config_values", "load_dataset", "minority_classes", "pipeline",
+__all__ = ["Program", "build_program", "config_values", "load_dataset", "minority_classes", "nc_options", "pipeline",
            "program_key", "program_values", "run_digest", "streamed_evaluator"]
