@@ -1,0 +1,336 @@
+"""Population training: K runs of one config that differ only in learning rate, as one jitted program.
+
+The paper's sweep trains every cell at 25 learning rates. For small nets each run leaves the device (or the
+CPU's vector units) mostly idle, and each would compile its own program and draw its own copy of the batches.
+Here the K members are one program: every leaf of the ``TrainState`` gains a leading member axis (K, ...)
+(params, optimizer state, BatchNorm statistics, step), the train step is ``jax.vmap``-ed over it with the
+batch shared (``in_axes=(0, None, 0)``: state, batch, lr) or, for exact equality with single runs, unrolled
+member by member (``MEMBER_LOOPS``), and an epoch is one ``lax.scan`` over the batches
+``device.epoch_batches`` draws for the config's seed: the batches of every member's single run, drawn once.
+The state is replicated on the 1-D 'data' mesh (all members on every device), each batch sharded over it.
+
+How the learning rate enters: member k's optimizer is built *inside* its step from its base lr, a
+traced scalar, by the single run's own functions, ``schedule.learning_rate(lr_k, ...)`` and
+``schedule.optimizer``. optax's piecewise-constant schedule is arithmetic on its ``init_value`` (lr(t) =
+lr_k * prod of the decay factors passed), so the schedule, the optimizer state (its structure does not depend
+on the lr) and every update are the single run's operations on the same values. The lrs are an argument
+of the jitted functions (a (K,) float32 array), so one compiled program serves every sweep of K members.
+
+Members see the same batches, so seed is *not* a member axis: a single run's seed also orders its batches,
+and a member that changed only its init would equal no single run. Members fail alone: one whose loss or
+state turns non-finite, or whose measurement fails as the single run's would, stops being measured
+(``Member.diverged`` says why and what to change) while the others go on; it still rides in the program.
+Not yet here (next slice): member workdirs on disk, checkpoints and resume, a (member, data) mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from nc_jax import records as records_lib, schema
+from nc_jax.data import device
+from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
+from nc_jax.training import program as program_lib, schedule, step as step_lib
+
+MEMBER_AXIS = 0  # the leading axis of every leaf of a population state
+# How the members' computations are laid out in the program (``member_loop``):
+# "vmap": batched (one (K, B, h) matmul per layer: what fills an accelerator). Its batched matmuls and
+#   reductions round differently from the single run's: measured 1e-8 in the params after one step, ~1e-7
+#   after an epoch, ~1e-6 relative in the NC metrics (tests/test_population.py states the tolerance).
+# "unroll": K copies of the single run's step side by side in the scan body, each member a separate carry:
+#   each member runs the single run's own HLO, so on one device its records equal the single run's bit for
+#   bit; compile time grows with K. On a multi-device mesh both layouts differ from the single run by the
+#   same few ulps (measured, cause not pinned down: the partitioner's collectives for K members).
+# ("map", lax.map over the members, was measured too: ~1e-7 after an epoch even on one device, and sequential.)
+MEMBER_LOOPS = ("vmap", "unroll")
+
+
+class Population(NamedTuple):
+  """What a config and K learning rates compile to.
+
+  ``init()`` -> the population state (every leaf (K, ...)); ``train_epoch(state, inputs, labels, epoch)``
+  -> (state, {'loss': (K,), 'correct': (K,), 'count': ()}) summed over the epoch, state donated;
+  ``evaluate(state, due, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs)`` ->
+  {k: the single run's measurement dict of member k} for k in ``due``; ``all_finite(state)`` -> (K,) bool;
+  ``learning_rates[k]`` member k's schedule (step -> lr), as the single run's; ``program`` the single-run
+  program of the config (its model and compiled evaluation).
+  """
+
+  lrs: tuple
+  program: program_lib.Program
+  init: Callable
+  train_epoch: Callable
+  evaluate: Callable
+  all_finite: Callable
+  learning_rates: tuple
+
+
+def member(state, k):
+  """Member k's state as a single run's ``TrainState`` (every leaf's member axis indexed at k)."""
+  return jax.tree_util.tree_map(lambda x: x[k], state)
+
+
+def stack(states: Sequence):
+  """The inverse of ``unstack``: K single-run states -> one population state (leaves (K, ...))."""
+  return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *states)
+
+
+def check_lrs(lrs: Sequence[float]) -> tuple:
+  """The lrs as a tuple of floats, or one line naming the bad value (finite, > 0, at least one)."""
+  lrs = tuple(lrs)
+  if not lrs:
+    raise schema.ConfigError("a population needs at least one learning rate; pass lrs=(0.01, ...)")
+  for value in lrs:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+      raise schema.ConfigError(f"population lr {value!r}: every learning rate must be a finite number > 0")
+  return tuple(float(v) for v in lrs)
+
+
+def _optimizer(config, base_lr, steps_per_epoch: int):
+  """The single run's optimizer (``program._compile``'s construction) with ``base_lr`` as its base lr:
+  a Python float for the single run, a traced scalar for a member."""
+  decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
+  learning_rate = schedule.learning_rate(base_lr, steps_per_epoch, decay_after, config.lr_decay_factor)
+  return schedule.optimizer(config.optimizer, learning_rate, momentum=config.momentum,
+                            weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps)
+
+
+def _check_member_loop(member_loop: str) -> None:
+  if member_loop not in MEMBER_LOOPS:
+    raise ValueError(f"member_loop={member_loop!r}: choose one of {', '.join(MEMBER_LOOPS)}")
+
+
+def unstack(state, size: int) -> list:
+  """A population state (leaves (K, ...)) as the list of its K single-run states."""
+  return [member(state, k) for k in range(size)]
+
+
+def _member_step(state, batch, lr, *, config, model, loss_fn, steps_per_epoch, num_train):
+  """``step.train_step`` of one member, its optimizer built from its own lr (a traced scalar)."""
+  return step_lib.train_step(state, batch, model=model, tx=_optimizer(config, lr, steps_per_epoch),
+                             loss_fn=loss_fn, feature_decay=config.feature_decay, num_train=num_train)
+
+
+def _vmapped_step(state, batch, lrs, *, one):
+  """``one`` (a member's step) vmapped: (state (K, ...), batch shared, lrs (K,)) -> (state, metrics (K,))."""
+  return jax.vmap(one, in_axes=(0, None, 0))(state, batch, lrs)
+
+
+def _unrolled_step(states: list, batch, lrs, *, one):
+  """``one`` on each member's own state (a list): (states, batch, lrs (K,)) -> (states, [metrics])."""
+  outputs = [one(s, batch, lrs[k]) for k, s in enumerate(states)]
+  return [o[0] for o in outputs], [o[1] for o in outputs]
+
+
+def _population_epoch(state, lrs, inputs, labels, epoch, *, one, member_loop, seed, batch_size, mesh):
+  """The epoch's batches (the single run's, drawn once) as one lax.scan of every member's step.
+
+  -> (state, {'loss': (K,), 'correct': (K,), 'count': ()}). Each member's totals are the single run's sum
+  over its (steps,) metrics: summed per member ("unroll") or along each row of the (K, steps) transpose.
+  """
+  batches = device.epoch_batches(inputs, labels, seed, epoch, batch_size, mesh)
+  if member_loop == "vmap":
+    state, per_step = jax.lax.scan(functools.partial(_vmapped_step, lrs=lrs, one=one), state, batches)
+    totals = jax.tree_util.tree_map(lambda x: jnp.sum(x.T, axis=-1), per_step)
+  else:
+    step = lambda states, batch: _unrolled_step(states, batch, lrs, one=one)
+    states, per_step = jax.lax.scan(step, unstack(state, lrs.shape[0]), batches)
+    state = stack(states)
+    totals = stack([jax.tree_util.tree_map(jnp.sum, m) for m in per_step])
+  totals["count"] = jnp.asarray(batches[1].size, jnp.int32)
+  return state, totals
+
+
+def _stepwise_population_epoch(state, lrs, inputs, labels, epoch, *, step, draw_batches):
+  """``step.stepwise_epoch`` (conv nets on CPU) with the vmapped step: host loop, batches drawn on device."""
+  return step_lib.stepwise_epoch(state, inputs, labels, epoch, draw_batches=draw_batches,
+                                 step=lambda s, batch: step(s, batch, lrs))
+
+
+def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], mesh, num_classes: int,
+                     input_shape: tuple, steps_per_epoch: int, num_train: int = 0,
+                     member_loop: str = "vmap") -> Population:
+  """The ``Population`` of ``config`` at ``lrs`` (config.lr itself is ignored): the single run's program
+  (``program.build_program``, shared and cached) plus its vmapped init, epoch and evaluation.
+
+  The state is replicated on ``mesh`` (every device holds all K members); batches are sharded along 'data'
+  as in the single run. ``member_loop`` (``MEMBER_LOOPS``): "vmap" batches the members' steps and evaluates
+  them all in one vmapped call of the single run's ``evaluate``; "unroll" runs the single run's step per
+  member and its compiled ``evaluate`` member by member (bit-identical to single runs on one device).
+  """
+  lrs = check_lrs(lrs)
+  _check_member_loop(member_loop)
+  program = program_lib.build_program(config, mesh, num_classes, input_shape, steps_per_epoch, num_train)
+  model = program.model
+  loss_fn = step_lib.loss_function(config.loss)
+  replicated = device.replicated(mesh)
+  lr_array = jnp.asarray(lrs, jnp.float32)
+
+  def create(lr):
+    return step_lib.create_state(model, _optimizer(config, lr, steps_per_epoch), input_shape, config.seed)
+
+  init_fn = jax.jit(jax.vmap(create), out_shardings=replicated)
+  one = functools.partial(_member_step, config=config, model=model, loss_fn=loss_fn,
+                          steps_per_epoch=steps_per_epoch, num_train=num_train)
+  epoch_loop = config.epoch_loop
+  if epoch_loop == "auto":  # the single run's choice (program._compile): conv nets on CPU step from the host
+    epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
+  if epoch_loop == "scan":
+    epoch_fn = jax.jit(functools.partial(_population_epoch, one=one, member_loop=member_loop, seed=config.seed,
+                                         batch_size=config.batch_size, mesh=mesh), donate_argnums=0)
+  else:  # the host loop steps the vmapped members (one layout: exactness is the scan's business here)
+    epoch_fn = functools.partial(
+        _stepwise_population_epoch, step=jax.jit(functools.partial(_vmapped_step, one=one), donate_argnums=0),
+        draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
+                                               batch_size=config.batch_size, mesh=mesh)))
+  if member_loop == "vmap":  # one call measures every member; only those asked for are kept
+    batched = jax.jit(jax.vmap(program.evaluate, in_axes=(0, None, None, None, None, None)))
+
+    def evaluate(state, due, *data):
+      results = batched(state, *data)
+      return {k: jax.tree_util.tree_map(lambda v: v[k], results) for k in due}
+  else:  # the single run's compiled evaluation, member by member: its results exactly (lax.map of it rounds
+    take = jax.jit(member)  # differently: measured ~1e-6 relative in nc1, cdnv); k traced: one compile
+
+    def evaluate(state, due, *data):
+      return {k: program.evaluate(take(state, k), *data) for k in due}
+  all_finite = jax.jit(jax.vmap(program.all_finite))
+  schedules = tuple(schedule.learning_rate(lr, steps_per_epoch,
+                                           schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs),
+                                           config.lr_decay_factor) for lr in lrs)
+  return Population(
+      lrs=lrs, program=program, init=lambda: init_fn(lr_array),
+      train_epoch=lambda state, inputs, labels, epoch: epoch_fn(state, lr_array, inputs, labels, epoch),
+      evaluate=evaluate, all_finite=all_finite, learning_rates=schedules)
+
+
+# ------------------------------------------------------------------ the protocol, in memory
+
+@dataclasses.dataclass
+class Member:
+  """One member's run as the loop keeps it: its lr, records, TPT start and, once non-finite, why it stopped."""
+
+  lr: float
+  records: list = dataclasses.field(default_factory=list)
+  tpt_start_epoch: Optional[int] = None
+  diverged: Optional[str] = None
+
+
+def member_config(config: ml_collections.ConfigDict, lr: float) -> ml_collections.ConfigDict:
+  """The single run's config of a member: ``config`` with lr = ``lr``."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.lr = lr
+  return config
+
+
+def _mesh(config) -> jax.sharding.Mesh:
+  return device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
+
+
+def _epoch_record(totals, k: int, lr: float, seconds: float) -> dict:
+  """Member k's training statistics of the epoch, as the single run's ``EpochStats``."""
+  count = int(totals["count"])
+  loss, acc = float(totals["loss"][k]) / count, float(totals["correct"][k]) / count
+  return dict(loss=loss, acc=acc, lr=lr, count=count, seconds=seconds)
+
+
+def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *, member_loop: str = "vmap",
+                     log=print) -> list[Member]:
+  """Trains ``config`` at every lr of ``lrs`` as one population, in memory; returns one ``Member`` per lr.
+
+  Each member's records are those its single run (``train_and_evaluate`` with config.lr = lr) appends to
+  metrics.jsonl: measured at ``schedule.measurement_epochs``, the last epoch and the member's own TPT start.
+  With member_loop "vmap" an epoch where any member is measured evaluates every member (one vmapped
+  evaluation) and the members due keep theirs; with "unroll" the members due are measured one by one.
+  Refused: streamed input (the batches are drawn on device here).
+  """
+  lrs = check_lrs(lrs)
+  for lr in lrs:  # a bad value is refused before any work, naming the key, as the single run does
+    schema.validate(member_config(config, lr))
+  mesh = _mesh(config)
+  if program_lib.pipeline(config) == "stream":
+    raise schema.ConfigError(f"config.input_pipeline = {config.input_pipeline!r} streams {config.dataset}; a "
+                             "population draws its batches on device: use --config.input_pipeline=memory")
+  dataset = program_lib.load_dataset(config, "memory")
+  schema.validate_sizes(config, num_train=len(dataset.train_labels), num_test=len(dataset.test_labels),
+                        num_devices=mesh.size)
+  steps_per_epoch = len(dataset.train_labels) // config.batch_size
+  population = build_population(config, lrs, mesh, dataset.num_classes, dataset.input_shape, steps_per_epoch,
+                                len(dataset.train_labels), member_loop)
+  # The single run's evaluation inputs (loop._inputs): the sets on every device, DeepFool's seeded test subset.
+  chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples,
+                                                              replace=False)) if config.deepfool_samples else None
+  train_inputs, train_labels, test_inputs, test_labels = (device.put_replicated(x, mesh) for x in (
+      dataset.train_inputs, dataset.train_labels, dataset.test_inputs, dataset.test_labels))
+  deepfool_inputs = None if chosen is None else device.put_replicated(dataset.test_inputs[chosen], mesh)
+
+  members = [Member(lr) for lr in lrs]
+  measure = set(schedule.measurement_epochs(config.num_epochs, config.measure_epochs))
+  state = population.init()
+  start = time.perf_counter()
+  for epoch in range(1, config.num_epochs + 1):
+    tic = time.perf_counter()
+    state, totals = population.train_epoch(state, train_inputs, train_labels, epoch)
+    totals = jax.device_get(totals)
+    seconds = time.perf_counter() - tic
+    finite = np.asarray(population.all_finite(state))
+    steps = np.asarray(state.step)
+    due = []
+    for k, m in enumerate(members):
+      if m.diverged is not None:
+        continue
+      stats = _epoch_record(totals, k, float(population.learning_rates[k](int(steps[k]) - 1)), seconds)
+      if not math.isfinite(stats["loss"]) or not finite[k]:
+        m.diverged = (f"training loss is {stats['loss']} at epoch {epoch} (lr {stats['lr']:.3g}); member "
+                      f"stopped: lower its lr (the sweep's other members go on)")
+        log(f"member {k} (lr {m.lr:.3g}): {m.diverged}")
+        continue
+      tpt_starts_now = m.tpt_start_epoch is None and stats["acc"] >= config.tpt_threshold
+      if tpt_starts_now:
+        m.tpt_start_epoch = epoch
+      if epoch in measure or epoch == config.num_epochs or tpt_starts_now:
+        due.append((k, stats))
+    if all(m.diverged is not None for m in members):
+      log(f"every member diverged by epoch {epoch}; the population stops")
+      break
+    wall = time.perf_counter() - start
+    if due:
+      results = jax.device_get(population.evaluate(state, [k for k, _ in due], train_inputs, train_labels,
+                                                   test_inputs, test_labels, deepfool_inputs))
+      for k, stats in due:
+        try:
+          members[k].records.append(_record(members[k], results[k], epoch, int(steps[k]), stats, wall, log))
+        except ValueError as error:  # a single run stops here too (e.g. finite params, overflowing features)
+          members[k].diverged = f"epoch {epoch}: {error}; member stopped: lower its lr (the others go on)"
+          log(f"member {k} (lr {members[k].lr:.3g}): {members[k].diverged}")
+    if all(m.diverged is not None for m in members):
+      log(f"every member diverged by epoch {epoch}; the population stops")
+      break
+    log(f"epoch {epoch:4d}  {len(members)} members  {seconds:.2f}s  "
+        f"{len(members) * int(totals['count']) / seconds:,.0f} img/s (all members)")
+  return members
+
+
+def _record(m: Member, result: dict, epoch: int, step: int, stats: dict, wall: float, log) -> dict:
+  """The single run's record (loop._measure) of member ``m`` at ``epoch``."""
+  raise_if_invalid(result, allow_degenerate=True)
+  degenerate = {k: int(result[k]) for k in DEGENERACY_KEYS if int(result.get(k, 0)) > 0}
+  if degenerate:
+    log(f"WARNING: member lr {m.lr:.3g}, epoch {epoch}: degenerate geometry {degenerate}; the metrics it "
+        "affects are NaN")
+  return {"epoch": epoch, "step": step, "lr": stats["lr"], "epoch_loss": stats["loss"], "epoch_acc": stats["acc"],
+          **{k: records_lib.plain(v) for k, v in result.items()}, "tpt_start_epoch": m.tpt_start_epoch or -1,
+          "wall_time": wall, "images_per_sec": stats["count"] / stats["seconds"]}
+
+
+__all__ = ["Member", "Population", "build_population", "check_lrs", "member", "member_config", "stack",
+           "train_population"]

@@ -1,0 +1,133 @@
+"""Population training (issue 22): K learning rates in one program give the K single runs' records."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default as default_config
+from nc_jax import records, schema
+from nc_jax.data import device
+from nc_jax.training import population, program as program_lib
+from nc_jax.training.loop import train_and_evaluate
+from tests.run_helpers import NOISE, QUIET
+
+LRS = (0.01, 0.03, 0.1)
+# vmap's batched matmuls and reductions round differently from the single run's (population.MEMBER_LOOPS);
+# measured over 3 epochs of this config: at most 1.6e-6 relative in any key (nc1 at epoch 3; NC1 is a ratio
+# of spreads, so it amplifies the params' last-bit differences). 2e-5 leaves a 10x margin.
+VMAP_RTOL = 2e-5
+
+
+def tiny(**overrides):
+  """The smoke MLP on 40 examples per class (3 steps of 128 per epoch), 3 epochs at a constant lr, measured
+  at 1 and 3; the TPT threshold low enough that members reach it at different epochs (measured: train
+  accuracy 0.26 at epoch 2 with lr 0.1, 0.29 at epoch 3 with lr 0.03, 0.16 with lr 0.01)."""
+  config = default_config.get_config("smoke")
+  config.update(dict(num_epochs=3, per_class="40", measure_epochs=(1, 3), lr_decay_epochs=(3,), tpt_threshold=0.25,
+                     **overrides))
+  return config
+
+
+def single_records(config, lr, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp(f"single_lr{lr}")
+  train_and_evaluate(population.member_config(config, lr), str(workdir), **QUIET)
+  return [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(workdir)]
+
+
+def without_noise(member):
+  return [{k: v for k, v in r.items() if k not in NOISE} for r in member.records]
+
+
+@pytest.fixture(scope="module")
+def one_device_singles(tmp_path_factory):
+  return [single_records(tiny(num_devices=1), lr, tmp_path_factory) for lr in LRS]
+
+
+@pytest.fixture(scope="module")
+def eight_device_singles(tmp_path_factory):
+  return [single_records(tiny(), lr, tmp_path_factory) for lr in LRS]
+
+
+@pytest.mark.slow
+def test_the_tiny_runs_measure_a_tpt_start_between_the_scheduled_epochs(eight_device_singles):
+  # Otherwise the equality tests below would not check each member's own TPT start.
+  starts = {r[-1]["tpt_start_epoch"] for r in eight_device_singles}
+  assert len(starts) > 1 and 2 in {r["epoch"] for run in eight_device_singles for r in run}
+
+
+@pytest.mark.slow
+def test_unrolled_members_are_the_single_runs_bit_for_bit_on_one_device(one_device_singles):
+  members = population.train_population(tiny(num_devices=1), LRS, member_loop="unroll", log=QUIET["log"])
+  assert [m.lr for m in members] == list(LRS)
+  for member, single in zip(members, one_device_singles):
+    assert member.diverged is None
+    assert without_noise(member) == single  # every key, tolerance 0
+
+
+@pytest.mark.slow
+def test_vmapped_members_on_eight_devices_are_the_single_runs_within_rounding(eight_device_singles):
+  members = population.train_population(tiny(), LRS, member_loop="vmap", log=QUIET["log"])
+  for member, single in zip(members, eight_device_singles):
+    got = without_noise(member)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in single]
+    for mine, theirs in zip(got, single):
+      assert set(mine) == set(theirs)
+      for key, value in theirs.items():
+        if isinstance(value, (int, str)):  # epochs, steps, TPT start, counts, 'nan': exactly
+          assert mine[key] == value, key
+        else:
+          assert mine[key] == pytest.approx(value, rel=VMAP_RTOL, abs=1e-7), key
+
+
+def test_the_population_state_lives_on_the_data_mesh_with_a_member_axis():
+  config, mesh = tiny(), device.data_mesh()
+  assert mesh.size == 8
+  pop = population.build_population(config, LRS, mesh, 10, (40,), steps_per_epoch=3, num_train=400)
+  state = pop.init()
+  single = pop.program.abstract_state
+  for leaf, one in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(single)):
+    assert leaf.shape == (len(LRS), *one.shape)
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+  # a member taken out is a single run's state: the shapes its checkpoints and evaluation expect
+  taken = population.member(state, 1)
+  assert jax.tree_util.tree_structure(taken) == jax.tree_util.tree_structure(single)
+  restacked = population.stack(population.unstack(state, len(LRS)))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(restacked),
+                                                  jax.tree_util.tree_leaves(state)))
+
+
+def test_the_members_see_one_epoch_of_the_single_runs_batches():
+  # The batch is drawn once for all members: with every lr equal, every member is the same run.
+  config, mesh = tiny(), device.data_mesh()
+  dataset = program_lib.load_dataset(config, "memory")
+  inputs, labels = (device.put_replicated(x, mesh) for x in (dataset.train_inputs, dataset.train_labels))
+  pop = population.build_population(config, (0.05, 0.05), mesh, 10, (40,), steps_per_epoch=3, num_train=400)
+  state, totals = pop.train_epoch(pop.init(), inputs, labels, 1)
+  assert int(totals["count"]) == 3 * 128 and totals["loss"].shape == (2,)
+  for a in jax.tree_util.tree_leaves(state):
+    np.testing.assert_array_equal(a[0], a[1])
+  assert np.asarray(state.step).tolist() == [3, 3]
+
+
+def test_a_diverging_member_stops_alone():
+  members = population.train_population(tiny(), (0.03, 1e4), member_loop="vmap", log=QUIET["log"])
+  healthy, diverged = members
+  assert healthy.diverged is None and [r["epoch"] for r in healthy.records][-1] == 3
+  assert diverged.diverged is not None and "lower its lr" in diverged.diverged
+  assert all(math.isfinite(r["epoch_loss"]) for r in diverged.records)
+
+
+@pytest.mark.parametrize("lrs, message", [((), "at least one learning rate"), ((0.1, -1.0), "lr -1.0"),
+                                           ((0.1, float("nan")), "lr nan")])
+def test_bad_learning_rates_are_refused_in_one_line(lrs, message):
+  with pytest.raises(schema.ConfigError, match=message) as error:
+    population.check_lrs(lrs)
+  assert "\n" not in str(error.value)
+
+
+def test_an_unknown_member_loop_is_refused():
+  with pytest.raises(ValueError, match="member_loop='pmap': choose one of vmap, unroll"):
+    population.build_population(tiny(), LRS, device.data_mesh(), 10, (40,), steps_per_epoch=3,
+                                 member_loop="pmap")
