@@ -20,3 +20,23 @@ def pytest_report_header(config):
       return "absent"
   return "nc-jax under Python " + platform.python_version() + ": " + ", ".join(
       f"{name} {version(name)}" for name in REPORTED_PACKAGES)
+
+
+# Tests run once per paper cell or net: past the first cell each repeats the same code on another net. They are
+# marked ``more_cells`` so the oldest end of CI (which checks the API at the lower bounds, not every net again)
+# can leave them out with -m "not more_cells"; README's command (the newest end) runs them all.
+PER_CELL_TESTS = {
+    "tests/test_configs.py::test_smoke_variants_train_under_mock_data",
+    "tests/test_stream.py::test_imagenet_cell_trains_from_the_fixture_dataset_by_streaming",
+    "tests/test_lowering.py::test_cell_lowers_for_tpu_and_cuda",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  seen = set()
+  for item in items:
+    name = item.nodeid.split("[")[0]
+    if name in PER_CELL_TESTS:
+      if name in seen:
+        item.add_marker("more_cells")
+      seen.add(name)

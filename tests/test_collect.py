@@ -382,7 +382,8 @@ def test_two_processes_equal_one(workdir, tmp_path):
   one = json.loads((tmp_path / "single" / "nc.json").read_text())
   two = json.loads((tmp_path / "multi" / "nc.json").read_text())
   assert set(one) == set(two)
-  keys = [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256", "sha256")]
+  assert two["nc_options"] == one["nc_options"]  # the conventions measured with (a dict, not a metric)
+  keys = [k for k in one if k not in ("workdir", "checkpoint", "split", "class_stats_sha256", "sha256", "nc_options")]
   # CDNV and the kernel statistics divide by squared distances between class means. The smoke net's means lie
   # close together (|mu_c - mu_c'|^2 << |mu_c|^2), which magnifies the last-bit differences that another merge order
   # leaves in the float32 means: measured up to 7e-5 relative (jax 0.10.2; 2e-5 on 0.12) where the rest agree to 5e-6.
