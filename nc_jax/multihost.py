@@ -27,16 +27,6 @@ def per_process(tree) -> list:
   return [jax.tree_util.tree_map(lambda x, i=i: x[i], gathered) for i in range(jax.process_count())]
 
 
-def any_process(flag: bool) -> bool:
-  """True on every process when ``flag`` is True on any of them."""
-  return bool(np.any(gather(np.asarray(bool(flag), np.int32))))
-
-
-def from_process_zero(value):
-  """Process 0's ``value`` (a pytree of arrays/scalars of the same shapes everywhere), on every process."""
-  return jax.tree_util.tree_map(lambda x: x[0], gather(value))
-
-
 def sync(name: str) -> None:
   """A barrier: returns on each process once every process has reached ``sync(name)``."""
   if jax.process_count() > 1:

@@ -346,7 +346,7 @@ def _metrics(merged: dict, geometry, options: NCOptions, loss_names: tuple[str, 
   """``neural_collapse``'s keys, the later metrics, the ``*_test`` keys and the loss keys."""
   main = merged["main"]
   result = dict(engine.finalize(main, geometry, options))
-  result |= engine.jitted(further_keys, global_mean=options.global_mean, ddof=options.std_ddof)(main.nc, geometry)
+  result |= engine.jitted(further_keys, options=options)(main.nc, geometry)
   if "heldout" in merged:
     result |= engine.transfer(merged["heldout"], geometry, options)
   if loss:

@@ -8,6 +8,7 @@ import numpy as np
 
 from nc_jax import metrics as nc_metrics
 from nc_jax.metrics import streaming
+from nc_jax.metrics.options import NCOptions
 
 
 def per_class_statistics(geometry: streaming.ClassGeometry, state: streaming.DeviationState,
@@ -38,8 +39,8 @@ def per_class_statistics(geometry: streaming.ClassGeometry, state: streaming.Dev
   return stats
 
 
-def further_keys(state: streaming.DeviationState, geometry: streaming.ClassGeometry, *, global_mean: str,
-                 ddof: int) -> dict:
+def further_keys(state: streaming.DeviationState, geometry: streaming.ClassGeometry, *,
+                 options: NCOptions = NCOptions()) -> dict:
   """The later metrics of ``nc_jax.metrics.further`` that pass 2's sums determine (kernel statistics,
   cdnv_k*, equinorm_log_means*, nc1_weak and, with W, nc3_wm_structure and global_logit_*), from the
   corrected means mu_c 2^-e = mu'_c + delta_c and variances V_c 4^-e = sum ||d||^2 / n_c - ||delta_c||^2."""
@@ -50,4 +51,4 @@ def further_keys(state: streaming.DeviationState, geometry: streaming.ClassGeome
   ok = (state.invalid_labels == 0) & (state.nonfinite_rows == 0) & jnp.all(state.counts > 0)
   return nc_metrics.further.further_from_statistics(
       geometry.means + correction, variances, counts, geometry.exponent, geometry.weights, geometry.bias, ok=ok,
-      global_mean=global_mean, ddof=ddof)
+      options=options)

@@ -148,23 +148,19 @@ def geometry_of(means: streaming.ClassMeansState, weights: Optional[jax.Array], 
   """Pass 1's means scaled by 2^-e, centred (mu_G as ``options.global_mean``) and factorised (``options.solver``,
   ``rcond``; classes with fewer than ``min_count`` samples dropped): the reference of pass 2. e is the power of
   two of max(max |h_ij| tracked in pass 1 (0 if not), max |mu_cj|)."""
-  return jitted(streaming.finalize_class_means, global_mean=options.global_mean, solver=options.solver,
-                rcond=options.rcond, min_count=options.min_count)(means, weights, bias)
+  return jitted(streaming.finalize_class_means, options=options)(means, weights, bias)
 
 
 def finalize(main: DeviationPass, geometry: streaming.ClassGeometry, options: NCOptions = NCOptions(),
              mesh: Optional[jax.sharding.Mesh] = None) -> dict:
   """``neural_collapse``'s keys from pass 2's sums (``finalize_collapse``); ``mesh``: devices that share the
   pair statistics' tiles, or None."""
-  return jitted(streaming.finalize_collapse, global_mean=options.global_mean, std_ddof=options.std_ddof,
-                divide_nc1_by_classes=options.divide_nc1_by_classes,
-                self_duality_squared=options.self_duality_squared, mesh=mesh)(main.nc, geometry)
+  return jitted(streaming.finalize_collapse, options=options, mesh=mesh)(main.nc, geometry)
 
 
 def transfer(heldout: DeviationPass, geometry: streaming.ClassGeometry, options: NCOptions = NCOptions()) -> dict:
   """The ``*_test`` keys: held-out deviations against the training geometry (``finalize_transfer``)."""
-  return jitted(streaming.finalize_transfer, divide_nc1_by_classes=options.divide_nc1_by_classes)(heldout.nc,
-                                                                                                  geometry)
+  return jitted(streaming.finalize_transfer, options=options)(heldout.nc, geometry)
 
 
 def loss_keys(sums: LossSums, name: str) -> dict:

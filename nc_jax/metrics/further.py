@@ -295,17 +295,14 @@ def further_from_statistics(
     bias: Optional[jax.Array] = None,
     *,
     ok: jax.Array = True,
-    options: Optional[NCOptions] = None,
+    options: NCOptions = NCOptions(),
     further: FurtherOptions = FurtherOptions(),
-    global_mean=UNSET,
-    ddof=UNSET,
 ) -> dict:
   """The keys of ``further_collapse`` that depend on the class statistics only (all but nc5 and the
   *_test ones), from the output of ``class_statistics`` or any streaming pass that keeps the same sums:
   means (C, p) mu_c 2^-e, variances (C,) V_c 4^-e, counts (C,), exponent () int32 e, ok () bool
-  (False makes every key NaN). W (C, p) and b (C,) in their own units. Of ``options`` (or the keywords
-  global_mean and ddof, = options.std_ddof) this uses global_mean and std_ddof; ``further``: the kernels'."""
-  options = resolve(options, "further_from_statistics", global_mean=global_mean, std_ddof=ddof)
+  (False makes every key NaN). W (C, p) and b (C,) in their own units. Of ``options`` this uses global_mean
+  and std_ddof; ``further``: the kernels'."""
   centred = means - global_mean_of(means, counts, options.global_mean)
   log_unit = exponent.astype(means.dtype) * math.log(2.0)
   out = {}

@@ -14,7 +14,6 @@ order appears where the net has none, and NC1 cannot fall below ~(2^-8 |h| / bet
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -84,16 +83,15 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
                                                     batch_size=batch_size, mesh=mesh)
   weights, bias = models.classifier_weights(state.params, feature_dim=train_features.shape[-1],
                                             num_classes=num_classes)
-  conventions = dataclasses.asdict(options)  # the keyword face: the same call with or without an options= argument
   result = nc_metrics.neural_collapse(train_features, train_labels, num_classes, weights, bias,
                                       test_features=test_features, test_labels=test_labels,
-                                      pair_mesh=mesh, **conventions)  # beyond C = 256 the devices share the pair tiles
+                                      pair_mesh=mesh, options=options)  # beyond C = 256 the devices share the tiles
   result["train_loss"], result["train_acc"] = step_lib.mean_loss_and_accuracy(train_logits, train_labels, loss_fn)
   result["test_loss"], result["test_acc"] = step_lib.mean_loss_and_accuracy(test_logits, test_labels, loss_fn)
   if per_layer:
     pooled = {name: jnp.mean(value, axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
               for name, value in outputs[2].items()}
-    for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, num_classes, **conventions).items():
+    for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, num_classes, options=options).items():
       result |= {f"layer/{name}/{key}": layer[key] for key in PER_LAYER_KEYS}
   if mse_weight_decay is not None:
     terms = nc_metrics.mse_decomposition(train_features, train_labels, num_classes, weights, bias, mse_weight_decay)
