@@ -94,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   log = log if is_main else (lambda *args, **kwargs: None)
 
   # ------------------------------------------------------------------- mesh
-  mesh = _mesh(config)
+  mesh = program_lib.data_mesh(config)
 
   # ------------------------------------------------------------------- data
   dataset = _dataset(config, mesh)
@@ -171,14 +171,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
 
 # ------------------------------------------------------------------ the banners' steps
 
-def _mesh(config) -> jax.sharding.Mesh:
-  """The data-parallel mesh: config.num_devices devices, or every device (0; always so on several processes)."""
-  if config.num_devices and jax.process_count() > 1:
-    raise schema.ConfigError(f"config.num_devices = {config.num_devices}: must be 0 (every device) in a "
-                             f"multi-process run ({jax.process_count()} processes)")
-  return device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
-
-
 def _dataset(config, mesh):
   """The run's data (``program.load_dataset``), its sizes checked against the config and the mesh."""
   kind = program_lib.pipeline(config)
@@ -207,8 +199,7 @@ class Inputs:
 def _inputs(config, mesh, dataset, program) -> Inputs:
   """The run's ``Inputs``. Streamed runs measure from streamed batches, except with keys that need every
   feature at once (per_layer_nc, mse, minority classes): their standardised sets are read whole (small only)."""
-  chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples,
-                                                              replace=False)) if config.deepfool_samples else None
+  chosen = program_lib.deepfool_indices(config, len(dataset.test_labels))
   stream = None
   if dataset.streamed:
     stream = stream_lib.TrainStream(dataset, config.batch_size, config.seed, mesh=mesh,
@@ -273,16 +264,24 @@ def _progress_line(epoch: int, stats: EpochStats, epoch_seconds: list, num_epoch
           f"{stats.images_per_sec:,.0f} img/s  eta {eta:,.0f}s")
 
 
-def _measure(evaluate, run: resume.RunState, epoch: int, stats: EpochStats, wall: float, log) -> dict:
-  """The record of ``epoch``: its training statistics and the measurement of the state after it."""
-  result = jax.device_get(evaluate(run.state))
+def measurement_record(result: dict, *, epoch: int, step: int, stats: EpochStats, tpt_start_epoch: Optional[int],
+                       wall: float, log, who: str = "") -> dict:
+  """The metrics.jsonl record of ``epoch`` from the measurement ``result`` (host values) and the epoch's training
+  statistics. Invalid inputs raise (``raise_if_invalid``); degenerate geometry is logged, prefixed by ``who``."""
   raise_if_invalid(result, allow_degenerate=True)  # bad labels or data raise; degenerate geometry is logged
   degenerate = {k: int(result[k]) for k in DEGENERACY_KEYS if int(result.get(k, 0)) > 0}
   if degenerate:
-    log(f"WARNING: epoch {epoch}: degenerate geometry {degenerate}; the metrics it affects are NaN")
-  record = {"epoch": epoch, "step": int(run.state.step), "lr": stats.lr, "epoch_loss": stats.loss,
-            "epoch_acc": stats.acc, **{k: records_lib.plain(v) for k, v in result.items()},
-            "tpt_start_epoch": run.tpt_start_epoch or -1, "wall_time": wall, "images_per_sec": stats.images_per_sec}
+    log(f"WARNING: {who}epoch {epoch}: degenerate geometry {degenerate}; the metrics it affects are NaN")
+  return {"epoch": epoch, "step": step, "lr": stats.lr, "epoch_loss": stats.loss, "epoch_acc": stats.acc,
+          **{k: records_lib.plain(v) for k, v in result.items()}, "tpt_start_epoch": tpt_start_epoch or -1,
+          "wall_time": wall, "images_per_sec": stats.images_per_sec}
+
+
+def _measure(evaluate, run: resume.RunState, epoch: int, stats: EpochStats, wall: float, log) -> dict:
+  """The record of ``epoch``: its training statistics and the measurement of the state after it."""
+  result = jax.device_get(evaluate(run.state))
+  record = measurement_record(result, epoch=epoch, step=int(run.state.step), stats=stats,
+                              tpt_start_epoch=run.tpt_start_epoch, wall=wall, log=log)
   log("  NC " + "  ".join(f"{k} {float(result[k]):.3e}" for k in SUMMARY_KEYS)
       + f"  test_acc {float(result['test_acc']):.4f}")
   return record

@@ -36,10 +36,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nc_jax import records as records_lib, schema
+from nc_jax import schema
 from nc_jax.data import device
-from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
-from nc_jax.training import program as program_lib, schedule, step as step_lib
+from nc_jax.training import loop, program as program_lib, schedule, step as step_lib
 
 MEMBER_AXIS = 0  # the leading axis of every leaf of a population state
 # How the members' computations are laid out in the program (``member_loop``):
@@ -96,12 +95,9 @@ def check_lrs(lrs: Sequence[float]) -> tuple:
 
 
 def _optimizer(config, base_lr, steps_per_epoch: int):
-  """The single run's optimizer (``program._compile``'s construction) with ``base_lr`` as its base lr:
+  """The single run's optimizer (``program.optimizer`` on ``program.lr_schedule``) with ``base_lr`` as its base lr:
   a Python float for the single run, a traced scalar for a member."""
-  decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
-  learning_rate = schedule.learning_rate(base_lr, steps_per_epoch, decay_after, config.lr_decay_factor)
-  return schedule.optimizer(config.optimizer, learning_rate, momentum=config.momentum,
-                            weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps)
+  return program_lib.optimizer(config, program_lib.lr_schedule(config, base_lr, steps_per_epoch))
 
 
 def _check_member_loop(member_loop: str) -> None:
@@ -181,10 +177,7 @@ def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], me
   init_fn = jax.jit(jax.vmap(create), out_shardings=replicated)
   one = functools.partial(_member_step, config=config, model=model, loss_fn=loss_fn,
                           steps_per_epoch=steps_per_epoch, num_train=num_train)
-  epoch_loop = config.epoch_loop
-  if epoch_loop == "auto":  # the single run's choice (program._compile): conv nets on CPU step from the host
-    epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
-  if epoch_loop == "scan":
+  if program_lib.epoch_loop(config) == "scan":  # the single run's choice
     epoch_fn = jax.jit(functools.partial(_population_epoch, one=one, member_loop=member_loop, seed=config.seed,
                                          batch_size=config.batch_size, mesh=mesh), donate_argnums=0)
   else:  # the host loop steps the vmapped members (one layout: exactness is the scan's business here)
@@ -204,9 +197,7 @@ def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], me
     def evaluate(state, due, *data):
       return {k: program.evaluate(take(state, k), *data) for k in due}
   all_finite = jax.jit(jax.vmap(program.all_finite))
-  schedules = tuple(schedule.learning_rate(lr, steps_per_epoch,
-                                           schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs),
-                                           config.lr_decay_factor) for lr in lrs)
+  schedules = tuple(program_lib.lr_schedule(config, lr, steps_per_epoch) for lr in lrs)
   return Population(
       lrs=lrs, program=program, init=lambda: init_fn(lr_array),
       train_epoch=lambda state, inputs, labels, epoch: epoch_fn(state, lr_array, inputs, labels, epoch),
@@ -232,15 +223,10 @@ def member_config(config: ml_collections.ConfigDict, lr: float) -> ml_collection
   return config
 
 
-def _mesh(config) -> jax.sharding.Mesh:
-  return device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
-
-
-def _epoch_record(totals, k: int, lr: float, seconds: float) -> dict:
-  """Member k's training statistics of the epoch, as the single run's ``EpochStats``."""
+def _epoch_stats(totals, k: int, lr: float, seconds: float) -> loop.EpochStats:
+  """Member k's training statistics of the epoch, as the single run's."""
   count = int(totals["count"])
-  loss, acc = float(totals["loss"][k]) / count, float(totals["correct"][k]) / count
-  return dict(loss=loss, acc=acc, lr=lr, count=count, seconds=seconds)
+  return loop.EpochStats(float(totals["loss"][k]) / count, float(totals["correct"][k]) / count, lr, count, seconds)
 
 
 def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *, member_loop: str = "vmap",
@@ -256,7 +242,7 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
   lrs = check_lrs(lrs)
   for lr in lrs:  # a bad value is refused before any work, naming the key, as the single run does
     schema.validate(member_config(config, lr))
-  mesh = _mesh(config)
+  mesh = program_lib.data_mesh(config)
   if program_lib.pipeline(config) == "stream":
     raise schema.ConfigError(f"config.input_pipeline = {config.input_pipeline!r} streams {config.dataset}; a "
                              "population draws its batches on device: use --config.input_pipeline=memory")
@@ -267,8 +253,7 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
   population = build_population(config, lrs, mesh, dataset.num_classes, dataset.input_shape, steps_per_epoch,
                                 len(dataset.train_labels), member_loop)
   # The single run's evaluation inputs (loop._inputs): the sets on every device, DeepFool's seeded test subset.
-  chosen = np.sort(np.random.default_rng(config.seed).choice(len(dataset.test_labels), config.deepfool_samples,
-                                                              replace=False)) if config.deepfool_samples else None
+  chosen = program_lib.deepfool_indices(config, len(dataset.test_labels))
   train_inputs, train_labels, test_inputs, test_labels = (device.put_replicated(x, mesh) for x in (
       dataset.train_inputs, dataset.train_labels, dataset.test_inputs, dataset.test_labels))
   deepfool_inputs = None if chosen is None else device.put_replicated(dataset.test_inputs[chosen], mesh)
@@ -288,13 +273,13 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
     for k, m in enumerate(members):
       if m.diverged is not None:
         continue
-      stats = _epoch_record(totals, k, float(population.learning_rates[k](int(steps[k]) - 1)), seconds)
-      if not math.isfinite(stats["loss"]) or not finite[k]:
-        m.diverged = (f"training loss is {stats['loss']} at epoch {epoch} (lr {stats['lr']:.3g}); member "
+      stats = _epoch_stats(totals, k, float(population.learning_rates[k](int(steps[k]) - 1)), seconds)
+      if not math.isfinite(stats.loss) or not finite[k]:
+        m.diverged = (f"training loss is {stats.loss} at epoch {epoch} (lr {stats.lr:.3g}); member "
                       f"stopped: lower its lr (the sweep's other members go on)")
         log(f"member {k} (lr {m.lr:.3g}): {m.diverged}")
         continue
-      tpt_starts_now = m.tpt_start_epoch is None and stats["acc"] >= config.tpt_threshold
+      tpt_starts_now = m.tpt_start_epoch is None and stats.acc >= config.tpt_threshold
       if tpt_starts_now:
         m.tpt_start_epoch = epoch
       if epoch in measure or epoch == config.num_epochs or tpt_starts_now:
@@ -308,7 +293,9 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
                                                    test_inputs, test_labels, deepfool_inputs))
       for k, stats in due:
         try:
-          members[k].records.append(_record(members[k], results[k], epoch, int(steps[k]), stats, wall, log))
+          members[k].records.append(loop.measurement_record(
+              results[k], epoch=epoch, step=int(steps[k]), stats=stats, tpt_start_epoch=members[k].tpt_start_epoch,
+              wall=wall, log=log, who=f"member lr {members[k].lr:.3g}, "))
         except ValueError as error:  # a single run stops here too (e.g. finite params, overflowing features)
           members[k].diverged = f"epoch {epoch}: {error}; member stopped: lower its lr (the others go on)"
           log(f"member {k} (lr {members[k].lr:.3g}): {members[k].diverged}")
@@ -318,18 +305,6 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
     log(f"epoch {epoch:4d}  {len(members)} members  {seconds:.2f}s  "
         f"{len(members) * int(totals['count']) / seconds:,.0f} img/s (all members)")
   return members
-
-
-def _record(m: Member, result: dict, epoch: int, step: int, stats: dict, wall: float, log) -> dict:
-  """The single run's record (loop._measure) of member ``m`` at ``epoch``."""
-  raise_if_invalid(result, allow_degenerate=True)
-  degenerate = {k: int(result[k]) for k in DEGENERACY_KEYS if int(result.get(k, 0)) > 0}
-  if degenerate:
-    log(f"WARNING: member lr {m.lr:.3g}, epoch {epoch}: degenerate geometry {degenerate}; the metrics it "
-        "affects are NaN")
-  return {"epoch": epoch, "step": step, "lr": stats["lr"], "epoch_loss": stats["loss"], "epoch_acc": stats["acc"],
-          **{k: records_lib.plain(v) for k, v in result.items()}, "tpt_start_epoch": m.tpt_start_epoch or -1,
-          "wall_time": wall, "images_per_sec": stats["count"] / stats["seconds"]}
 
 
 __all__ = ["Member", "Population", "build_population", "check_lrs", "member", "member_config", "stack",

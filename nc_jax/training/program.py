@@ -19,6 +19,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from nc_jax import data, models, schema
 from nc_jax.data import device, stream as stream_lib
@@ -87,7 +88,23 @@ def nc_options(config) -> NCOptions:
   return NCOptions(**schema.nc_values(config))
 
 
-# ------------------------------------------------------------------ data
+# ------------------------------------------------------------------ devices and data
+
+def data_mesh(config) -> jax.sharding.Mesh:
+  """The data-parallel mesh: config.num_devices devices, or every device (0; always so on several processes)."""
+  if config.num_devices and jax.process_count() > 1:
+    raise schema.ConfigError(f"config.num_devices = {config.num_devices}: must be 0 (every device) in a "
+                             f"multi-process run ({jax.process_count()} processes)")
+  return device.data_mesh(jax.devices()[: config.num_devices] if config.num_devices else None)
+
+
+def deepfool_indices(config, num_test: int):
+  """The test examples DeepFool measures: config.deepfool_samples of the num_test, drawn with config.seed and
+  sorted (M,) int, or None when it is 0."""
+  if not config.deepfool_samples:
+    return None
+  return np.sort(np.random.default_rng(config.seed).choice(num_test, config.deepfool_samples, replace=False))
+
 
 def pipeline(config) -> str:
   """'memory' or 'stream': ``config.input_pipeline``, with 'auto' decided by the size of the data it keeps."""
@@ -140,14 +157,34 @@ def build_program(config: ml_collections.ConfigDict, mesh, num_classes: int, inp
   return program
 
 
+def lr_schedule(config, base_lr, steps_per_epoch: int):
+  """lr(step) of a run of ``config`` with base lr ``base_lr``: config.lr for a single run, a traced scalar for a
+  population member (``training.population``); decayed by config.lr_decay_factor at config.lr_decay_epochs."""
+  decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
+  return schedule.learning_rate(base_lr, steps_per_epoch, decay_after, config.lr_decay_factor)
+
+
+def optimizer(config, learning_rate):
+  """The optax optimizer of ``config`` (config.optimizer and its settings) on the schedule ``learning_rate``."""
+  return schedule.optimizer(config.optimizer, learning_rate, momentum=config.momentum,
+                            weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps)
+
+
+def epoch_loop(config) -> str:
+  """'scan' (one jitted lax.scan per epoch) or 'steps' (the host loops over the jitted step): config.epoch_loop,
+  'auto' choosing 'steps' for conv nets on CPU, where XLA:CPU runs convolutions inside a scan ~90x slower
+  (step.stepwise_epoch)."""
+  if config.epoch_loop != "auto":
+    return config.epoch_loop
+  return "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
+
+
 def _compile(config, mesh, num_classes: int, input_shape: tuple, steps_per_epoch: int, num_train: int) -> Program:
   """The model, optimizer and jitted functions of ``config`` (the program keys, as attributes)."""
   model = models.create(config.model, num_classes, dtype=jnp.dtype(config.compute_dtype),
                         **{k: tuple(v) if isinstance(v, list) else v for k, v in config.model_options.items()})
-  decay_after = schedule.decay_epochs(config.num_epochs, config.lr_decay_epochs)
-  learning_rate = schedule.learning_rate(config.lr, steps_per_epoch, decay_after, config.lr_decay_factor)
-  tx = schedule.optimizer(config.optimizer, learning_rate, momentum=config.momentum,
-                          weight_decay=config.weight_decay, betas=tuple(config.adam_betas), eps=config.adam_eps)
+  learning_rate = lr_schedule(config, config.lr, steps_per_epoch)
+  tx = optimizer(config, learning_rate)
   loss_fn = step_lib.loss_function(config.loss)
   replicated = device.replicated(mesh)
   init = jax.jit(functools.partial(step_lib.create_state, model, tx, input_shape, config.seed),
@@ -156,10 +193,7 @@ def _compile(config, mesh, num_classes: int, input_shape: tuple, steps_per_epoch
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), jax.eval_shape(init))
   train_step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, loss_fn=loss_fn,
                                          feature_decay=config.feature_decay, num_train=num_train), donate_argnums=0)
-  epoch_loop = config.epoch_loop
-  if epoch_loop == "auto":  # XLA:CPU runs convolutions inside a scan ~90x slower (step.stepwise_epoch)
-    epoch_loop = "steps" if jax.default_backend() == "cpu" and config.model != "mlp" else "scan"
-  if epoch_loop == "scan":
+  if epoch_loop(config) == "scan":
     train_epoch = jax.jit(functools.partial(
         step_lib.train_epoch, model=model, tx=tx, loss_fn=loss_fn, batch_size=config.batch_size,
         seed=config.seed, mesh=mesh, feature_decay=config.feature_decay), donate_argnums=0)
@@ -200,5 +234,6 @@ def streamed_evaluator(config, mesh, dataset, program: Program, deepfool_indices
   return lambda state: evaluator(state, batches, feature_dim, deepfool_inputs)
 
 
-__all__ = ["Program", "build_program", "config_values", "load_dataset", "minority_classes", "nc_options", "pipeline",
+__all__ = ["Program", "build_program", "config_values", "data_mesh", "deepfool_indices", "epoch_loop", "load_dataset", "lr_schedule", "minority_classes",
+           "nc_options", "optimizer", "pipeline",
            "program_key", "program_values", "run_digest", "streamed_evaluator"]
