@@ -106,8 +106,8 @@ def jax_rows(case, model, inputs, labels, batch_size, repeats, stepwise, eval_ti
     jax.block_until_ready(totals)
 
   test_size = len(labels) // 6  # the paper's datasets have ~1 test image per 5-6 training images
-  evaluate = jax.jit(functools.partial(evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=10,
-                                       batch_size=1024, mesh=mesh))
+  evaluate = jax.jit(functools.partial(evaluate_lib.evaluate, measurement=evaluate_lib.Measurement(
+      model=model, loss_fn=loss_fn, num_classes=10, batch_size=1024, mesh=mesh)))
 
   def one_evaluation():
     jax.block_until_ready(evaluate(holder["state"], x, y, x[:test_size], y[:test_size]))

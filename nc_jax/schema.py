@@ -11,9 +11,9 @@ data are loaded (still before writing). A refused value raises ``ConfigError`` w
 says what is wrong and what to set instead, e.g. ``config.num_epochs = -3: must be an integer >= 1``.
 
 Light: imports ml_collections and the standard library only (no JAX), so launchers and tests can build and check
-configs in milliseconds. The name tables below copy what nc_jax.data, nc_jax.models and nc_jax.training define
-(each of those modules imports numpy, flax or optax, so reading the tables from them would load JAX here and in
-every launcher); tests/test_schema.py keeps them equal.
+configs in milliseconds. The names the code knows are ``nc_jax.names``' (light too, imported by the modules that act
+on them); its model options and the metric conventions below copy what nc_jax.models and nc_jax.metrics define
+(those import flax and JAX); tests/test_schema.py and tests/test_nc_options.py keep them equal.
 """
 
 from __future__ import annotations
@@ -29,62 +29,16 @@ from typing import Any, Optional, Union
 import ml_collections
 from ml_collections import config_dict
 
+from nc_jax.names import (  # re-exported: schema.DATASETS etc. are the names a config may use
+    COMPUTE_DTYPES, DATA_SOURCES, DATASETS, EPOCH_LOOPS, EVAL_DTYPES, GENERATED_DATASETS, IDX_DATASETS, IMBALANCES,
+    INPUT_PIPELINES, LOSSES, MODEL_OPTIONS, MODELS, OPTIMIZERS, STANDARDIZATIONS, STEMS, VGG_POOL)
+
 
 class ConfigError(ValueError):
   """A config value the trainer cannot use; the message is one line: the key, what is wrong, what to set."""
 
 
-# ----------------------------------------------------------------- names the code knows
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped", "stl10", "imagenet2012", "mnist1d",
-            "synthetic")  # nc_jax.data.DATASETS
-GENERATED_DATASETS = ("mnist1d", "synthetic")  # made offline; data_source is not used for them
-IDX_DATASETS = ("mnist", "fashion_mnist")  # the ones data_source='idx' (MNIST-format files) can read
-DATA_SOURCES = ("tfds", "idx", "generated")  # nc_jax.data.SOURCES
-STANDARDIZATIONS = ("global", "channel", "pixel", "none")  # nc_jax.data.preprocess.STANDARDIZATIONS
-IMBALANCES = ("none", "step", "exponential")  # nc_jax.data.preprocess.IMBALANCES
-LOSSES = ("cross_entropy", "mse")  # nc_jax.training.step.LOSSES
-OPTIMIZERS = ("sgd", "adam", "adamw")  # nc_jax.training.schedule.OPTIMIZERS
-COMPUTE_DTYPES = ("float32", "bfloat16")
-EVAL_DTYPES = ("float32", "same")  # nc_jax.training.evaluate.EVAL_DTYPES
-EPOCH_LOOPS = ("auto", "scan", "steps")
-INPUT_PIPELINES = ("auto", "memory", "stream")  # nc_jax.data.stream.PIPELINES
-STEMS = ("small", "imagenet")  # nc_jax.models.resnet.STEMS; VGG and DenseNet take the same two
-
-# ------------------------------------------------------------- every model and its options
-# Each model's constructor options (its flax dataclass fields but num_classes and dtype, which the trainer sets)
-# at the model's own defaults: the class defaults, overridden by the name's functools.partial.
-_POOL = "M"  # nc_jax.models.vgg.POOL: a 2x2 max-pool in a VGG layer list
-_VGG_LAYERS = {  # nc_jax.models.vgg.CONFIGS
-    11: (64, _POOL, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
-    13: (64, 64, _POOL, 128, 128, _POOL, 256, 256, _POOL, 512, 512, _POOL, 512, 512, _POOL),
-    16: (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, _POOL, 512, 512, 512, _POOL, 512, 512, 512, _POOL),
-    19: (64, 64, _POOL, 128, 128, _POOL, 256, 256, 256, 256, _POOL, 512, 512, 512, 512, _POOL,
-         512, 512, 512, 512, _POOL),
-}
-_HEAD = {"fixed_etf": False, "head_bias": True}  # nc_jax.models.head.Head's options, on every model
-_VGG = {"stem": "small", "classifier_width": None, "width_multiplier": 1.0, **_HEAD}
-_RESNET = {"stem": "small", "width": 64, **_HEAD}
-_DENSENET_SMALL = {"stem": "small", **_HEAD}
-_DENSENET_BC = {"bottleneck": True, "compression": 0.5}
-MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "mlp": {"width": 512, "depth": 3, "batch_norm": True, "feature_dim": None, **_HEAD},
-    "cnn": {"channels": (32, 64, 128), "width": 128, **_HEAD},
-    **{f"vgg{depth}": {"config": layers, **_VGG} for depth, layers in _VGG_LAYERS.items()},
-    "resnet18": {"stage_sizes": (2, 2, 2, 2), **_RESNET},
-    "resnet34": {"stage_sizes": (3, 4, 6, 3), **_RESNET},
-    "resnet50": {"stage_sizes": (3, 4, 6, 3), **_RESNET},
-    "resnet101": {"stage_sizes": (3, 4, 23, 3), **_RESNET},
-    "resnet152": {"stage_sizes": (3, 8, 36, 3), **_RESNET},
-    "densenet40": {"block_sizes": (12, 12, 12), "growth_rate": 12, "bottleneck": False, "compression": 1.0,
-                   "init_features": 16, "stem": "small", **_HEAD},
-    "densenet250": {"block_sizes": (41, 41, 41), "growth_rate": 24, **_DENSENET_BC, "init_features": 48,
-                    "stem": "small", **_HEAD},
-    "densenet121": {"block_sizes": (6, 12, 24, 16), "growth_rate": 32, **_DENSENET_BC, "init_features": 64,
-                    "stem": "imagenet", **_HEAD},
-    "densenet201": {"block_sizes": (6, 12, 48, 32), "growth_rate": 32, **_DENSENET_BC, "init_features": 64,
-                    "stem": "imagenet", **_HEAD},
-}
-MODELS = tuple(MODEL_OPTIONS)  # nc_jax.models.NAMES
+# ------------------------------------------------------------- every model and its options (names.MODEL_OPTIONS)
 # Constructor fields a config cannot hold: ResNet's block class (BasicBlock or Bottleneck) is picked by the name.
 FIXED_BY_NAME = ("block_cls",)
 # Options whose default None means "the model decides" (VGG: 512 wide with the small stem, 4096 with imagenet's;
@@ -354,8 +308,8 @@ def _option(model: str, name: str, value, default) -> None:
     _string(key, value)
   elif name == "config":  # VGG's layer list
     if (not isinstance(value, (tuple, list)) or not value
-        or not all(e == _POOL or (_is_int(e) and e >= 1) for e in value)):
-      _fail(key, value, f"must be a non-empty tuple of conv widths (integers >= 1) and {_POOL!r} (a max-pool), "
+        or not all(e == VGG_POOL or (_is_int(e) and e >= 1) for e in value)):
+      _fail(key, value, f"must be a non-empty tuple of conv widths (integers >= 1) and {VGG_POOL!r} (a max-pool), "
             f"e.g. --config.{key}=\"(64,'M',128,'M')\"")
   elif isinstance(default, tuple):
     if not isinstance(value, (tuple, list)) or not value or not all(_is_int(e) and e >= minimum for e in value):

@@ -65,14 +65,15 @@ def collapsed_mlp(delta: float, seed: int = 0):
 
 def in_memory_nc1(state, inputs, labels, model, eval_dtype):
   measure = jax.jit(lambda s: evaluate_lib.evaluate(
-      s, inputs, labels, inputs, labels, model=model, loss_fn=CROSS_ENTROPY, num_classes=4, batch_size=64,
-      mesh=device.data_mesh(), eval_dtype=eval_dtype))
+      s, inputs, labels, inputs, labels, measurement=evaluate_lib.Measurement(
+          model=model, loss_fn=CROSS_ENTROPY, num_classes=4, batch_size=64, mesh=device.data_mesh(),
+          eval_dtype=eval_dtype)))
   return float(measure(state)["nc1"])
 
 
 def streamed_nc1(state, inputs, labels, model, eval_dtype):
-  evaluator = evaluate_lib.StreamedEvaluator(model=model, loss_fn=CROSS_ENTROPY, num_classes=4,
-                                             eval_dtype=eval_dtype)
+  evaluator = evaluate_lib.StreamedEvaluator(evaluate_lib.Measurement(
+      model=model, loss_fn=CROSS_ENTROPY, num_classes=4, eval_dtype=eval_dtype))
 
   def batches(split):
     for start in range(0, len(labels), 64):
@@ -159,7 +160,6 @@ def test_eval_model_is_a_float32_copy_taking_the_same_variables():
 
 
 def test_eval_dtype_is_a_config_key_with_one_line_errors():
-  assert schema.EVAL_DTYPES == evaluate_lib.EVAL_DTYPES
   config = default_config.get_config("smoke")
   assert config.eval_dtype == "float32"
   config.eval_dtype = "bfloat16"

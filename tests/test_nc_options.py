@@ -197,22 +197,23 @@ def test_config_nc_reaches_every_nc_call_of_the_in_memory_evaluation():
 
 
 def test_the_streamed_evaluator_gets_config_nc(monkeypatch):
-  seen = {}
+  seen = []
 
   class Built(Exception):
     pass
 
-  def constructor(**arguments):  # stands in for evaluate.StreamedEvaluator: records what it is built with
-    seen.update(arguments)
+  def constructor(measurement):  # stands in for evaluate.StreamedEvaluator: records what it is built with
+    seen.append(measurement)
     raise Built
 
-  monkeypatch.setattr(program_lib.evaluate_lib, "StreamedEvaluator", constructor)
   config = default_config.get_config("smoke")
   config.nc.solver, config.nc.min_count = "gram", 3
+  program = program_lib.build_program(config, device.data_mesh(), NUM_CLASSES, (40,), steps_per_epoch=1)
+  assert program.measurement.options == NCOptions(solver="gram", min_count=3)
+  monkeypatch.setattr(program_lib.evaluate_lib, "StreamedEvaluator", constructor)
   with pytest.raises(Built):
-    program_lib.streamed_evaluator(config, None, types.SimpleNamespace(num_classes=NUM_CLASSES),
-                                   types.SimpleNamespace(model=None))
-  assert seen["options"] == NCOptions(solver="gram", min_count=3)
+    program_lib.streamed_evaluator(config, None, types.SimpleNamespace(num_classes=NUM_CLASSES), program)
+  assert seen == [program.measurement]
 
 
 def test_config_nc_min_count_filters_a_class_of_an_imbalanced_config():

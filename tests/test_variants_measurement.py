@@ -115,9 +115,9 @@ def _evaluate_small_cnn():
   state = step_lib.create_state(model, tx, inputs.shape[1:], 0)
   mesh = device.data_mesh()
   put = functools.partial(device.put_replicated, mesh=mesh)
-  evaluate = jax.jit(functools.partial(
-      evaluate_lib.evaluate, model=model, loss_fn=step_lib.loss_function("mse"), num_classes=num_classes,
-      batch_size=16, mesh=mesh, per_layer=True, mse_weight_decay=5e-4))
+  evaluate = jax.jit(functools.partial(evaluate_lib.evaluate, measurement=evaluate_lib.Measurement(
+      model=model, loss_fn=step_lib.loss_function("mse"), num_classes=num_classes, batch_size=16, mesh=mesh,
+      per_layer=True, mse_weight_decay=5e-4)))
   result = jax.device_get(evaluate(state, put(inputs), put(labels), put(inputs[:16]), put(labels[:16])))
   return result, model, state, inputs, labels
 

@@ -22,8 +22,7 @@ import numpy as np
 from nc_jax.data import preprocess, selection, sources
 from nc_jax.data.selection import PAPER_PER_CLASS, DataOptions
 from nc_jax.data.sources import SOURCES
-
-DATASETS = tuple(sources.TFDS_DATASETS) + sources.GENERATED_DATASETS
+from nc_jax.names import DATASETS
 
 
 @runtime_checkable

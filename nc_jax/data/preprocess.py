@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-STANDARDIZATIONS = ("global", "channel", "pixel", "none")
+from nc_jax.names import IMBALANCES, STANDARDIZATIONS
 
 
 def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: int) -> np.ndarray:
@@ -20,8 +20,6 @@ def balanced_subset(labels: np.ndarray, per_class: int, num_classes: int, seed: 
   chosen = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False) for c in range(num_classes)]
   return np.sort(np.concatenate(chosen))
 
-
-IMBALANCES = ("none", "step", "exponential")
 
 
 def imbalanced_counts(per_class: int, num_classes: int, kind: str, ratio: float,

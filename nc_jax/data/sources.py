@@ -15,20 +15,9 @@ import numpy as np
 
 from nc_jax.data import idx
 
-TFDS_DATASETS = {  # name -> (num_classes, test split)
-    "mnist": (10, "test"),
-    "fashion_mnist": (10, "test"),
-    "cifar10": (10, "test"),
-    "cifar100": (100, "test"),
-    "svhn_cropped": (10, "test"),
-    "stl10": (10, "test"),
-    "imagenet2012": (1000, "validation"),
-}
-IDX_DATASETS = ("mnist", "fashion_mnist")  # MNIST-format files: what ``from_idx`` reads
-GENERATED_DATASETS = ("mnist1d", "synthetic")  # made here: ``from_mnist1d``, ``synthetic``
-
-
-SOURCES = ("tfds", "idx", "generated")
+# TFDS_DATASETS: name -> (num_classes, test split); IDX_DATASETS: MNIST-format files, what ``from_idx`` reads;
+# GENERATED_DATASETS: made here, ``from_mnist1d`` and ``synthetic``.
+from nc_jax.names import DATA_SOURCES as SOURCES, GENERATED_DATASETS, IDX_DATASETS, TFDS_DATASETS
 
 
 def sources_of(name: str) -> tuple[str, ...]:

@@ -50,12 +50,13 @@ from nc_jax.data import check_split, device, selection, sources
 from nc_jax.data.readers import LABELS_CACHE_PREFIX, ArraySource, StreamError, TfdsSource
 from nc_jax.data.selection import PAPER_PER_CLASS, DataOptions
 from nc_jax.data.transform import Moments, Transform, encode_image, resize_and_crop
+from nc_jax.names import INPUT_PIPELINES
 from nc_jax.data.workers import READ_LOG_ENV, Reader, iterate
 
 epoch_order = device.epoch_order  # (seed, epoch, N) -> (N,) host permutation: the in-memory path's order
 
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # shorter side, then centre crop (px)
-PIPELINES = ("auto", "memory", "stream")
+PIPELINES = INPUT_PIPELINES
 # Full sizes (train examples, test examples, input shape after padding/cropping) for the 'auto' choice.
 FULL_SIZES = {"mnist": (60_000, 10_000, (32, 32, 1)), "fashion_mnist": (60_000, 10_000, (32, 32, 1)),
               "cifar10": (50_000, 10_000, (32, 32, 3)), "cifar100": (50_000, 10_000, (32, 32, 3)),

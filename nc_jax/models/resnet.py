@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from nc_jax.models.head import Head, kaiming_fan_out
 from nc_jax.models.small import BATCH_NORM
-
-STEMS = ("small", "imagenet")
+from nc_jax.names import STEMS
 
 
 def _padding(kernel: int):

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from nc_jax.models.head import Head, kaiming_fan_out
 from nc_jax.models.small import BATCH_NORM
-
-POOL = "M"
+from nc_jax.names import VGG_POOL as POOL
 CONFIGS = {
     11: (64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
     13: (64, 64, POOL, 128, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),

@@ -14,7 +14,9 @@ order appears where the net has none, and NC1 cannot fall below ~(2^-8 |h| / bet
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from nc_jax import metrics as nc_metrics
 from nc_jax import models
 from nc_jax.metrics import deepfool, engine, imbalance
 from nc_jax.metrics.options import NCOptions
+from nc_jax.names import EVAL_DTYPES
 from nc_jax.training import step as step_lib
 
 # The NC suite logged per stage: NC1 (three forms), NC2 of the class means, NC4 as NCC accuracy. NC3
@@ -31,8 +34,6 @@ PER_LAYER_KEYS = ("nc1", "nc1_tirer", "cdnv", "equinorm_means", "equiangular_mea
                   "etf_deviation_means", "ncc_accuracy")
 # nc_jax.metrics.mse_decomposition's terms -> their logged keys.
 MSE_KEYS = {"lnc1": "mse_lnc1", "lnc23": "mse_lnc23", "lperp": "mse_lperp", "mse_loss": "mse_total"}
-# config.eval_dtype: the compute dtype of the measurement's forward passes; "same" = the training's (compute_dtype).
-EVAL_DTYPES = ("float32", "same")
 
 
 def eval_model(model, eval_dtype: str = "float32"):
@@ -54,17 +55,46 @@ def eval_model(model, eval_dtype: str = "float32"):
   return model.clone(dtype=jnp.dtype(eval_dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+  """What a run measures and how: one frozen (hashable) value, the static half of ``evaluate``.
+
+  model: the trained module (its forward passes run ``eval_model(model, eval_dtype)``);
+  loss_fn: (logits (B, C), labels (B,)) -> (B,) losses; num_classes: C; batch_size: the forward passes' batch;
+  mesh: the devices that share the batches and, beyond C = 256, the pair statistics' tiles (or None);
+  per_layer: also the NC keys of every sown layer; mse_weight_decay: lam of an MSE run's decomposition
+  (None: no decomposition); minority_classes: the minority of an imbalanced run (() if balanced);
+  eval_dtype: config.eval_dtype; options: the metric conventions (config.nc).
+  """
+
+  model: Any
+  loss_fn: Callable
+  num_classes: int
+  batch_size: int = 256
+  mesh: Any = None
+  per_layer: bool = False
+  mse_weight_decay: float | None = None
+  minority_classes: tuple = ()
+  eval_dtype: str = "float32"
+  options: NCOptions = NCOptions()
+
+  @property
+  def needs_every_feature(self) -> bool:
+    """Whether a key needs the whole feature matrix at once (per layer, the MSE decomposition, the minority
+    keys): such a measurement runs in memory only (``StreamedEvaluator`` refuses it)."""
+    return bool(self.per_layer or self.mse_weight_decay is not None or self.minority_classes)
+
+
 def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs=None,
-             *, model, loss_fn, num_classes: int, batch_size: int, mesh, per_layer: bool = False,
-             mse_weight_decay: float | None = None, minority_classes: tuple = (), eval_dtype: str = "float32",
-             options: NCOptions = NCOptions()) -> dict:
+             *, measurement: Measurement) -> dict:
   """Scalars: train/test loss and accuracy (eval mode), every NC key, the *_test NC keys, and:
 
-  every NC call (the main suite, its *_test keys, each layer's) measures with the conventions ``options``
-  (config.nc); the MSE decomposition and the minority keys have none to choose and keep every class;
+  every NC call (the main suite, its *_test keys, each layer's) measures with the conventions
+  ``measurement.options`` (config.nc); the MSE decomposition and the minority keys have none to choose and
+  keep every class;
 
-  every forward pass (features, logits, per-layer activations, DeepFool) runs ``eval_model(model, eval_dtype)``:
-  float32 by default whatever ``model``'s compute dtype;
+  every forward pass (features, logits, per-layer activations, DeepFool) runs
+  ``eval_model(measurement.model, measurement.eval_dtype)``: float32 by default whatever the compute dtype;
 
   with ``per_layer``, 'layer/<name>/<key>' for each sown layer and each key of ``PER_LAYER_KEYS``
   (conv maps globally average-pooled to (N, channels) first);
@@ -74,31 +104,35 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
   from the samples, so the sum is a check);
   with ``minority_classes`` (imbalanced runs), ``nc_jax.metrics.imbalance.minority_collapse``'s keys
   (cosines of the minority's and majority's classifier rows and centred means, per-class norms for C <= 100);
-  with ``deepfool_inputs`` (M, ...) 'deepfool_robustness' = mean ||r(x)|| / ||x|| (eval mode)."""
-  model = eval_model(model, eval_dtype)
-  outputs = step_lib.forward_all(state.variables, train_inputs, model=model, batch_size=batch_size, mesh=mesh,
-                                 per_layer=per_layer)
+  with ``deepfool_inputs`` (M, ...) 'deepfool_robustness' = mean ||r(x)|| / ||x|| (eval mode).
+
+  Arrays: train_inputs (N, ...), train_labels (N,), test_inputs (M, ...), test_labels (M,), on device."""
+  m = measurement
+  model = eval_model(m.model, m.eval_dtype)
+  outputs = step_lib.forward_all(state.variables, train_inputs, model=model, batch_size=m.batch_size, mesh=m.mesh,
+                                 per_layer=m.per_layer)
   train_logits, train_features = outputs[:2]
   test_logits, test_features = step_lib.forward_all(state.variables, test_inputs, model=model,
-                                                    batch_size=batch_size, mesh=mesh)
+                                                    batch_size=m.batch_size, mesh=m.mesh)
   weights, bias = models.classifier_weights(state.params, feature_dim=train_features.shape[-1],
-                                            num_classes=num_classes)
-  result = nc_metrics.neural_collapse(train_features, train_labels, num_classes, weights, bias,
+                                            num_classes=m.num_classes)
+  result = nc_metrics.neural_collapse(train_features, train_labels, m.num_classes, weights, bias,
                                       test_features=test_features, test_labels=test_labels,
-                                      pair_mesh=mesh, options=options)  # beyond C = 256 the devices share the tiles
-  result["train_loss"], result["train_acc"] = step_lib.mean_loss_and_accuracy(train_logits, train_labels, loss_fn)
-  result["test_loss"], result["test_acc"] = step_lib.mean_loss_and_accuracy(test_logits, test_labels, loss_fn)
-  if per_layer:
+                                      pair_mesh=m.mesh, options=m.options)  # beyond C = 256 the devices share the tiles
+  result["train_loss"], result["train_acc"] = step_lib.mean_loss_and_accuracy(train_logits, train_labels, m.loss_fn)
+  result["test_loss"], result["test_acc"] = step_lib.mean_loss_and_accuracy(test_logits, test_labels, m.loss_fn)
+  if m.per_layer:
     pooled = {name: jnp.mean(value, axis=tuple(range(1, value.ndim - 1))) if value.ndim > 2 else value
               for name, value in outputs[2].items()}
-    for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, num_classes, options=options).items():
+    for name, layer in nc_metrics.per_layer_collapse(pooled, train_labels, m.num_classes, options=m.options).items():
       result |= {f"layer/{name}/{key}": layer[key] for key in PER_LAYER_KEYS}
-  if mse_weight_decay is not None:
-    terms = nc_metrics.mse_decomposition(train_features, train_labels, num_classes, weights, bias, mse_weight_decay)
+  if m.mse_weight_decay is not None:
+    terms = nc_metrics.mse_decomposition(train_features, train_labels, m.num_classes, weights, bias,
+                                         m.mse_weight_decay)
     result |= {logged: terms[key] for key, logged in MSE_KEYS.items()}
-  if minority_classes:
-    result |= imbalance.minority_collapse(train_features, train_labels, num_classes, weights, minority_classes,
-                                          per_class=num_classes <= 100)
+  if m.minority_classes:
+    result |= imbalance.minority_collapse(train_features, train_labels, m.num_classes, weights, m.minority_classes,
+                                          per_class=m.num_classes <= 100)
   if deepfool_inputs is not None:
     logits_fn = lambda x: model.apply(state.variables, x[None], train=False)[0][0]
     result["deepfool_robustness"], result["deepfool_unfooled"] = deepfool.robustness_and_failures(
@@ -120,15 +154,17 @@ class StreamedEvaluator:
   along 'data'. The forward passes run ``eval_model(model, eval_dtype)``, float32 by default, as ``evaluate``'s.
   """
 
-  def __init__(self, *, model, loss_fn, num_classes: int, mesh=None, eval_dtype: str = "float32",
-               options: NCOptions = NCOptions()):
-    """``mesh``: the devices that share the pair statistics' tiles (``geometry.pair_sums``), or None;
-    ``options``: the metric conventions."""
-    self.num_classes, self.loss_fn, self.mesh, self.options = num_classes, loss_fn, mesh, options
-    model = eval_model(model, eval_dtype)
+  def __init__(self, measurement: Measurement):
+    """``measurement``: what to measure (its ``mesh``: the devices that share the pair statistics' tiles,
+    ``geometry.pair_sums``); one without ``needs_every_feature`` (batch_size is the batches' own)."""
+    if measurement.needs_every_feature:
+      raise ValueError("per-layer, MSE-decomposition and minority keys need every feature at once: measure them "
+                       "with evaluate (in memory), not from streamed batches")
+    self.measurement = measurement
+    model = eval_model(measurement.model, measurement.eval_dtype)
     # One function object per evaluator, so the engine's cached steps compile once for it.
     self._apply = lambda variables, inputs: model.apply(variables, inputs, train=False)
-    self._classifier = jax.jit(functools.partial(models.classifier_weights, num_classes=num_classes),
+    self._classifier = jax.jit(functools.partial(models.classifier_weights, num_classes=measurement.num_classes),
                                static_argnames="feature_dim")
     self._deepfool = jax.jit(lambda variables, inputs: deepfool.robustness_and_failures(
         lambda x: model.apply(variables, x[None], train=False)[0][0], inputs))
@@ -136,9 +172,10 @@ class StreamedEvaluator:
   def __call__(self, state: step_lib.TrainState, batches, feature_dim: int, deepfool_inputs=None) -> dict:
     """The measurement; with ``deepfool_inputs`` (M, ...) on device also deepfool_robustness / _unfooled."""
     weights, bias = self._classifier(state.params, feature_dim=feature_dim)
-    result = engine.measure(self._apply, state.variables, lambda: batches("train"), self.num_classes,
-                            weights=weights, bias=bias, test_batches=lambda: batches("test"), loss_fn=self.loss_fn,
-                            options=self.options, mesh=self.mesh, feature_dim=feature_dim, track_max_abs=False)
+    m = self.measurement
+    result = engine.measure(self._apply, state.variables, lambda: batches("train"), m.num_classes,
+                            weights=weights, bias=bias, test_batches=lambda: batches("test"), loss_fn=m.loss_fn,
+                            options=m.options, mesh=m.mesh, feature_dim=feature_dim, track_max_abs=False)
     if deepfool_inputs is not None:
       result["deepfool_robustness"], result["deepfool_unfooled"] = self._deepfool(state.variables, deepfool_inputs)
     return result

@@ -204,8 +204,7 @@ def _inputs(config, mesh, dataset, program) -> Inputs:
   if dataset.streamed:
     stream = stream_lib.TrainStream(dataset, config.batch_size, config.seed, mesh=mesh,
                                     worker_count=config.input_workers)
-    if not (config.per_layer_nc or config.loss == "mse"
-            or program_lib.minority_classes(config, dataset.num_classes)):
+    if not program.measurement.needs_every_feature:
       return Inputs(None, None, program_lib.streamed_evaluator(config, mesh, dataset, program, chosen), stream)
     host_train, host_test = stream_lib.materialise(dataset, "train"), stream_lib.materialise(dataset, "test")
   else:

@@ -40,6 +40,7 @@ class Program(NamedTuple):
   evaluate: Any
   all_finite: Any
   train_step: Any  # jitted (state, (inputs (B, ...), labels (B,))) -> (state, sums), state donated
+  measurement: evaluate_lib.Measurement  # what ``evaluate`` (and a streamed run's evaluator) measures
 
 
 # ------------------------------------------------------------------ the config as values
@@ -203,23 +204,22 @@ def _compile(config, mesh, num_classes: int, input_shape: tuple, steps_per_epoch
         draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
                                                batch_size=config.batch_size, mesh=mesh)),
         step=train_step)
-  evaluate = jax.jit(functools.partial(
-      evaluate_lib.evaluate, model=model, loss_fn=loss_fn, num_classes=num_classes,
-      batch_size=config.eval_batch_size, mesh=mesh, per_layer=config.per_layer_nc,
-      mse_weight_decay=config.weight_decay if config.loss == "mse" else None,
+  measurement = evaluate_lib.Measurement(
+      model=model, loss_fn=loss_fn, num_classes=num_classes, batch_size=config.eval_batch_size, mesh=mesh,
+      per_layer=config.per_layer_nc, mse_weight_decay=config.weight_decay if config.loss == "mse" else None,
       minority_classes=minority_classes(config, num_classes), eval_dtype=config.eval_dtype,
-      options=nc_options(config)))
+      options=nc_options(config))
+  evaluate = jax.jit(functools.partial(evaluate_lib.evaluate, measurement=measurement))
   all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(
       tree) if jnp.issubdtype(x.dtype, jnp.inexact)])))
-  return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite, train_step)
+  return Program(model, learning_rate, init, abstract_state, train_epoch, evaluate, all_finite, train_step,
+                 measurement)
 
 
 def streamed_evaluator(config, mesh, dataset, program: Program, deepfool_indices=None):
   """state -> the measurement's dict, from streamed batches (``evaluate.StreamedEvaluator``): two passes over
   the training set, one over the test set; DeepFool on the test examples ``deepfool_indices`` (or none)."""
-  evaluator = evaluate_lib.StreamedEvaluator(model=program.model, loss_fn=step_lib.loss_function(config.loss),
-                                             num_classes=dataset.num_classes, mesh=mesh,
-                                             eval_dtype=config.eval_dtype, options=nc_options(config))
+  evaluator = evaluate_lib.StreamedEvaluator(program.measurement)
   feature_dim = jax.eval_shape(lambda variables: program.model.apply(
       variables, jnp.zeros((1, *dataset.input_shape)), train=False), program.abstract_state.variables)[1].shape[-1]
   deepfool_inputs = None

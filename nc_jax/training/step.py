@@ -20,8 +20,7 @@ import numpy as np
 import optax
 
 from nc_jax.data import device
-
-LOSSES = ("cross_entropy", "mse")
+from nc_jax.names import LOSSES
 
 
 @flax.struct.dataclass
