@@ -1,7 +1,8 @@
 """The paper's grid and learning-rate sweep: one workdir per (cell, lr), run, printed, or selected.
 
     python experiments/grid.py run    --root runs/ [--cells cifar10_resnet18,mnist_vgg11] [--lrs 0.0184,0.0679]
-                                      [--lr-indices 12,15,18] [--epochs 350] [--variant smoke] [-- --config.X=Y ...]
+                                      [--lr-indices 12,15,18] [--epochs 350] [--variant smoke] [--population K]
+                                      [-- --config.X=Y ...]
     python experiments/grid.py print  --root runs/ ...        # the commands, one per line (for a cluster / TPU VMs)
     python experiments/grid.py select --root runs/            # best final test error per cell -> selection.json/.md
     python experiments/grid.py report --root runs/            # select, then nc_jax.report on the chosen runs -> runs/report/
@@ -15,7 +16,9 @@ a workdir whose config.json differs from the requested config, or cannot be read
 alone, the other runs go on, and the exit status is 1 naming each such workdir at the end. After '--',
 --config.KEY=VALUE overrides go to every run; one that sets what the sweep sets (--config.lr, --config,
 --workdir, and --config.num_epochs with --epochs) is refused; a key given twice takes its last value, as
-nc_jax.train does. Only the CLI is launched: nothing here imports the trainer (configs are
+nc_jax.train does. ``--population K`` trains each cell's pending lrs as populations of up to K members
+(``nc_jax.train --lrs``: one program per population, each member the same lr_* workdir a single run would
+be; the log in CELL/population.log). Only the CLI is launched: nothing here imports the trainer (configs are
 resolved with ml_collections, as the CLI resolves them, to compare).
 """
 
@@ -93,6 +96,16 @@ def runs(args):
 def command(config, lr, workdir, args) -> list[str]:
   spec = f"{config}:{args.variant}" if args.variant else str(config)
   line = [sys.executable, "-m", "nc_jax.train", "--config", spec, "--workdir", str(workdir), f"--config.lr={lr}"]
+  if args.epochs:
+    line.append(f"--config.num_epochs={args.epochs}")
+  return line + list(args.extra)
+
+
+def population_command(config, lrs: list[float], cell_dir: pathlib.Path, args) -> list[str]:
+  """One nc_jax.train command training ``lrs`` as one population in ``cell_dir`` (members cell_dir/lr_*)."""
+  spec = f"{config}:{args.variant}" if args.variant else str(config)
+  line = [sys.executable, "-m", "nc_jax.train", "--config", spec, "--workdir", str(cell_dir),
+          "--lrs=" + ",".join(repr(float(lr)) for lr in lrs)]
   if args.epochs:
     line.append(f"--config.num_epochs={args.epochs}")
   return line + list(args.extra)
@@ -220,6 +233,7 @@ def _main(argv=None) -> int:
   parser.add_argument("--lr-indices", default="")
   parser.add_argument("--epochs", type=int, default=0)
   parser.add_argument("--variant", default="")
+  parser.add_argument("--population", type=int, default=0)
   argv = list(sys.argv[1:] if argv is None else argv)
   extra = argv[argv.index("--") + 1:] if "--" in argv else []  # --config.KEY=VALUE overrides for every run
   args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -241,11 +255,18 @@ def _main(argv=None) -> int:
       return subprocess.run([sys.executable, "-m", "nc_jax.report", *chosen, "--out", str(root / "report")],
                             env=ENV).returncode
     return 0
+  if args.population < 0:
+    raise SystemExit(f"error: --population {args.population}: give the most members one program trains (>= 1), "
+                     "or 0 for one run per lr")
   failures = []  # the workdirs not done, named again at the end
+  pending = {}  # --population: cell -> (config, [lr, ...]) still to train
   for cell, config, lr, workdir in runs(args):
     line = command(config, lr, workdir, args)
-    if args.action == "print":
+    if args.action == "print" and not args.population:
       print(shlex.join(line))
+      continue
+    if args.action == "print":
+      pending.setdefault(cell, (config, []))[1].append(lr)
       continue
     try:
       changed = changed_keys(workdir, line)
@@ -263,6 +284,9 @@ def _main(argv=None) -> int:
     if finished(workdir):
       print(f"skip {cell} lr {lr:.6g}: finished", flush=True)
       continue
+    if args.population:
+      pending.setdefault(cell, (config, []))[1].append(lr)
+      continue
     print(f"run  {cell} lr {lr:.6g} -> {workdir}", flush=True)
     workdir.mkdir(parents=True, exist_ok=True)
     with (workdir / "train.log").open("a") as log:
@@ -270,6 +294,22 @@ def _main(argv=None) -> int:
     if result.returncode != 0:
       failures.append(workdir)
       print(f"     failed with exit code {result.returncode}; see {workdir / 'train.log'}", flush=True)
+  for cell, (config, lrs) in pending.items():
+    cell_dir = root / cell
+    for start in range(0, len(lrs), args.population):
+      chunk = lrs[start:start + args.population]
+      line = population_command(config, chunk, cell_dir, args)
+      if args.action == "print":
+        print(shlex.join(line))
+        continue
+      print(f"run  {cell} population of {len(chunk)} lrs ({chunk[0]:.6g}..{chunk[-1]:.6g}) -> {cell_dir}/lr_*",
+            flush=True)
+      cell_dir.mkdir(parents=True, exist_ok=True)
+      with (cell_dir / "population.log").open("a") as log:
+        result = subprocess.run(line, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+      if result.returncode != 0:
+        failures.append(cell_dir)
+        print(f"     failed with exit code {result.returncode}; see {cell_dir / 'population.log'}", flush=True)
   if args.action == "run":
     select(root)
   if failures:

@@ -6,7 +6,10 @@ command resumes from the latest good checkpoint. ``--resume_from OTHER[:EPOCH]``
 starts DIR from another run's checkpoint (e.g. with a lower lr after a
 divergence); ``--resume_from DIR:EPOCH`` restarts DIR itself from its epoch (with
 --overwrite when it holds anything after that epoch). A ``--config.KEY`` given
-more than once takes its last value, whatever its type. Multi-host: pass
+more than once takes its last value, whatever its type. ``--lrs A,B,...`` trains
+the config at each lr as one population (one jitted program, ``training.population``):
+each member is a single run's workdir DIR/lr_<lr> (as experiments/grid.py names
+them), the population's checkpoints in DIR/population_<id>/; a rerun resumes it. Multi-host: pass
 --coordinator_address, --num_processes and --process_id (detected automatically
 on TPU VMs and SLURM).
 
@@ -32,6 +35,8 @@ flags.DEFINE_bool("overwrite", False, "Discard a previous run with a different c
 flags.DEFINE_string("resume_from", None, "OTHER_WORKDIR[:EPOCH]: start from that run's checkpoint (latest good "
                     "one without EPOCH) when --workdir has none; WORKDIR:EPOCH restarts --workdir from its own "
                     "epoch; sets config.resume_from.")
+flags.DEFINE_string("lrs", None, "A,B,...: train the config at each of these learning rates as one population "
+                    "(members in DIR/lr_<lr>; config.lr is ignored).")
 cli.define_distributed_flags()
 FLAGS = flags.FLAGS
 
@@ -43,7 +48,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
     cli.fail("--workdir is empty: pass the run's folder, e.g. --workdir=workdirs/NAME", 2)
   if FLAGS.resume_from is not None and not FLAGS.resume_from.strip():
     cli.fail("--resume_from is empty: pass OTHER_WORKDIR[:EPOCH], or leave the flag out", 2)
+  if FLAGS.lrs is not None:
+    population_lrs()  # a bad list is a bad command line
+    if FLAGS.resume_from is not None:
+      cli.fail("--lrs and --resume_from: a population starts from scratch or resumes itself; start a member from "
+               "another run with a single run (no --lrs)", 2)
   return remaining
+
+
+def population_lrs() -> list[float]:
+  """--lrs as floats, each positive and finite; a bad list exits 2 with one line."""
+  try:
+    values = [float(x) for x in FLAGS.lrs.split(",")]
+    if values and all(0 < v < float("inf") for v in values):
+      return values
+  except ValueError:
+    pass
+  cli.fail(f"--lrs {FLAGS.lrs!r}: give comma-separated positive learning rates, e.g. --lrs=0.01,0.03,0.1", 2)
 
 
 def main(argv) -> None:
@@ -57,7 +78,10 @@ def main(argv) -> None:
   if FLAGS.resume_from is not None:
     config.resume_from = FLAGS.resume_from
   try:
-    train_and_evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    if FLAGS.lrs is not None:
+      _train_population(config)
+    else:
+      train_and_evaluate(config, FLAGS.workdir, overwrite=FLAGS.overwrite)
   except Preempted as stopped:
     print(stopped, flush=True)
     sys.exit(130 if stopped.signal_name == "SIGINT" else 143)
@@ -82,6 +106,23 @@ def main(argv) -> None:
     if isinstance(error, (ValueError, FileNotFoundError, RuntimeError, ImportError)):
       cli.fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     raise
+
+
+def _train_population(config) -> None:
+  """The population of --lrs in FLAGS.workdir; one line per member at the end; exit 1 if every member diverged."""
+  from nc_jax.training import population, population_disk
+
+  members = population.train_population(config, population_lrs(), workdir=FLAGS.workdir,
+                                        overwrite=FLAGS.overwrite)
+  for m in members:
+    where = pathlib.Path(FLAGS.workdir) / population_disk.member_name(m.lr)
+    last = m.records[-1] if m.records else {}
+    state = (f"stopped: {m.diverged}" if m.diverged else
+             f"epoch {last.get('epoch')}  test_acc {last.get('test_acc', float('nan')):.4f}  nc1 "
+             f"{last.get('nc1', float('nan')):.3e}")
+    print(f"member lr {m.lr:.6g} ({where}): {state}", flush=True)
+  if all(m.diverged for m in members):
+    cli.fail(f"every member of the population diverged; lower --lrs (each member's reason is above)")
 
 
 if __name__ == "__main__":

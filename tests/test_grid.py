@@ -84,3 +84,38 @@ def test_the_flag_rule_grid_and_train_share_keeps_each_key_where_last_given():
   # '--config.KEY VALUE' spans two arguments unless KEY is a boolean (then the next argument is a flag of its own)
   two = ["train", f"--config={CELL}", "--config.lr", "0.1", "--config.per_layer_nc", "--config.lr", "0.2"]
   assert cli.last_values(two) == ["train", f"--config={CELL}", "--config.per_layer_nc", "--config.lr", "0.2"]
+
+
+def test_population_prints_one_command_per_chunk_of_the_pending_lrs(capsys):
+  assert grid.main(["print", "--root", "/tmp/r", "--cells", CELL, "--lrs", "0.01,0.02,0.03", "--population", "2",
+                    "--", "--config.batch_size=64"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2
+  assert "--lrs=0.01,0.02" in lines[0] and "--lrs=0.03" in lines[1]
+  assert all("--workdir /tmp/r/default " in line and line.endswith("--config.batch_size=64") for line in lines)
+
+
+def test_a_negative_population_is_refused_in_one_line():
+  with pytest.raises(SystemExit) as exit_:
+    grid.main(["run", "--root", "/tmp/r", "--cells", CELL, "--lrs", "0.01", "--population", "-1"])
+  assert "--population -1" in str(exit_.value.code) and "\n" not in str(exit_.value.code)
+
+
+def test_grid_runs_a_cells_sweep_as_populations_whose_members_are_its_single_runs(tmp_path, capsys):
+  # Real training (the smoke MLP): 3 lrs as populations of at most 2; each member is the lr_* run
+  # the single-run sweep would have made (same config), and select ranks them.
+  root = tmp_path / "runs"
+  arguments = ["--root", str(root), "--cells", CELL, "--variant", "smoke", "--lrs", "0.01,0.02,0.03"]
+  assert grid.main(["run", *arguments, "--population", "2"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("population of") == 2
+  for lr in ("0.01", "0.02", "0.03"):
+    workdir = root / "default" / f"lr_{lr}"
+    single = grid.command(grid.cell_config(CELL), float(lr), workdir, SMOKE_ARGS)
+    assert grid.changed_keys(workdir, single) == [] and grid.finished(workdir)
+  assert len(json.loads((root / "selection.json").read_text())["default"]["sweep"]) == 3
+  assert grid.main(["run", *arguments, "--population", "2"]) == 0  # a rerun: every member finished
+  assert capsys.readouterr().out.count("finished") == 3
+
+
+SMOKE_ARGS = type("Args", (), {"variant": "smoke", "epochs": 0, "extra": []})()  # grid's parsed arguments

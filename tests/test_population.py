@@ -1,5 +1,6 @@
 """Population training (issue 22): K learning rates in one program give the K single runs' records."""
 
+import json
 import math
 
 import jax
@@ -9,7 +10,8 @@ import pytest
 from configs import default as default_config
 from nc_jax import records, schema
 from nc_jax.data import device
-from nc_jax.training import population, program as program_lib
+from nc_jax.training import population, population_disk, program as program_lib
+from nc_jax.training import workdir as workdir_lib
 from nc_jax.training.loop import train_and_evaluate
 from tests.run_helpers import NOISE, QUIET
 
@@ -131,3 +133,69 @@ def test_an_unknown_member_loop_is_refused():
   with pytest.raises(ValueError, match="member_loop='pmap': choose one of vmap, unroll"):
     population.build_population(tiny(), LRS, device.data_mesh(), 10, (40,), steps_per_epoch=3,
                                  member_loop="pmap")
+
+
+# ------------------------------------------------------------------ a population on disk
+
+
+def test_each_member_of_a_population_workdir_is_a_finished_single_run(tmp_path):
+  config = tiny()
+  members = population.train_population(config, LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  for member in members:
+    directory = tmp_path / population_disk.member_name(member.lr)
+    assert records.read(directory) == member.records  # every key, as returned
+    assert records.read_config(directory)["lr"] == member.lr and records.finished(directory)
+    assert workdir_lib.verified_config(directory)["lr"] == member.lr  # its checkpoint carries its config's digest
+    tpt = directory / "tpt.json"
+    assert (json.loads(tpt.read_text())["tpt_start_epoch"] if tpt.exists() else None) == member.tpt_start_epoch
+    # the single-run trainer takes the member as its own finished run: nothing to do, its last record back
+    last = train_and_evaluate(population.member_config(config, member.lr), str(directory), **QUIET)
+    assert last == member.records[-1]
+  own = tmp_path / population_disk.population_name(LRS[:2])
+  assert json.loads((own / population_disk.STATE_FILE).read_text())["lrs"] == list(LRS[:2])
+  assert {m.tpt_start_epoch for m in members} == {None, 3}  # lr 0.01 never reaches TPT here, lr 0.03 at epoch 3
+
+
+def test_a_killed_population_resumes_to_the_records_of_an_unbroken_one(tmp_path, monkeypatch):
+  config = tiny()
+  unbroken = population.train_population(config, LRS[:2], log=QUIET["log"])
+  save = population_disk.PopulationDisk.save
+
+  class Killed(Exception):
+    pass
+
+  def save_then_die(self, epoch, state, members):
+    save(self, epoch, state, members)
+    raise Killed  # the process dies right after the first population checkpoint
+
+  monkeypatch.setattr(population_disk.PopulationDisk, "save", save_then_die)
+  with pytest.raises(Killed):
+    population.train_population(config, LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  first = [len(records.read(tmp_path / population_disk.member_name(lr))) for lr in LRS[:2]]
+  assert first == [1, 1]  # epoch 1 measured and checkpointed, nothing after it
+  monkeypatch.setattr(population_disk.PopulationDisk, "save", save)
+  lines = []
+  resumed = population.train_population(config, LRS[:2], workdir=tmp_path, log=lines.append)
+  assert any("resumed the population of 2 members from its checkpoint of epoch 1" in line for line in lines)
+  for again, whole in zip(resumed, unbroken):
+    assert without_noise(again) == without_noise(whole)  # bit for bit: the same program from the same state
+    assert without_noise(again) == [{k: v for k, v in r.items() if k not in NOISE}
+                                    for r in records.read(tmp_path / population_disk.member_name(again.lr))]
+
+
+def test_a_population_workdir_refuses_another_config_unless_overwritten_and_shares_the_folder(tmp_path):
+  config = tiny()
+  config.update(num_epochs=1, measure_epochs=(1,), lr_decay_epochs=())
+  population.train_population(config, LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  other = tiny()
+  other.update(num_epochs=1, measure_epochs=(1,), lr_decay_epochs=(), weight_decay=1e-3)
+  with pytest.raises(workdir_lib.WorkdirError, match="another config.*--overwrite") as error:
+    population.train_population(other, LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  assert "\n" not in str(error.value)
+  assert records.read_config(tmp_path / population_disk.member_name(LRS[0]))["weight_decay"] == config.weight_decay
+  members = population.train_population(other, LRS[:2], workdir=tmp_path, overwrite=True, log=QUIET["log"])
+  assert [len(records.read(tmp_path / population_disk.member_name(m.lr))) for m in members] == [1, 1]
+  assert records.read_config(tmp_path / population_disk.member_name(LRS[0]))["weight_decay"] == 1e-3
+  # a population of the cell's other lrs goes into the same folder, beside it (as grid.py's single runs do)
+  population.train_population(other, LRS[2:], workdir=tmp_path, log=QUIET["log"])
+  assert sorted(p.name for p in tmp_path.glob("lr_*")) == sorted(population_disk.member_name(lr) for lr in LRS)

@@ -209,6 +209,11 @@ class TestTrainAndEvaluate:
     (["--bogus=1"], 2, ["Unknown command line flag 'bogus'; --help lists the flags"]),
     (["--workdir=README.md"], 1, ["README.md is a file, not a directory; choose another --workdir"]),
     (["--resume_from="], 2, ["--resume_from is empty"]),
+    (["--lrs=0.1,abc"], 2, ["--lrs '0.1,abc': give comma-separated positive learning rates"]),
+    (["--lrs=0.1,-1"], 2, ["--lrs '0.1,-1'"]),
+    (["--lrs="], 2, ["--lrs '': give comma-separated"]),
+    (["--lrs=0.1", "--resume_from=/elsewhere"], 2, ["--lrs and --resume_from"]),
+    (["--lrs=0.1,0.2", "--config.num_epochs=0"], 1, ["config.num_epochs = 0: must be an integer >= 1"]),
     (["--num_processes=2"], 2, ["go together: pass all three"]),
     # Once a traceback from jax.distributed.initialize.
     (["--process_id=5", "--num_processes=2", "--coordinator_address=127.0.0.1:1"], 2,

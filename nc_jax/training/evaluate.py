@@ -85,6 +85,14 @@ class Measurement:
     return bool(self.per_layer or self.mse_weight_decay is not None or self.minority_classes)
 
 
+def deepfool_keys(model, variables, inputs) -> dict:
+  """'deepfool_robustness' = mean ||r(x)|| / ||x|| over ``inputs`` (M, ...) and 'deepfool_unfooled' (the
+  fraction whose decision never changed), of ``model`` (the measured module, ``eval_model``) in eval mode."""
+  logits_fn = lambda x: model.apply(variables, x[None], train=False)[0][0]
+  robustness, unfooled = deepfool.robustness_and_failures(logits_fn, inputs)
+  return {"deepfool_robustness": robustness, "deepfool_unfooled": unfooled}
+
+
 def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs=None,
              *, measurement: Measurement) -> dict:
   """Scalars: train/test loss and accuracy (eval mode), every NC key, the *_test NC keys, and:
@@ -134,9 +142,7 @@ def evaluate(state: step_lib.TrainState, train_inputs, train_labels, test_inputs
     result |= imbalance.minority_collapse(train_features, train_labels, m.num_classes, weights, m.minority_classes,
                                           per_class=m.num_classes <= 100)
   if deepfool_inputs is not None:
-    logits_fn = lambda x: model.apply(state.variables, x[None], train=False)[0][0]
-    result["deepfool_robustness"], result["deepfool_unfooled"] = deepfool.robustness_and_failures(
-        logits_fn, deepfool_inputs)
+    result |= deepfool_keys(model, state.variables, deepfool_inputs)
   return result
 
 
@@ -166,8 +172,7 @@ class StreamedEvaluator:
     self._apply = lambda variables, inputs: model.apply(variables, inputs, train=False)
     self._classifier = jax.jit(functools.partial(models.classifier_weights, num_classes=measurement.num_classes),
                                static_argnames="feature_dim")
-    self._deepfool = jax.jit(lambda variables, inputs: deepfool.robustness_and_failures(
-        lambda x: model.apply(variables, x[None], train=False)[0][0], inputs))
+    self._deepfool = jax.jit(functools.partial(deepfool_keys, model))
 
   def __call__(self, state: step_lib.TrainState, batches, feature_dim: int, deepfool_inputs=None) -> dict:
     """The measurement; with ``deepfool_inputs`` (M, ...) on device also deepfool_robustness / _unfooled."""
@@ -177,5 +182,5 @@ class StreamedEvaluator:
                             weights=weights, bias=bias, test_batches=lambda: batches("test"), loss_fn=m.loss_fn,
                             options=m.options, mesh=m.mesh, feature_dim=feature_dim, track_max_abs=False)
     if deepfool_inputs is not None:
-      result["deepfool_robustness"], result["deepfool_unfooled"] = self._deepfool(state.variables, deepfool_inputs)
+      result |= self._deepfool(state.variables, deepfool_inputs)
     return result

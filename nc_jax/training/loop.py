@@ -116,7 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
       if run.state is None:
         run.state = program.init()
       if is_main:  # derived, never read back: rewritten from the checkpoint (a damaged or edited one is replaced)
-        _write_tpt(workdir, run.tpt_start_epoch, config.tpt_threshold)
+        write_tpt(workdir, run.tpt_start_epoch, config.tpt_threshold)
 
       # ------------------------------------------------------------------ loop
       if run.epoch >= config.num_epochs:
@@ -145,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
           if tpt_starts_now:
             run.tpt_start_epoch = epoch
             if is_main:
-              _write_tpt(workdir, epoch, config.tpt_threshold)
+              write_tpt(workdir, epoch, config.tpt_threshold)
           log(_progress_line(epoch, stats, epoch_seconds, config.num_epochs))
           # Also measured at the TPT start, so Table 1's "test accuracy when TPT begins" is that epoch's.
           measure_now = epoch in measure or epoch == config.num_epochs or tpt_starts_now
@@ -158,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
             # records without a checkpoint mean the checkpoints were removed, never that a save failed.
             ckpts.epochs.wait()
             if is_main:
-              _append_record(workdir / records_lib.METRICS_FILE, run.records, log)
+              append_record(workdir / records_lib.METRICS_FILE, run.records, log)
           if stopping:
             ckpts.epochs.wait()
             stop.raise_preempted(epoch)
@@ -301,7 +301,7 @@ def _checkpoint(config, ckpt, run: resume.RunState, stream, epoch: int, wall: fl
   return stopping
 
 
-def _write_tpt(workdir: pathlib.Path, tpt_start_epoch: Optional[int], threshold: float) -> None:
+def write_tpt(workdir: pathlib.Path, tpt_start_epoch: Optional[int], threshold: float) -> None:
   """DIR/tpt.json: the epoch TPT started and its threshold (written whole), or no file before TPT."""
   path = workdir / "tpt.json"
   if path.is_dir():
@@ -331,7 +331,7 @@ def _streamed_epoch(state, train_stream: stream_lib.TrainStream, epoch: int, tra
   return state, totals
 
 
-def _append_record(path: pathlib.Path, records: list, log) -> None:
+def append_record(path: pathlib.Path, records: list, log) -> None:
   """Appends records[-1]; if the file lost earlier records meanwhile (deleted, truncated), rewrites them all."""
   on_disk = records_lib.read(path, repair=True)
   if [r["epoch"] for r in on_disk] == [r["epoch"] for r in records[:-1]]:

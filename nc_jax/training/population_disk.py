@@ -1,0 +1,194 @@
+"""A population on disk: every member a single run's workdir, the population's own checkpoints beside them.
+
+``train_population(config, lrs, workdir=DIR)`` (``training.population``) writes:
+
+  DIR/<member>/                 member k's workdir, lr_<lrs[k] to 6 significant digits>: the name
+                                experiments/grid.py gives the single run of that lr in a cell's folder
+  DIR/population_<id>/          the population's own (id: a digest of its lrs, so populations of other lrs
+                                share DIR): population.json (the lrs, each member's directory and config
+                                digest) and checkpoints/<epoch>/ (the state, every leaf (K, ...), with each
+                                member's records, TPT start and stop reason: one checkpoint, so a kill
+                                leaves every member at one epoch)
+  DIR/<member>/config.json      member k's config: the single run's (config with lr = lrs[k])
+  DIR/<member>/metrics.jsonl    its records as its single run appends them (each after the checkpoint holding it)
+  DIR/<member>/tpt.json         its TPT start
+  DIR/<member>/checkpoints/<E>/ at the end: its single-run checkpoint of its last epoch, so ``nc_jax.report``,
+                                ``experiments/grid.py``, ``python -m nc_jax.collect`` and ``--resume_from`` take
+                                the member as the single run it is (a diverged member gets none: its last
+                                population checkpoint holds its last good state)
+
+A rerun of the same command resumes from the newest good population checkpoint (records reconciled with each
+member's metrics.jsonl, as a single run's); another config or other lrs are refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+from typing import Optional, Sequence
+
+import jax
+import ml_collections
+
+from nc_jax import files, records as records_lib, schema
+from nc_jax.data import device
+from nc_jax.training import checkpoints as checkpoints_lib, loop, program as program_lib, resume
+from nc_jax.training import workdir as workdir_lib
+
+STATE_FILE = "population.json"
+DIVERGED_FILE = "diverged.txt"  # in a member's directory: why it stopped (the population's other members went on)
+
+
+def member_name(lr: float) -> str:
+  """A member's directory: 'lr_' and its lr to 6 significant digits (lr_0.0255), as experiments/grid.py's."""
+  return f"lr_{lr:.6g}"
+
+
+def population_name(lrs: Sequence[float]) -> str:
+  """The folder of a population's own files in DIR: population_<the first 12 hex digits of sha256(lrs)>."""
+  return "population_" + hashlib.sha256(json.dumps([float(lr) for lr in lrs]).encode()).hexdigest()[:12]
+
+
+class PopulationDisk:
+  """The workdir of one population (see the module's docstring); ``None`` workdir: nothing is written."""
+
+  def __init__(self, workdir, config: ml_collections.ConfigDict, member_configs: Sequence, *, overwrite: bool,
+               log=print):
+    self.workdir = pathlib.Path(workdir).absolute()
+    self.config, self.log = config, log
+    self.resolved = [program_lib.config_values(c) for c in member_configs]
+    self.digests = [schema.config_digest(values) for values in self.resolved]
+    self.lrs = [c.lr for c in member_configs]
+    names = [member_name(lr) for lr in self.lrs]
+    if len(set(names)) != len(names):
+      raise schema.ConfigError(f"population lrs {self.lrs} name the same member directory twice ({names}); "
+                               "give lrs that differ in their first 6 significant digits")
+    self.member_dirs = [self.workdir / name for name in names]
+    self.own = self.workdir / population_name(self.lrs)
+    workdir_lib.check_usable(self.workdir)
+    self.overwrite = overwrite
+    self.lock: Optional[workdir_lib.Lock] = None
+    self.checkpoints: Optional[checkpoints_lib.Checkpoints] = None
+    self.started = time.perf_counter()
+    self.elapsed_before = 0.0
+
+  def __enter__(self) -> "PopulationDisk":
+    """Locks the population's folder (one process writes a population at a time, as a single run's workdir)."""
+    self.own.mkdir(parents=True, exist_ok=True)
+    self.lock = workdir_lib.Lock(self.own)
+    self.lock.__enter__()
+    return self
+
+  def __exit__(self, kind, error, traceback) -> None:
+    try:
+      self.close(quiet=error is not None)
+    finally:
+      self.lock.__exit__(kind, error, traceback)
+
+  # ------------------------------------------------------------------ start
+
+  def start(self, abstract_state):
+    """(epoch, state or None, per-member meta list or None): the newest good population checkpoint's, else a
+    fresh start (0, None, None). Every refusal is raised before anything is changed."""
+    known = self._read_state_file()
+    fresh_request = {"lrs": self.lrs, "members": [p.name for p in self.member_dirs], "config_digests": self.digests}
+    if known is not None and known != fresh_request and not self.overwrite:
+      raise workdir_lib.WorkdirError(
+          f"{self.own} holds a population of another config ({self.own / STATE_FILE}); add --overwrite to "
+          "discard it, or use another --workdir")
+    discard = known is not None and known != fresh_request
+    plans = []
+    for directory, values in zip(self.member_dirs, self.resolved):
+      plans.append(workdir_lib.plan(directory, values, overwrite=self.overwrite or discard))
+    restored = None
+    if not discard:
+      self.checkpoints = checkpoints_lib.Checkpoints(self.own / "checkpoints", keep=self.config.keep_checkpoints)
+      restored = self.checkpoints.restore_latest(abstract_state)
+    holding = [d for d in self.member_dirs if workdir_lib.has_results(d)]
+    if restored is None and holding and not (self.overwrite or discard):
+      raise workdir_lib.WorkdirError(
+          f"{holding[0]} holds results but the population in {self.own} has no checkpoint to resume them from; "
+          "rerun with --overwrite to start again (they are deleted), or use another --workdir")
+    # ------------------------------------------------ from here on, the workdir changes
+    if discard or (restored is None and holding):
+      if self.checkpoints is not None:
+        self.checkpoints.close()
+      shutil.rmtree(self.own / "checkpoints", ignore_errors=True)
+      (self.own / STATE_FILE).unlink(missing_ok=True)
+      self.checkpoints = None
+      for directory in self.member_dirs:
+        workdir_lib.discard_results(directory)
+    for directory, plan, values in zip(self.member_dirs, plans, self.resolved):
+      workdir_lib.apply(directory, workdir_lib.Plan() if (discard or holding) else plan, values, log=self.log)
+    files.write_atomically(self.own / STATE_FILE, (json.dumps(fresh_request, indent=2) + "\n").encode())
+    if self.checkpoints is None:
+      self.checkpoints = checkpoints_lib.Checkpoints(self.own / "checkpoints", keep=self.config.keep_checkpoints)
+    if restored is None:
+      for directory in self.member_dirs:
+        loop.write_tpt(directory, None, self.config.tpt_threshold)
+      return 0, None, None
+    epoch, state, meta = restored
+    self.elapsed_before = float(meta.get("elapsed", 0.0))
+    members = meta["members"]
+    for directory, member in zip(self.member_dirs, members):
+      path = directory / records_lib.METRICS_FILE
+      member["records"] = resume.reconcile(path, records_lib.read(path, repair=True), member["records"], epoch,
+                                           True, self.log)
+      loop.write_tpt(directory, member.get("tpt_start_epoch"), self.config.tpt_threshold)
+    self.log(f"resumed the population of {len(self.lrs)} members from its checkpoint of epoch {epoch}")
+    return epoch, state, members
+
+  def _read_state_file(self) -> Optional[dict]:
+    path = self.own / STATE_FILE
+    try:
+      return json.loads(path.read_text())
+    except FileNotFoundError:
+      return None
+    except ValueError:  # damaged: the checkpoints' digests still decide (a config change is refused by plan)
+      return None
+
+  # ------------------------------------------------------------------ as the loop goes
+
+  def wall(self) -> float:
+    return self.elapsed_before + time.perf_counter() - self.started
+
+  def save(self, epoch: int, state, members) -> None:
+    """The population checkpoint of ``epoch`` (waited for), then each member's newest record appended if it
+    was measured at ``epoch``, and its tpt.json."""
+    meta = {"elapsed": self.wall(), "members": [
+        {"records": m.records, "tpt_start_epoch": m.tpt_start_epoch, "diverged": m.diverged} for m in members]}
+    self.checkpoints.save(epoch, state, meta)
+    self.checkpoints.wait()
+    for directory, m in zip(self.member_dirs, members):
+      if m.records and m.records[-1]["epoch"] == epoch:
+        loop.append_record(directory / records_lib.METRICS_FILE, m.records, self.log)
+      loop.write_tpt(directory, m.tpt_start_epoch, self.config.tpt_threshold)
+
+  def finish(self, epoch: int, state, members, take) -> None:
+    """Each member that did not diverge gets its single run's checkpoint of ``epoch`` (``take(state, k)``)."""
+    for k, (directory, m) in enumerate(zip(self.member_dirs, members)):
+      if m.diverged is not None:
+        files.write_atomically(directory / DIVERGED_FILE, (m.diverged + "\n").encode())
+        continue
+      ckpts = checkpoints_lib.Checkpoints(directory / "checkpoints", keep=self.config.keep_checkpoints)
+      try:
+        if epoch in ckpts.epochs():  # a rerun of a finished population
+          continue
+        ckpts.save(epoch, take(state, k), {"tpt_start_epoch": m.tpt_start_epoch, "elapsed": self.wall(),
+                                           "records": m.records, "config_digest": self.digests[k]})
+      finally:
+        ckpts.close()
+
+  def close(self, *, quiet: bool = False) -> None:
+    if self.checkpoints is not None:
+      self.checkpoints.close(quiet=quiet)
+
+
+def abstract_population_state(init, mesh):
+  """The population state's shapes, replicated on ``mesh`` (what a population checkpoint is restored into)."""
+  replicated = device.replicated(mesh)
+  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                jax.eval_shape(init))
