@@ -284,6 +284,10 @@ def _main(argv=None) -> int:
     if finished(workdir):
       print(f"skip {cell} lr {lr:.6g}: finished", flush=True)
       continue
+    diverged = workdir / records.DIVERGED_FILE  # a population member that stopped alone: its sweep answer
+    if diverged.exists():
+      print(f"skip {cell} lr {lr:.6g}: diverged ({diverged.read_text().strip()})", flush=True)
+      continue
     if args.population:
       pending.setdefault(cell, (config, []))[1].append(lr)
       continue

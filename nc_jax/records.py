@@ -29,6 +29,7 @@ from nc_jax.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+DIVERGED_FILE = "diverged.txt"  # a population member that stopped alone: why (training.population_disk)
 
 
 class RecordsError(ValueError):

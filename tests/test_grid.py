@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from experiments import grid
+from nc_jax import records
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CELL = str(REPO / "configs" / "default.py")
@@ -102,20 +103,22 @@ def test_a_negative_population_is_refused_in_one_line():
 
 
 def test_grid_runs_a_cells_sweep_as_populations_whose_members_are_its_single_runs(tmp_path, capsys):
-  # Real training (the smoke MLP): 3 lrs as populations of at most 2; each member is the lr_* run
-  # the single-run sweep would have made (same config), and select ranks them.
+  # Real training (the smoke MLP): 4 lrs as populations of at most 2; each member is the lr_* run
+  # the single-run sweep would have made (same config), and select ranks them; lr 1e4 diverges alone.
   root = tmp_path / "runs"
-  arguments = ["--root", str(root), "--cells", CELL, "--variant", "smoke", "--lrs", "0.01,0.02,0.03"]
+  arguments = ["--root", str(root), "--cells", CELL, "--variant", "smoke", "--lrs", "0.01,0.02,0.03,10000"]
   assert grid.main(["run", *arguments, "--population", "2"]) == 0
   out = capsys.readouterr().out
   assert out.count("population of") == 2
+  assert "lower its lr" in (root / "default" / "lr_10000" / records.DIVERGED_FILE).read_text()
   for lr in ("0.01", "0.02", "0.03"):
     workdir = root / "default" / f"lr_{lr}"
     single = grid.command(grid.cell_config(CELL), float(lr), workdir, SMOKE_ARGS)
     assert grid.changed_keys(workdir, single) == [] and grid.finished(workdir)
   assert len(json.loads((root / "selection.json").read_text())["default"]["sweep"]) == 3
-  assert grid.main(["run", *arguments, "--population", "2"]) == 0  # a rerun: every member finished
-  assert capsys.readouterr().out.count("finished") == 3
+  assert grid.main(["run", *arguments, "--population", "2"]) == 0  # a rerun: every member finished or diverged
+  out = capsys.readouterr().out
+  assert out.count("finished") == 3 and out.count("diverged (") == 1 and "population of" not in out
 
 
 SMOKE_ARGS = type("Args", (), {"variant": "smoke", "epochs": 0, "extra": []})()  # grid's parsed arguments

@@ -39,7 +39,7 @@ from nc_jax.training import checkpoints as checkpoints_lib, loop, program as pro
 from nc_jax.training import workdir as workdir_lib
 
 STATE_FILE = "population.json"
-DIVERGED_FILE = "diverged.txt"  # in a member's directory: why it stopped (the population's other members went on)
+DIVERGED_FILE = records_lib.DIVERGED_FILE  # in a member's directory: why it stopped (the others went on)
 
 
 def member_name(lr: float) -> str:
