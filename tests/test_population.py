@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -199,3 +200,25 @@ def test_a_population_workdir_refuses_another_config_unless_overwritten_and_shar
   # a population of the cell's other lrs goes into the same folder, beside it (as grid.py's single runs do)
   population.train_population(other, LRS[2:], workdir=tmp_path, log=QUIET["log"])
   assert sorted(p.name for p in tmp_path.glob("lr_*")) == sorted(population_disk.member_name(lr) for lr in LRS)
+
+
+def test_a_damaged_population_checkpoint_is_moved_aside_and_the_population_goes_on(tmp_path, capsys):
+  config = tiny()
+  unbroken = population.train_population(config, LRS[:2], log=QUIET["log"])
+  population.train_population(config, LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  checkpoints = tmp_path / population_disk.population_name(LRS[:2]) / "checkpoints"
+  saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+  assert saved[-1] == 3 and len(saved) >= 2
+  shutil.rmtree(checkpoints / "3" / "state")  # the newest checkpoint loses its arrays
+  for lr in LRS[:2]:  # and the members' own end-of-run checkpoints go, so their runs are unfinished again
+    shutil.rmtree(tmp_path / population_disk.member_name(lr) / "checkpoints")
+  lines = []
+  again = population.train_population(config, LRS[:2], workdir=tmp_path, log=lines.append)
+  warning = capsys.readouterr().err
+  assert f"{checkpoints / '3'} is damaged" in warning and "moved to" in warning
+  assert any(f"from its checkpoint of epoch {saved[-2]}" in line for line in lines), lines
+  for member, whole in zip(again, unbroken):
+    assert without_noise(member) == without_noise(whole)
+    directory = tmp_path / population_disk.member_name(member.lr)
+    assert without_noise(member) == [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(directory)]
+    assert records.finished(directory) and (directory / "checkpoints" / "3").is_dir()
