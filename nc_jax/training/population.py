@@ -258,6 +258,9 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
   member_configs = [member_config(config, lr) for lr in lrs]
   for member_cfg in member_configs:  # a bad value is refused before any work, naming the key, as a single run
     schema.validate(member_cfg)
+  if jax.process_count() > 1:  # its files are written by every process alike: not yet made for several
+    raise schema.ConfigError(f"a population runs in one process ({jax.process_count()} here): train it on one "
+                             "host's devices, or train its lrs as single runs")
   mesh = program_lib.data_mesh(config)
   if program_lib.pipeline(config) == "stream":
     raise schema.ConfigError(f"config.input_pipeline = {config.input_pipeline!r} streams {config.dataset}; a "
