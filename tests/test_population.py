@@ -194,6 +194,12 @@ def test_a_population_workdir_refuses_another_config_unless_overwritten_and_shar
     population.train_population(other, LRS[:2], workdir=tmp_path, log=QUIET["log"])
   assert "\n" not in str(error.value)
   assert records.read_config(tmp_path / population_disk.member_name(LRS[0]))["weight_decay"] == config.weight_decay
+  own = tmp_path / population_disk.population_name(LRS[:2])
+  (own / population_disk.STATE_FILE).write_text("{damaged")  # and the members' configs gone: the checkpoint says
+  for lr in LRS[:2]:
+    (tmp_path / population_disk.member_name(lr) / "config.json").unlink()
+  with pytest.raises(workdir_lib.WorkdirError, match="checkpoint of epoch 1 was trained with another config"):
+    population.train_population(other, LRS[:2], workdir=tmp_path, log=QUIET["log"])
   members = population.train_population(other, LRS[:2], workdir=tmp_path, overwrite=True, log=QUIET["log"])
   assert [len(records.read(tmp_path / population_disk.member_name(m.lr))) for m in members] == [1, 1]
   assert records.read_config(tmp_path / population_disk.member_name(LRS[0]))["weight_decay"] == 1e-3

@@ -107,6 +107,12 @@ class PopulationDisk:
     if not discard:
       self.checkpoints = checkpoints_lib.Checkpoints(self.own / "checkpoints", keep=self.config.keep_checkpoints)
       restored = self.checkpoints.restore_latest(abstract_state)
+    if restored is not None and restored[2].get("config_digests", self.digests) != self.digests:
+      if not self.overwrite:  # population.json lost or damaged: the checkpoint still says whose it is
+        raise workdir_lib.WorkdirError(
+            f"{self.own}'s checkpoint of epoch {restored[0]} was trained with another config; add --overwrite to "
+            "discard it, or use another --workdir")
+      discard, restored = True, None
     holding = [d for d in self.member_dirs if workdir_lib.has_results(d)]
     if restored is None and holding and not (self.overwrite or discard):
       raise workdir_lib.WorkdirError(
@@ -147,7 +153,7 @@ class PopulationDisk:
       return json.loads(path.read_text())
     except FileNotFoundError:
       return None
-    except ValueError:  # damaged: the checkpoints' digests still decide (a config change is refused by plan)
+    except ValueError:  # damaged: the checkpoint's config digests still decide (``start``)
       return None
 
   # ------------------------------------------------------------------ as the loop goes
@@ -158,7 +164,7 @@ class PopulationDisk:
   def save(self, epoch: int, state, members) -> None:
     """The population checkpoint of ``epoch`` (waited for), then each member's newest record appended if it
     was measured at ``epoch``, and its tpt.json."""
-    meta = {"elapsed": self.wall(), "members": [
+    meta = {"elapsed": self.wall(), "config_digests": self.digests, "members": [
         {"records": m.records, "tpt_start_epoch": m.tpt_start_epoch, "diverged": m.diverged} for m in members]}
     self.checkpoints.save(epoch, state, meta)
     self.checkpoints.wait()
