@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ from nc_jax.data import device
 from nc_jax.training import population, population_disk, program as program_lib
 from nc_jax.training import workdir as workdir_lib
 from nc_jax.training.loop import train_and_evaluate
+from nc_jax.training.preemption import Preempted
 from tests.run_helpers import NOISE, QUIET
 
 LRS = (0.01, 0.03, 0.1)
@@ -228,3 +231,22 @@ def test_a_damaged_population_checkpoint_is_moved_aside_and_the_population_goes_
     directory = tmp_path / population_disk.member_name(member.lr)
     assert without_noise(member) == [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(directory)]
     assert records.finished(directory) and (directory / "checkpoints" / "3").is_dir()
+
+
+def test_sigterm_checkpoints_the_population_at_the_epochs_end_and_a_rerun_resumes_it(tmp_path):
+  config = tiny()
+  unbroken = population.train_population(config, LRS[:2], log=QUIET["log"])
+
+  def log(line):  # SIGTERM arrives while epoch 2 is still ahead (after epoch 1's line)
+    if line.startswith("epoch    1"):
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(Preempted, match="stopped by SIGTERM after epoch 2; checkpoint saved"):
+    population.train_population(config, LRS[:2], workdir=tmp_path, log=log)
+  checkpoints = tmp_path / population_disk.population_name(LRS[:2]) / "checkpoints"
+  assert max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == 2  # epoch 2 is not measured
+  lines = []
+  again = population.train_population(config, LRS[:2], workdir=tmp_path, log=lines.append)
+  assert any("from its checkpoint of epoch 2" in line for line in lines), lines
+  for member, whole in zip(again, unbroken):
+    assert without_noise(member) == without_noise(whole)

@@ -39,7 +39,8 @@ import numpy as np
 
 from nc_jax import schema
 from nc_jax.data import device
-from nc_jax.training import evaluate as evaluate_lib, loop, population_disk, program as program_lib, schedule
+from nc_jax.training import evaluate as evaluate_lib, loop, population_disk, preemption, program as program_lib
+from nc_jax.training import schedule
 from nc_jax.training import step as step_lib
 
 MEMBER_AXIS = 0  # the leading axis of every leaf of a population state
@@ -273,7 +274,9 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
                                 len(dataset.train_labels), member_loop)
   disk = contextlib.nullcontext() if workdir is None else population_disk.PopulationDisk(
       workdir, config, member_configs, overwrite=overwrite, log=log)
-  with disk:
+  # With a workdir, SIGTERM / SIGINT checkpoint the population at the epoch's end and stop (``Preempted``).
+  signals = contextlib.nullcontext() if workdir is None else preemption.StopSignals()
+  with disk, signals as stop:
     start_epoch, state, saved = 0, None, None
     if workdir is not None:
       start_epoch, state, saved = disk.start(population_disk.abstract_population_state(population.init, mesh))
@@ -281,15 +284,16 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
         Member(lr, m["records"], m["tpt_start_epoch"], m["diverged"]) for lr, m in zip(lrs, saved)]
     state = population.init() if state is None else state
     last = _train_members(config, population, dataset, mesh, state, members, start_epoch, disk if workdir else None,
-                          log)
+                          stop, log)
     if workdir is not None and last is not None:
       disk.finish(*last, members, jax.jit(member))
   return members
 
 
 def _train_members(config, population: Population, dataset, mesh, state, members: list, start_epoch: int, disk,
-                   log) -> Optional[tuple]:
-  """The epochs after ``start_epoch``: train, stop diverged members, measure those due, checkpoint (``disk``).
+                   stop, log) -> Optional[tuple]:
+  """The epochs after ``start_epoch``: train, stop diverged members, measure those due, checkpoint (``disk``),
+  and on a signal (``stop``, a ``preemption.StopSignals`` or None) checkpoint and raise ``Preempted``.
   Returns (the last epoch trained, the state after it), or None if no epoch was left."""
   # The single run's evaluation inputs (loop._inputs): the sets on every device, DeepFool's seeded test subset.
   chosen = program_lib.deepfool_indices(config, len(dataset.test_labels))
@@ -339,8 +343,11 @@ def _train_members(config, population: Population, dataset, mesh, state, members
           members[k].diverged = f"epoch {epoch}: {error}; member stopped: lower its lr (the others go on)"
           log(f"member {k} (lr {members[k].lr:.3g}): {members[k].diverged}")
     stopped = all(m.diverged is not None for m in members)
-    if disk is not None and (due or stopped or epoch == config.num_epochs):
+    signalled = stop is not None and stop.requested
+    if disk is not None and (due or stopped or signalled or epoch == config.num_epochs):
       disk.save(epoch, state, members)
+    if signalled and not stopped:
+      stop.raise_preempted(epoch)
     if stopped:
       log(f"every member diverged by epoch {epoch}; the population stops")
       break

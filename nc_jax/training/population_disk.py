@@ -17,7 +17,8 @@
                                 the member as the single run it is (a diverged member gets none: its last
                                 population checkpoint holds its last good state)
 
-A rerun of the same command resumes from the newest good population checkpoint (records reconciled with each
+SIGTERM / SIGINT checkpoint the population at the epoch's end and stop (``preemption.Preempted``). A rerun of
+the same command resumes from the newest good population checkpoint (records reconciled with each
 member's metrics.jsonl, as a single run's); another config or other lrs are refused unless ``overwrite``.
 """
 
