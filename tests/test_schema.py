@@ -43,7 +43,12 @@ def parse_command_line(config_file: str, *overrides: str) -> ml_collections.Conf
   return values.config
 
 
-DELETE = object()
+class _Delete:
+  def __repr__(self):  # a stable test id (pytest-xdist workers must collect the same ids)
+    return "DELETE"
+
+
+DELETE = _Delete()
 
 
 def changed(config: ml_collections.ConfigDict, **changes) -> ml_collections.ConfigDict:
