@@ -73,9 +73,9 @@ def test_unrolled_members_are_the_single_runs_bit_for_bit_on_one_device(one_devi
 
 
 @pytest.mark.slow
-def test_vmapped_members_on_eight_devices_are_the_single_runs_within_rounding(eight_device_singles):
-  members = population.train_population(tiny(), LRS, member_loop="vmap", log=QUIET["log"])
-  for member, single in zip(members, eight_device_singles):
+def assert_within_rounding(members, singles):
+  """Each member's records are its single run's: integers and strings exactly, floats within VMAP_RTOL."""
+  for member, single in zip(members, singles, strict=True):
     got = without_noise(member)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in single]
     for mine, theirs in zip(got, single):
@@ -87,7 +87,51 @@ def test_vmapped_members_on_eight_devices_are_the_single_runs_within_rounding(ei
           assert mine[key] == pytest.approx(value, rel=VMAP_RTOL, abs=1e-7), key
 
 
-def test_the_population_state_lives_on_the_data_mesh_with_a_member_axis():
+def test_vmapped_members_on_eight_devices_are_the_single_runs_within_rounding(eight_device_singles):
+  # K = 3 on 8 devices: gcd 1, so a (1 member, 8 data) mesh: every member data-parallel over all 8
+  members = population.train_population(tiny(), LRS, member_loop="vmap", log=QUIET["log"])
+  assert_within_rounding(members, eight_device_singles)
+
+
+def test_members_split_over_the_mesh_are_the_single_runs_within_rounding(eight_device_singles, tmp_path_factory):
+  # K = 4 on 8 devices: a (4 member, 2 data) mesh, each member on its own pair of devices
+  lrs = LRS + (0.02,)
+  assert dict(population.population_mesh(jax.devices(), len(lrs)).shape) == {"member": 4, "data": 2}
+  members = population.train_population(tiny(), lrs, member_loop="vmap", log=QUIET["log"])
+  assert_within_rounding(members, eight_device_singles + [single_records(tiny(), 0.02, tmp_path_factory)])
+
+
+def _collectives(compiled_text: str) -> int:
+  return sum(compiled_text.count(f" {op}(") for op in ("all-reduce", "all-gather", "all-to-all",
+                                                       "collective-permute", "reduce-scatter"))
+
+
+@pytest.mark.parametrize("size, groups", [(8, 8), (4, 4), (2, 2), (3, 1), (16, 8)])
+def test_members_are_split_over_the_member_axis_and_only_data_parallel_devices_talk(size, groups):
+  config = tiny()
+  lrs = tuple(0.01 * (k + 1) for k in range(size))
+  pop = population.build_population(config, lrs, device.data_mesh(), 10, (40,), steps_per_epoch=3, num_train=400)
+  assert dict(pop.mesh.shape) == {"member": groups, "data": 8 // groups}
+  state = pop.init()
+  for leaf in jax.tree_util.tree_leaves(state):
+    assert leaf.sharding == pop.state_sharding and len(leaf.sharding.device_set) == 8
+    # each device holds its group's K / M members, whole (nothing of a member split over 'data')
+    assert {shard.data.shape for shard in leaf.addressable_shards} == {(size // groups, *leaf.shape[1:])}
+  dataset = program_lib.load_dataset(config, "memory")
+  inputs, labels = (device.put_replicated(x, pop.mesh) for x in (dataset.train_inputs, dataset.train_labels))
+  compiled = jax.jit(lambda s, x, y: pop.train_epoch(s, x, y, 1)).lower(state, inputs, labels).compile().as_text()
+  # members never exchange anything; devices sharing a member's batch all-reduce its gradients and statistics
+  assert (_collectives(compiled) == 0) == (groups == 8)
+  state, totals = pop.train_epoch(state, inputs, labels, 1)
+  assert all(leaf.sharding == pop.state_sharding for leaf in jax.tree_util.tree_leaves(state))
+  assert np.asarray(state.step).tolist() == [3] * size and np.isfinite(np.asarray(totals["loss"])).all()
+
+
+def test_unrolled_members_keep_one_member_group():
+  assert dict(population.population_mesh(jax.devices(), 8, "unroll").shape) == {"member": 1, "data": 8}
+
+
+def test_three_members_on_eight_devices_are_replicated_with_a_member_axis():
   config, mesh = tiny(), device.data_mesh()
   assert mesh.size == 8
   pop = population.build_population(config, LRS, mesh, 10, (40,), steps_per_epoch=3, num_train=400)

@@ -7,7 +7,14 @@ Here the K members are one program: every leaf of the ``TrainState`` gains a lea
 batch shared (``in_axes=(0, None, 0)``: state, batch, lr) or, for exact equality with single runs, unrolled
 member by member (``MEMBER_LOOPS``), and an epoch is one ``lax.scan`` over the batches
 ``device.epoch_batches`` draws for the config's seed: the batches of every member's single run, drawn once.
-The state is replicated on the 1-D 'data' mesh (all members on every device), each batch sharded over it.
+
+Where the members live: a 2-D mesh ('member', 'data') over the run's devices (``population_mesh``). The
+member axis takes gcd(K, D) of the D devices (all of them when K is a multiple of D, none when K and D are
+coprime), 'data' the rest: every leaf of the state is split along its member axis over 'member' (each device
+group holds K / M members), each batch is split over 'data' and shared by the member groups, and the vmaps
+name 'member' as their ``spmd_axis_name`` so the sharding constraints inside a member's step and evaluation
+keep the member axis split. With M = 1 this is the single run's data parallelism for all members at once.
+("unroll" keeps M = 1: its members are separate carries.)
 
 How the learning rate enters: member k's optimizer is built *inside* its step from its base lr, a
 traced scalar, by the single run's own functions, ``schedule.learning_rate(lr_k, ...)`` and
@@ -20,7 +27,7 @@ Members see the same batches, so seed is *not* a member axis: a single run's see
 and a member that changed only its init would equal no single run. Members fail alone: one whose loss or
 state turns non-finite, or whose measurement fails as the single run's would, stops being measured
 (``Member.diverged`` says why and what to change) while the others go on; it still rides in the program.
-Not yet here (next slice): member workdirs on disk, checkpoints and resume, a (member, data) mesh.
+Not yet here: several processes (``train_population`` refuses them), streamed input.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from nc_jax.training import schedule
 from nc_jax.training import step as step_lib
 
 MEMBER_AXIS = 0  # the leading axis of every leaf of a population state
+MEMBER_MESH_AXIS = "member"  # the mesh axis the members are split over (``population_mesh``)
 # How the members' computations are laid out in the program (``member_loop``):
 # "vmap": batched (one (K, B, h) matmul per layer: what fills an accelerator). Its batched matmuls and
 #   reductions round differently from the single run's: measured 1e-8 in the params after one step, ~1e-7
@@ -64,10 +72,13 @@ class Population(NamedTuple):
   ``evaluate(state, due, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs)`` ->
   {k: the single run's measurement dict of member k} for k in ``due``; ``all_finite(state)`` -> (K,) bool;
   ``learning_rates[k]`` member k's schedule (step -> lr), as the single run's; ``program`` the single-run
-  program of the config (its model and compiled evaluation).
+  program of the config (its model and compiled evaluation); ``mesh`` the ('member', 'data') mesh and
+  ``state_sharding`` every state leaf's sharding on it (leading axis over 'member').
   """
 
   lrs: tuple
+  mesh: jax.sharding.Mesh
+  state_sharding: jax.sharding.NamedSharding
   program: program_lib.Program
   init: Callable
   train_epoch: Callable
@@ -97,6 +108,14 @@ def check_lrs(lrs: Sequence[float]) -> tuple:
   return tuple(float(v) for v in lrs)
 
 
+def population_mesh(devices, size: int, member_loop: str = "vmap") -> jax.sharding.Mesh:
+  """The ('member', 'data') mesh of ``size`` members on ``devices`` (a sequence or an array of D devices):
+  M = gcd(size, D) device groups along 'member' ("unroll": M = 1), D / M devices each along 'data'."""
+  devices = np.asarray(devices).reshape(-1)
+  groups = 1 if member_loop == "unroll" else math.gcd(size, devices.size)
+  return jax.sharding.Mesh(devices.reshape(groups, devices.size // groups), (MEMBER_MESH_AXIS, device.DATA_AXIS))
+
+
 def _optimizer(config, base_lr, steps_per_epoch: int):
   """The single run's optimizer (``program.optimizer`` on ``program.lr_schedule``) with ``base_lr`` as its base lr:
   a Python float for the single run, a traced scalar for a member."""
@@ -121,7 +140,7 @@ def _member_step(state, batch, lr, *, config, model, loss_fn, steps_per_epoch, n
 
 def _vmapped_step(state, batch, lrs, *, one):
   """``one`` (a member's step) vmapped: (state (K, ...), batch shared, lrs (K,)) -> (state, metrics (K,))."""
-  return jax.vmap(one, in_axes=(0, None, 0))(state, batch, lrs)
+  return jax.vmap(one, in_axes=(0, None, 0), spmd_axis_name=MEMBER_MESH_AXIS)(state, batch, lrs)
 
 
 def _unrolled_step(states: list, batch, lrs, *, one):
@@ -161,40 +180,45 @@ def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], me
   """The ``Population`` of ``config`` at ``lrs`` (config.lr itself is ignored): the single run's program
   (``program.build_program``, shared and cached) plus its vmapped init, epoch and evaluation.
 
-  The state is replicated on ``mesh`` (every device holds all K members); batches are sharded along 'data'
-  as in the single run. ``member_loop`` (``MEMBER_LOOPS``): "vmap" batches the members' steps and measures
+  ``mesh``'s devices become the ('member', 'data') mesh of ``population_mesh``: each state leaf split along
+  its member axis over 'member', batches split over 'data' as in the single run. ``member_loop`` (``MEMBER_LOOPS``): "vmap" batches the members' steps and measures
   their NC in one vmapped call of the single run's ``evaluate`` (DeepFool member by member); "unroll" runs the
   single run's step per member and its compiled ``evaluate`` member by member (bit-identical to single runs on
   one device).
   """
   lrs = check_lrs(lrs)
   _check_member_loop(member_loop)
+  mesh = population_mesh(mesh.devices, len(lrs), member_loop)
   program = program_lib.build_program(config, mesh, num_classes, input_shape, steps_per_epoch, num_train)
   model = program.model
   loss_fn = step_lib.loss_function(config.loss)
+  members_split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MEMBER_MESH_AXIS))
   replicated = device.replicated(mesh)
-  lr_array = jnp.asarray(lrs, jnp.float32)
+  lr_array = jax.device_put(np.asarray(lrs, np.float32), members_split)
 
   def create(lr):
     return step_lib.create_state(model, _optimizer(config, lr, steps_per_epoch), input_shape, config.seed)
 
-  init_fn = jax.jit(jax.vmap(create), out_shardings=replicated)
+  init_fn = jax.jit(jax.vmap(create, spmd_axis_name=MEMBER_MESH_AXIS), out_shardings=members_split)
   one = functools.partial(_member_step, config=config, model=model, loss_fn=loss_fn,
                           steps_per_epoch=steps_per_epoch, num_train=num_train)
   if program_lib.epoch_loop(config) == "scan":  # the single run's choice
     epoch_fn = jax.jit(functools.partial(_population_epoch, one=one, member_loop=member_loop, seed=config.seed,
-                                         batch_size=config.batch_size, mesh=mesh), donate_argnums=0)
+                                         batch_size=config.batch_size, mesh=mesh),
+                       out_shardings=(members_split, None), donate_argnums=0)
   else:  # the host loop steps the vmapped members (one layout: exactness is the scan's business here)
     epoch_fn = functools.partial(
-        _stepwise_population_epoch, step=jax.jit(functools.partial(_vmapped_step, one=one), donate_argnums=0),
+        _stepwise_population_epoch, step=jax.jit(functools.partial(_vmapped_step, one=one),
+                                                 out_shardings=(members_split, None), donate_argnums=0),
         draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
                                                batch_size=config.batch_size, mesh=mesh)))
   if member_loop == "vmap":  # one call measures every member's NC; only those asked for are kept
-    batched = jax.jit(jax.vmap(program.evaluate, in_axes=(0, None, None, None, None)))
+    batched = jax.jit(jax.vmap(program.evaluate, in_axes=(0, None, None, None, None),
+                               spmd_axis_name=MEMBER_MESH_AXIS))
     # DeepFool member by member: its loop runs until every input of the batch is fooled, so vmapped over K
     # members it would run each member for the slowest member's iterations (measured: 4.6-18 s an evaluation
     # of 25 members against ~2.8 s without DeepFool, the default MLP on CPU).
-    take = jax.jit(member)
+    take = jax.jit(member, out_shardings=replicated)
     measured_model = evaluate_lib.eval_model(program.measurement.model, program.measurement.eval_dtype)
     deepfool = jax.jit(lambda state, inputs: evaluate_lib.deepfool_keys(measured_model, state.variables, inputs))
 
@@ -206,14 +230,14 @@ def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], me
           measured[k] |= deepfool(take(state, k), deepfool_inputs)
       return measured
   else:  # the single run's compiled evaluation, member by member: its results exactly (lax.map of it rounds
-    take = jax.jit(member)  # differently: measured ~1e-6 relative in nc1, cdnv); k traced: one compile
+    take = jax.jit(member, out_shardings=replicated)  # differently: measured ~1e-6 relative in nc1, cdnv); k traced: one compile
 
     def evaluate(state, due, *data):
       return {k: program.evaluate(take(state, k), *data) for k in due}
-  all_finite = jax.jit(jax.vmap(program.all_finite))
+  all_finite = jax.jit(jax.vmap(program.all_finite, spmd_axis_name=MEMBER_MESH_AXIS))
   schedules = tuple(program_lib.lr_schedule(config, lr, steps_per_epoch) for lr in lrs)
   return Population(
-      lrs=lrs, program=program, init=lambda: init_fn(lr_array),
+      lrs=lrs, mesh=mesh, state_sharding=members_split, program=program, init=lambda: init_fn(lr_array),
       train_epoch=lambda state, inputs, labels, epoch: epoch_fn(state, lr_array, inputs, labels, epoch),
       evaluate=evaluate, all_finite=all_finite, learning_rates=schedules)
 
@@ -279,24 +303,26 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
   with disk, signals as stop:
     start_epoch, state, saved = 0, None, None
     if workdir is not None:
-      start_epoch, state, saved = disk.start(population_disk.abstract_population_state(population.init, mesh))
+      start_epoch, state, saved = disk.start(population_disk.abstract_population_state(population.init,
+                                                                                        population.state_sharding))
     members = [Member(lr) for lr in lrs] if saved is None else [
         Member(lr, m["records"], m["tpt_start_epoch"], m["diverged"]) for lr, m in zip(lrs, saved)]
     state = population.init() if state is None else state
-    last = _train_members(config, population, dataset, mesh, state, members, start_epoch, disk if workdir else None,
+    last = _train_members(config, population, dataset, state, members, start_epoch, disk if workdir else None,
                           stop, log)
     if workdir is not None and last is not None:
-      disk.finish(*last, members, jax.jit(member))
+      disk.finish(*last, members, jax.jit(member, out_shardings=device.replicated(population.mesh)))
   return members
 
 
-def _train_members(config, population: Population, dataset, mesh, state, members: list, start_epoch: int, disk,
+def _train_members(config, population: Population, dataset, state, members: list, start_epoch: int, disk,
                    stop, log) -> Optional[tuple]:
   """The epochs after ``start_epoch``: train, stop diverged members, measure those due, checkpoint (``disk``),
   and on a signal (``stop``, a ``preemption.StopSignals`` or None) checkpoint and raise ``Preempted``.
   Returns (the last epoch trained, the state after it), or None if no epoch was left."""
   # The single run's evaluation inputs (loop._inputs): the sets on every device, DeepFool's seeded test subset.
   chosen = program_lib.deepfool_indices(config, len(dataset.test_labels))
+  mesh = population.mesh
   train_inputs, train_labels, test_inputs, test_labels = (device.put_replicated(x, mesh) for x in (
       dataset.train_inputs, dataset.train_labels, dataset.test_inputs, dataset.test_labels))
   deepfool_inputs = None if chosen is None else device.put_replicated(dataset.test_inputs[chosen], mesh)
@@ -356,5 +382,5 @@ def _train_members(config, population: Population, dataset, mesh, state, members
   return last
 
 
-__all__ = ["Member", "Population", "build_population", "check_lrs", "member", "member_config", "stack",
-           "train_population"]
+__all__ = ["Member", "Population", "build_population", "check_lrs", "member", "member_config", "population_mesh",
+           "stack", "train_population"]

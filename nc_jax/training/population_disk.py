@@ -35,7 +35,6 @@ import jax
 import ml_collections
 
 from nc_jax import files, records as records_lib, schema
-from nc_jax.data import device
 from nc_jax.training import checkpoints as checkpoints_lib, loop, program as program_lib, resume
 from nc_jax.training import workdir as workdir_lib
 
@@ -194,8 +193,8 @@ class PopulationDisk:
       self.checkpoints.close(quiet=quiet)
 
 
-def abstract_population_state(init, mesh):
-  """The population state's shapes, replicated on ``mesh`` (what a population checkpoint is restored into)."""
-  replicated = device.replicated(mesh)
-  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+def abstract_population_state(init, sharding):
+  """The population state's shapes with ``sharding`` (``Population.state_sharding``: what a population
+  checkpoint is restored into)."""
+  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                                 jax.eval_shape(init))
