@@ -1,4 +1,4 @@
-"""python -m nc_jax.report RUN_DIR [RUN_DIR ...] --out DIR: the paper's figures and Table 1 from runs.
+"""python -m nc_jax.report RUN_DIR [RUN_DIR ...] --out DIR [--group seeds]: the paper's figures and Table 1 from runs.
 
 Reads each run's metrics.jsonl (and config.json for its name); never imports the
 trainer. Writes one PNG per figure (one panel per run, epochs on the x-axis, the
@@ -8,6 +8,13 @@ quantity at the first measurement, the TPT start and the last measurement.
 Partial runs are plotted as far as they go. Runs that log them also get the
 MSE decomposition (fig9_mse_decomposition.png) and per-layer collapse against
 depth at the first, TPT-start and last measurements (fig_depth.png).
+
+With ``--group seeds``, runs whose configs differ only in seed and data_seed
+(``nc_jax.report_seeds``) are one panel and one table row each: every measurement
+drawn as the mean over the seeds at each epoch all of them measured, with the
+range (min..max) shaded, the TPT start at the seeds' mean (their range shaded
+grey); table cells give 'mean [min..max]' (the mean alone where the seeds agree).
+A group's first, TPT-start and last rows take each seed's own such measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nc_jax import files, records as records_lib, schema  # noqa: E402
+from nc_jax import files, records as records_lib, report_seeds, schema  # noqa: E402
+from nc_jax.report_seeds import Spread, epoch_text  # noqa: E402
 
 # (file stem, title, [(metrics key, label)], log scale) in the paper's order.
 FIGURES = (
@@ -123,6 +131,79 @@ def load_run(directory: str) -> Run:
   return Run(name, directory, records, config)
 
 
+@dataclasses.dataclass
+class Seeds:
+  """Runs of one config at several seeds, drawn and tabulated as one (a single run is a group of one, drawn as
+  it always was): the mean over the runs with the range (min..max), ``nc_jax.report_seeds.Spread``."""
+  runs: list
+  apart: str = ""  # what tells it from groups of the same name ('weight_decay 0.0005'): ``_named_apart``
+
+  @property
+  def name(self) -> str:
+    name = self.runs[0].name + (f", {self.apart}" if self.apart else "")
+    seeds = report_seeds.describe_seeds([run.config for run in self.runs])
+    return f"{name}, mean of {len(self.runs)} runs ({seeds})" if len(self.runs) > 1 else name
+
+  def spread(self, key) -> list[tuple[int, Spread]]:
+    """``key`` (or 'train_error') over the epochs every run measured it: [(epoch, Spread over runs), ...]."""
+    return report_seeds.aligned([run.series(key) for run in self.runs])
+
+  def at(self, pick) -> list[dict]:
+    """The record ``pick(run)`` of each run (records[0], first_in_tpt, ...), runs without one left out."""
+    return [record for record in (pick(run) for run in self.runs) if record is not None]
+
+  @property
+  def tpt_starts(self) -> list[int]:
+    return [run.tpt_start for run in self.runs if run.tpt_start]
+
+
+def group_runs(runs: list[Run], by: str = "none") -> list[Seeds]:
+  """``runs`` as the report draws them: one group each (``by='none'``), or replicates together (``'seeds'``:
+  configs equal but for seed and data_seed, ``nc_jax.report_seeds.group``), named apart (``_named_apart``)."""
+  if by == "none":
+    return _named_apart([Seeds([run]) for run in runs])
+  if by == "seeds":
+    return _named_apart([Seeds(members) for members in report_seeds.group(runs, lambda run: run.config)])
+  raise ValueError(f"unknown grouping {by!r}; choose 'none' (one panel per run) or 'seeds'")
+
+
+def _named_apart(groups: list[Seeds]) -> list[Seeds]:
+  """``groups`` with their names told apart: where several share a name, each gets the config keys that differ
+  between them (a swept weight_decay, model option or seed that names do not show); a group's own seeds stay in
+  its 'mean of' part."""
+  by_name = {}
+  for group in groups:
+    by_name.setdefault(group.name, []).append(group)
+  for same in by_name.values():
+    shared = [{k: v for k, v in g.runs[0].config.items() if len(g.runs) == 1 or k not in report_seeds.SEED_KEYS}
+              for g in same]
+    keys = report_seeds.differing_keys(shared)
+    for group, config in zip(same, shared):
+      values = report_seeds.flat(config)
+      group.apart = ", ".join(f"{key} {values[key]}" for key in keys)
+  return groups
+
+
+def _as_groups(entries) -> list[Seeds]:
+  """Runs or groups as groups (a run alone is a group of one)."""
+  return [entry if isinstance(entry, Seeds) else Seeds([entry]) for entry in entries]
+
+
+def _spread_cell(values, form) -> str:
+  """A table cell: the values' 'mean [min..max]' in ``form``, or '-' for none."""
+  return Spread.of(values).text(form) if values else "-"
+
+
+def _draw_spread(axis, xs, spreads, *, log_scale: bool, **style) -> None:
+  """The means as a line (``style``: colour, marker, label) and, where the values differ, the range shaded in
+  the line's colour (on a log axis, only where its lower edge is positive)."""
+  axis.plot(xs, [s.mean for s in spreads], **style)
+  if any(s.high > s.low for s in spreads):
+    lows, highs = [s.low for s in spreads], [s.high for s in spreads]
+    where = [low > 0 for low in lows] if log_scale else None
+    axis.fill_between(xs, lows, highs, where=where, color=style.get("color"), alpha=0.25, linewidth=0)
+
+
 def _save(figure, title: str, out: pathlib.Path, stem: str) -> str:
   """Titles, lays out, writes out/stem.png whole or not at all (``files.write_atomically``: a full disk
   leaves no truncated PNG) and closes ``figure``; returns the file name."""
@@ -138,49 +219,65 @@ def _save(figure, title: str, out: pathlib.Path, stem: str) -> str:
   return path.name
 
 
-def plot_figure(runs: list[Run], stem: str, title: str, keys, log_scale: bool, out: pathlib.Path) -> Optional[str]:
-  runs = [run for run in runs if any(run.series(key) for key, _ in keys)]  # a run without the keys: no panel
-  if not runs:
+def plot_figure(runs, stem: str, title: str, keys, log_scale: bool, out: pathlib.Path) -> Optional[str]:
+  """One panel per run or group of seeds (``Seeds``) that logs any of ``keys``: each key's series (a group's
+  mean, its range shaded) against epochs, the TPT start dashed; writes out/stem.png and returns its name."""
+  groups = [group for group in _as_groups(runs) if any(group.spread(key) for key, _ in keys)]  # no keys: no panel
+  if not groups:
     return None
-  columns = min(len(runs), 4)
-  rows = math.ceil(len(runs) / columns)
+  columns = min(len(groups), 4)
+  rows = math.ceil(len(groups) / columns)
   figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows), squeeze=False)
-  for axis, run in zip(axes.flat, runs):
+  for axis, group in zip(axes.flat, groups):
     for index, (key, label) in enumerate(keys):  # colour by key: a series keeps it across panels
-      points = run.series(key)
+      points = group.spread(key)
       if log_scale:
-        points = [(e, v) for e, v in points if v > 0]
+        points = [(e, s) for e, s in points if s.mean > 0]
       if points:
-        axis.plot(*zip(*points), marker=".", markersize=3, color=f"C{index}", label=label or None)
-    if run.tpt_start:
-      axis.axvline(run.tpt_start, color="gray", linestyle="--", linewidth=1, label="TPT start")
+        epochs, spreads = zip(*points)
+        _draw_spread(axis, epochs, spreads, log_scale=log_scale, marker=".", markersize=3, color=f"C{index}",
+                     label=label or None)
+    if group.tpt_starts:  # a group's: at the seeds' mean, their range in grey
+      starts = Spread.of(group.tpt_starts)
+      axis.axvline(starts.mean, color="gray", linestyle="--", linewidth=1, label="TPT start")
+      if starts.high > starts.low:
+        axis.axvspan(starts.low, starts.high, color="gray", alpha=0.15, linewidth=0)
     if log_scale:
       axis.set_yscale("log")
-    axis.set_title(textwrap.fill(run.name, 48), fontsize=8)
+    axis.set_title(textwrap.fill(group.name, 48), fontsize=8)
     axis.set_xlabel("epoch", fontsize=8)
     axis.tick_params(labelsize=7)
     if axis.get_legend_handles_labels()[0]:
       axis.legend(fontsize=6)
-  for axis in list(axes.flat)[len(runs):]:
+  for axis in list(axes.flat)[len(groups):]:
     axis.axis("off")
   return _save(figure, title, out, stem)
 
 
-def plot_class_norms(runs: list[Run], out: pathlib.Path) -> Optional[str]:
+def plot_class_norms(runs, out: pathlib.Path) -> Optional[str]:
   """Per-class ||w_c|| and ||mu_c - mu_G|| at each run's last measurement (imbalanced runs log them), each
-  divided by its largest, classes in order (the minority last)."""
-  runs = [run for run in runs if "class/0/w_norm" in run.records[-1]]
-  if not runs:
+  divided by its largest, classes in order (the minority last); a group's bars at the seeds' mean, their range
+  as error bars."""
+  groups = [group for group in _as_groups(runs) if all("class/0/w_norm" in run.records[-1] for run in group.runs)]
+  if not groups:
     return None
-  figure, axes = plt.subplots(1, len(runs), figsize=(3.8 * len(runs), 2.9), squeeze=False)
-  for axis, run in zip(axes.flat, runs):
-    last = run.records[-1]
-    classes = sorted(int(k.split("/")[1]) for k in last if k.startswith("class/") and k.endswith("/w_norm"))
+  figure, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups), 2.9), squeeze=False)
+  for axis, group in zip(axes.flat, groups):
+    lasts = group.at(lambda run: run.records[-1])
+    classes = sorted(int(k.split("/")[1]) for k in lasts[0] if k.startswith("class/") and k.endswith("/w_norm"))
     for offset, (key, label) in zip((-0.2, 0.2), (("w_norm", "||w_c||"), ("mean_norm", "||mu_c - mu_G||"))):
-      values = [_number(last.get(f"class/{c}/{key}")) or 0.0 for c in classes]
-      top = max(values) or 1.0
-      axis.bar([c + offset for c in classes], [v / top for v in values], width=0.4, label=label)
-    axis.set_title(textwrap.fill(f"{run.name}, epoch {last['epoch']}", 48), fontsize=8)
+      relative = []  # per run, per class
+      for last in lasts:
+        values = [_number(last.get(f"class/{c}/{key}")) or 0.0 for c in classes]
+        top = max(values) or 1.0
+        relative.append([v / top for v in values])
+      spreads = [Spread.of(column) for column in zip(*relative)]
+      means = [s.mean for s in spreads]
+      errors = ([[s.mean - s.low for s in spreads], [s.high - s.mean for s in spreads]]
+                if any(s.high > s.low for s in spreads) else None)
+      axis.bar([c + offset for c in classes], means, width=0.4, label=label, yerr=errors, capsize=2 if errors else 0)
+    epochs = Spread.of([last["epoch"] for last in lasts]).text(epoch_text)
+    axis.set_title(textwrap.fill(f"{group.name}, epoch {epochs}", 48), fontsize=8)
     axis.set_xlabel("class", fontsize=8)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=6)
@@ -202,31 +299,39 @@ def _stages(record: dict) -> list[str]:
   return sorted(names, key=order)
 
 
-def plot_depth(runs: list[Run], out: pathlib.Path) -> Optional[str]:
-  """Per-layer collapse: each DEPTH_PANELS metric against stage index (one row per run with per-layer keys),
-  one line each for the first measurement, the first in TPT and the last."""
-  runs = [run for run in runs if _stages(run.records[-1])]
-  if not runs:
+def plot_depth(runs, out: pathlib.Path) -> Optional[str]:
+  """Per-layer collapse: each DEPTH_PANELS metric against stage index (one row per run or group of seeds with
+  per-layer keys), one line each for the first measurement, the first in TPT and the last (a group's: the mean
+  of each seed's own such measurement, their range shaded)."""
+  groups = [group for group in _as_groups(runs) if _stages(group.runs[0].records[-1])]
+  if not groups:
     return None
-  figure, axes = plt.subplots(len(runs), len(DEPTH_PANELS), figsize=(3.0 * len(DEPTH_PANELS), 2.7 * len(runs)),
-                              squeeze=False)
-  for row, run in zip(axes, runs):
-    stages = _stages(run.records[-1])
-    chosen = {}  # epoch -> (label, record, colour), first/TPT/last without repeats, each label its own colour
-    for index, (label, record) in enumerate(
-        (("first", run.records[0]), ("TPT start", run.first_in_tpt), ("last", run.records[-1]))):
-      if record is not None:
-        chosen.setdefault(record["epoch"], (label, record, f"C{index}"))
+  figure, axes = plt.subplots(len(groups), len(DEPTH_PANELS),
+                              figsize=(3.0 * len(DEPTH_PANELS), 2.7 * len(groups)), squeeze=False)
+  for row, group in zip(axes, groups):
+    stages = _stages(group.runs[0].records[-1])
+    chosen = {}  # epochs -> (label, records, colour), first/TPT/last without repeats, each label its own colour
+    for index, (label, pick) in enumerate((("first", lambda run: run.records[0]),
+                                           ("TPT start", lambda run: run.first_in_tpt),
+                                           ("last", lambda run: run.records[-1]))):
+      records = group.at(pick)
+      if records:
+        chosen.setdefault(tuple(record["epoch"] for record in records), (label, records, f"C{index}"))
     for axis, (key, title, log_scale) in zip(row, DEPTH_PANELS):
-      for epoch, (label, record, colour) in chosen.items():
-        points = [(i, _number(record.get(f"layer/{name}/{key}"))) for i, name in enumerate(stages, start=1)]
-        points = [(i, v) for i, v in points if v is not None and (v > 0 or not log_scale)]
+      for epochs, (label, records, colour) in chosen.items():
+        points = []
+        for i, name in enumerate(stages, start=1):
+          values = [_number(record.get(f"layer/{name}/{key}")) for record in records]
+          if all(v is not None for v in values):
+            points.append((i, Spread.of(values)))
+        points = [(i, s) for i, s in points if s.mean > 0 or not log_scale]
         if points:
-          axis.plot(*zip(*points), marker="o", markersize=3, color=colour, label=f"epoch {epoch} ({label})")
+          _draw_spread(axis, *zip(*points), log_scale=log_scale, marker="o", markersize=3, color=colour,
+                       label=f"epoch {Spread.of(epochs).text(epoch_text)} ({label})")
       if log_scale:
         axis.set_yscale("log")
       axis.set_xticks(range(1, len(stages) + 1), stages, fontsize=6)
-      axis.set_title(f"{title}\n{run.name}", fontsize=7)
+      axis.set_title(f"{title}\n{textwrap.fill(group.name, 48)}", fontsize=7)
       axis.set_xlabel("stage", fontsize=8)
       axis.tick_params(labelsize=7)
       if axis.get_legend_handles_labels()[0]:
@@ -234,19 +339,27 @@ def plot_depth(runs: list[Run], out: pathlib.Path) -> Optional[str]:
   return _save(figure, "Per-layer collapse against depth", out, "fig_depth")
 
 
-def table1(runs: list[Run]) -> str:
-  """Test accuracy at the first measurement at or after the TPT start, and at the last measurement."""
+def table1(runs) -> str:
+  """Test accuracy at the first measurement at or after the TPT start, and at the last measurement; a group of
+  seeds' cells are 'mean [min..max]' over its seeds (the TPT columns over the seeds that reached it)."""
   lines = ["| run | TPT start epoch | test acc at TPT start | last epoch | test acc at last epoch | change (points) |",
            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-  for run in runs:
-    last = run.records[-1]
-    start = run.first_in_tpt
-    if start is None:
-      lines.append(f"| {run.name} | not reached | - | {last['epoch']} | {100 * float(last['test_acc']):.2f} | - |")
+  for group in _as_groups(runs):
+    lasts = group.at(lambda run: run.records[-1])
+    last_epoch = _spread_cell([last["epoch"] for last in lasts], epoch_text)
+    last_acc = _spread_cell([100 * float(last["test_acc"]) for last in lasts], "{:.2f}")
+    reached = [run for run in group.runs if run.first_in_tpt is not None]
+    if not reached:
+      lines.append(f"| {group.name} | not reached | - | {last_epoch} | {last_acc} | - |")
       continue
-    change = 100 * (float(last["test_acc"]) - float(start["test_acc"]))
-    lines.append(f"| {run.name} | {run.tpt_start} (measured at {start['epoch']}) | {100 * float(start['test_acc']):.2f} "
-                 f"| {last['epoch']} | {100 * float(last['test_acc']):.2f} | {change:+.2f} |")
+    missing = len(group.runs) - len(reached)
+    tpt = (f"{_spread_cell([run.tpt_start for run in reached], epoch_text)} (measured at "
+           f"{_spread_cell([run.first_in_tpt['epoch'] for run in reached], epoch_text)}"
+           f"{f'; not reached by {missing} of {len(group.runs)}' if missing else ''})")
+    start_acc = _spread_cell([100 * float(run.first_in_tpt["test_acc"]) for run in reached], "{:.2f}")
+    change = _spread_cell([100 * (float(run.records[-1]["test_acc"]) - float(run.first_in_tpt["test_acc"]))
+                           for run in reached], "{:+.2f}")
+    lines.append(f"| {group.name} | {tpt} | {start_acc} | {last_epoch} | {last_acc} | {change} |")
   return "\n".join(lines)
 
 
@@ -261,30 +374,38 @@ KEY_COLUMNS = (
 )
 
 
-def key_epochs(runs: list[Run]) -> str:
-  """Every figure's quantity at the first measurement, the first one in TPT, and the last one, per run."""
-  columns = [c for c in KEY_COLUMNS if any(c[0] in r for run in runs for r in run.records)]
+def key_epochs(runs) -> str:
+  """Every figure's quantity at the first measurement, the first one in TPT, and the last one, per run; a group
+  of seeds' row takes each seed's own such measurement and gives 'mean [min..max]' over them."""
+  groups = _as_groups(runs)
+  columns = [c for c in KEY_COLUMNS if any(c[0] in r for group in groups for run in group.runs for r in run.records)]
   lines = ["| run | epoch | " + " | ".join(header for _, header, _ in columns) + " |",
            "| --- | --- | " + " | ".join("---:" for _ in columns) + " |"]
-  for run in runs:
-    tpt = run.first_in_tpt
-    rows = [("first", run.records[0])]
-    if tpt is not None:
-      rows.append(("TPT start" if tpt["epoch"] == run.tpt_start else f"first in TPT, from {run.tpt_start}", tpt))
-    rows.append(("last", run.records[-1]))
-    for label, record in rows:
+  for group in groups:
+    rows = [("first", group.at(lambda run: run.records[0]))]
+    reached = [run for run in group.runs if run.first_in_tpt is not None]
+    if reached:
+      exact = all(run.first_in_tpt["epoch"] == run.tpt_start for run in reached)
+      label = "TPT start" if exact else f"first in TPT, from {_spread_cell([r.tpt_start for r in reached], epoch_text)}"
+      if len(reached) < len(group.runs):
+        label += f"; {len(reached)} of {len(group.runs)} reached it"
+      rows.append((label, [run.first_in_tpt for run in reached]))
+    rows.append(("last", group.at(lambda run: run.records[-1])))
+    for label, records in rows:
       cells = []
       for key, _, form in columns:
-        value = _number(record.get(key))
-        cells.append("-" if value is None else form.format(value))
-      lines.append(f"| {run.name} | {record['epoch']} ({label}) | " + " | ".join(cells) + " |")
+        cells.append(_spread_cell([v for v in (_number(r.get(key)) for r in records) if v is not None], form))
+      epochs = _spread_cell([r["epoch"] for r in records], epoch_text)
+      lines.append(f"| {group.name} | {epochs} ({label}) | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def write_report(run_directories, out: str) -> pathlib.Path:
+def write_report(run_directories, out: str, group: str = "none") -> pathlib.Path:
   """Every figure, table1.md and report.md (written last) in ``out``, each file whole or not at all; OSError
-  (naming the file) when ``out`` cannot be made or written."""
+  (naming the file) when ``out`` cannot be made or written. ``group``: 'none' (a panel and a row per run) or
+  'seeds' (runs differing only in seed and data_seed as one: ``group_runs``)."""
   runs = [load_run(d) for d in run_directories]
+  groups = group_runs(runs, group)
   out = pathlib.Path(out)
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -292,15 +413,18 @@ def write_report(run_directories, out: str) -> pathlib.Path:
     raise OSError(error.errno, error.strerror, str(out)) from None
   if not out.is_dir():  # mkdir(exist_ok=True) accepts a symlink to a file on some systems
     raise NotADirectoryError(20, "Not a directory", str(out))
-  figures = [(title, plot_figure(runs, stem, title, keys, log_scale, out))
+  figures = [(title, plot_figure(groups, stem, title, keys, log_scale, out))
              for stem, title, keys, log_scale in FIGURES + VARIANT_FIGURES]
-  figures.append(("Per-class norms", plot_class_norms(runs, out)))
-  figures.append(("Per-layer collapse against depth", plot_depth(runs, out)))
-  table = table1(runs)
+  figures.append(("Per-class norms", plot_class_norms(groups, out)))
+  figures.append(("Per-layer collapse against depth", plot_depth(groups, out)))
+  table = table1(groups)
   files.write_atomically(out / "table1.md", (table + "\n").encode())
-  parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), "",
-           "## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, "",
-           "## Key epochs: first measurement, TPT start, last measurement", "", key_epochs(runs), ""]
+  parts = ["# Neural Collapse report", "", "Runs: " + "; ".join(f"`{r.directory}`" for r in runs), ""]
+  if any(len(g.runs) > 1 for g in groups):
+    parts += ["Runs of one config at several seeds are drawn as one: the mean over the seeds at each epoch every "
+              "one of them measured, the range (min..max) shaded; table cells give mean [min..max].", ""]
+  parts += ["## Table 1: test accuracy at the start of the terminal phase and at the end", "", table, "",
+            "## Key epochs: first measurement, TPT start, last measurement", "", key_epochs(groups), ""]
   for title, name in figures:
     if name:
       parts += [f"## {title}", "", f"![{title}]({name})", ""]
@@ -313,9 +437,13 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description="Figures and Table 1 of the paper from nc_jax.train run directories.")
   parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
   parser.add_argument("--out", required=True, help="output directory")
+  parser.add_argument("--group", choices=("none", "seeds"), default="none",
+                      help="seeds: runs whose configs differ only in seed and data_seed drawn as one, their mean "
+                           "with the range (min..max) shaded, tables giving mean [min..max] (default: none, one "
+                           "panel and one row per run)")
   args = parser.parse_args(argv)
   try:
-    path = write_report(args.runs, args.out)
+    path = write_report(args.runs, args.out, args.group)
   except OSError as error:
     written = error.filename and pathlib.Path(str(error.filename)).absolute().is_relative_to(
         pathlib.Path(args.out).absolute())

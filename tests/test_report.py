@@ -4,14 +4,16 @@ import json
 import pathlib
 import shutil
 
+import numpy as np
 import pytest
 
 from experiments import grid
-from nc_jax import report
+from nc_jax import records, report
 from nc_jax.training import train_and_evaluate
 from tests.test_train import smoke_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+CELL = str(REPO / "configs" / "default.py")
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +146,105 @@ def test_a_series_keeps_its_colour_in_every_panel(two_runs, tmp_path, monkeypatc
   colour = {line.get_label(): line.get_color() for line in full.get_lines()}
   assert [line.get_color() for line in missing.get_lines() if line.get_label() == "weights"] == [colour["weights"]]
   assert colour["weights"] != colour["means"]
+
+
+# ------------------------------------------------------------------ seeds: mean and range (--group seeds)
+def _records_of(directory):
+  return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def seed_runs(tmp_path):
+  """Three runs of one config at seeds 1, 2, 3 (and one at another lr), written as nc_jax.train writes them
+  (config.json as grid resolves the command, metrics.jsonl one record per line) with random measurements on
+  the smoke schedule (1, 3, 6); seed 1 reaches TPT at 2, seed 2 at 4 (each measured there), seed 3 never."""
+  rng = np.random.default_rng(0)
+  keys = [key for _, _, series, _ in report.FIGURES for key, _ in series if key != "train_error"]
+  directories = []
+  for seed, lr, tpt in ((1, 0.05, 2), (2, 0.05, 4), (3, 0.05, None), (1, 0.1, 2)):
+    directory = tmp_path / "runs" / f"seed_{seed}" / f"lr_{lr:g}"
+    line = ["python", "-m", "nc_jax.train", "--config", f"{CELL}:smoke", "--workdir", str(directory),
+            f"--config.lr={lr}", f"--config.seed={seed}"]
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(grid.requested_config(line), indent=2, sort_keys=True) + "\n")
+    lines = []
+    for epoch in sorted({1, 3, 6} | ({tpt} if tpt else set())):
+      record = {"epoch": epoch, "train_acc": float(rng.uniform(0.9, 1.0)), "test_acc": float(rng.uniform(0.6, 0.8)),
+                **{key: float(rng.uniform(0.01, 1.0)) for key in keys},
+                **{f"layer/layer{i}/{key}": float(rng.uniform(0.01, 1.0)) for i in (1, 2)
+                   for key, _, _ in report.DEPTH_PANELS},
+                **{f"class/{c}/{key}": float(rng.uniform(0.5, 1.5)) for c in range(3)
+                   for key in ("w_norm", "mean_norm")}}
+      if tpt and epoch >= tpt:
+        record["tpt_start_epoch"] = tpt
+      lines.append(records.line_of(record))
+    (directory / "metrics.jsonl").write_text("".join(lines))
+    directories.append(directory)
+  return directories
+
+
+def _drawn(monkeypatch):
+  drawn = {}
+  closing = report.plt.close
+  monkeypatch.setattr(report.plt, "close",
+                      lambda figure: (drawn.__setitem__(figure._suptitle.get_text(), figure), closing(figure)))
+  return drawn
+
+
+def test_a_group_of_seeds_draws_and_tabulates_the_mean_and_range_numpy_computes(seed_runs, tmp_path, monkeypatch):
+  drawn = _drawn(monkeypatch)
+  out = tmp_path / "out"
+  assert report.main([*map(str, seed_runs), "--out", str(out), "--group", "seeds"]) == 0
+  seeds = [_records_of(d) for d in seed_runs[:3]]
+  common = [1, 3, 6]  # the epochs every seed measured (each TPT start is one seed's only)
+  nc1 = np.array([[next(r["nc1"] for r in run if r["epoch"] == e) for e in common] for run in seeds])
+  # the figure: a line at the mean, the range shaded between min and max at each epoch
+  axis = drawn[next(t for t in drawn if t.startswith("NC1"))].axes[0]
+  line = axis.get_lines()[0]
+  assert list(line.get_xdata()) == common and np.allclose(line.get_ydata(), nc1.mean(axis=0), rtol=1e-12)
+  band = axis.collections[0].get_paths()[0].vertices
+  for index, epoch in enumerate(common):
+    at = band[band[:, 0] == epoch, 1]
+    assert np.isclose(at, nc1[:, index].min()).any() and np.isclose(at, nc1[:, index].max()).any()
+  assert "mean of 3 runs (seed 1, 2, 3)" in axis.get_title().replace("\n", " ")
+  assert len(drawn[next(t for t in drawn if t.startswith("NC1"))].axes) == 2  # the other lr: a panel of its own
+  # table 1: the TPT columns over the two seeds that reached it, the last over all three
+  start = [next(r for r in run if r["epoch"] >= tpt) for run, tpt in zip(seeds[:2], (2, 4))]
+  last = np.array([100 * run[-1]["test_acc"] for run in seeds])
+  at_start = np.array([100 * r["test_acc"] for r in start])
+  change = last[:2] - at_start
+  row = (out / "table1.md").read_text().splitlines()[2]
+  assert row == (f"| {report.load_run(seed_runs[0]).name}, mean of 3 runs (seed 1, 2, 3) | 3 [2..4] "
+                 f"(measured at 3 [2..4]; not reached by 1 of 3) "
+                 f"| {at_start.mean():.2f} [{at_start.min():.2f}..{at_start.max():.2f}] | 6 "
+                 f"| {last.mean():.2f} [{last.min():.2f}..{last.max():.2f}] "
+                 f"| {change.mean():+.2f} [{change.min():+.2f}..{change.max():+.2f}] |")
+  # key epochs: each seed's own first, TPT-start and last measurement
+  rows = [r for r in report.key_epochs(report.group_runs([report.load_run(d) for d in seed_runs[:3]], "seeds"))
+          .splitlines()[2:]]
+  assert [r.split(" | ")[1] for r in rows] == ["1 (first)", "3 [2..4] (TPT start; 2 of 3 reached it)", "6 (last)"]
+  assert f"| {nc1[:, -1].mean():.3g} [{nc1[:, -1].min():.3g}..{nc1[:, -1].max():.3g}] |" in rows[-1]
+  assert "mean [min..max]" in (out / "report.md").read_text()
+  for stem in ("fig_depth", "fig_class_norms", *(stem for stem, *_ in report.FIGURES)):
+    assert (out / f"{stem}.png").exists(), stem
+
+
+def test_only_seeds_make_a_group_and_without_group_every_run_is_its_own(seed_runs):
+  runs = [report.load_run(d) for d in seed_runs]
+  assert [len(g.runs) for g in report.group_runs(runs, "seeds")] == [3, 1]  # lr 0.1 is another config
+  assert [len(g.runs) for g in report.group_runs(runs + runs[:1], "seeds")] == [3, 1, 1]  # the same seed twice
+  # default: a panel per run, named as before, and where names coincide the keys that differ are added
+  assert [g.name for g in report.group_runs(runs)] == [f"{runs[0].name}, seed {s}" for s in (1, 2, 3)] + [runs[3].name]
+  assert report.table1(runs[2:]) == report.table1(report.group_runs(runs[2:]))
+
+
+def test_grid_reports_a_seed_sweep_as_one_mean_per_setting(tmp_path, monkeypatch):
+  from tests.test_grid import FINAL, _seed_sweep
+  monkeypatch.chdir(tmp_path)
+  root = tmp_path / "runs"
+  _seed_sweep(root)
+  assert grid.main(["report", "--root", str(root)]) == 0
+  rows = (root / "report" / "table1.md").read_text().splitlines()[2:]
+  last = [100 * FINAL[0.01, seed] for seed in (1, 2, 3)]
+  assert len(rows) == 1 and "lr 0.01, mean of 3 runs (seed 1, 2, 3)" in rows[0]
+  assert f"| {np.mean(last):.2f} [{min(last):.2f}..{max(last):.2f}] |" in rows[0]
