@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The first lent accelerator's one command: throughput rows, the paper's MNIST/ResNet18 cell, metric rows.
+# The first lent accelerator's one command: throughput rows, population rows, the paper's MNIST/ResNet18 cell,
+# metric rows.
 #
 #   benchmarks/accelerator.sh --mnist DIR [--budget SECONDS] [--wheels DIR] [--out DIR] [--smoke]
 #
@@ -10,6 +11,10 @@
 #   env        jax, the devices, nvidia-smi, benchmarks/bf16_check.py        -> OUT/env.txt
 #   train      benchmarks/train.py: ResNet18 on 32x32x3 at batch 128 and 512, bf16, scanned epoch,
 #              NC evaluation as a fraction of the epoch, TFLOP/s and MFU       -> BENCHMARKS.md
+#   population benchmarks/population.py --case resnet18: the CIFAR ResNet18 lr sweep as populations of K = 25,
+#              1, 2, 4, 8, 16 members (vmapped) against sequential runs, compiles included, and the compiled
+#              convolutions (grouped or not, which cuDNN call); it plans within its own budget (NEEDS) and
+#              skips the K that would not fit, so it is given no more than that  -> BENCHMARKS.md
 #   mnist      the notebook's cell: MNIST (real, IDX files in --mnist), ResNet18, lr 0.0679, the paper's
 #              350-epoch protocol in float32 (the notebook's precision; XLA's default conv precision)
 #                                                                             -> OUT/mnist_resnet18/
@@ -65,8 +70,8 @@ full_exit() {
 full && full_exit
 
 # Seconds each stage needs to start (its budget); the MNIST run also leaves RESERVE seconds for the stages after it.
-STAGES=(env train mnist report metrics)
-if [ $smoke = 1 ]; then NEEDS=(30 30 60 15 10); else NEEDS=(60 150 60 15 30); fi
+STAGES=(env train population mnist report metrics)
+if [ $smoke = 1 ]; then NEEDS=(30 30 90 60 15 10); else NEEDS=(60 150 240 60 15 30); fi
 RESERVE=75
 # need NAME: the seconds of budget NAME needs to start (the MNIST run's own need plus the reserve)
 need() {
@@ -130,6 +135,7 @@ stage() {
   ran+=("$name")
   local limit=$remaining before
   [ "$name" = mnist ] && limit=$(( remaining - RESERVE ))
+  [ "$name" = population ] && limit=$needed  # it plans within its budget (its --budget is 30 s less)
   before=$(newest_epoch)
   timeout -s TERM -k 30 "$limit" "$@" >>"$out/$name.log" 2>&1
   local rc=$?
@@ -167,6 +173,14 @@ else
   stage train $python benchmarks/train.py --cases resnet18 --batch-sizes 128,512 --dtype bfloat16 \
     --peak-tflops "$peak" --repeats 3 --no-torch
   run_config=(--config configs/paper/mnist_resnet18.py)
+fi
+# population: synthetic CIFAR-shaped images (nothing read from disk); the smoke variant rehearses it on a CPU
+if [ $smoke = 1 ]; then
+  stage population $python benchmarks/population.py --case resnet18 --smoke --ks 2 \
+    --budget $(( $(need population) - 30 )) --out ''
+else
+  stage population $python benchmarks/population.py --case resnet18 --num-images 25000 \
+    --budget $(( $(need population) - 30 )) --out BENCHMARKS.md
 fi
 # the run gets all but the last RESERVE seconds (report and metric rows); SIGTERM checkpoints it, a rerun resumes
 stage mnist $python -m nc_jax.train "${run_config[@]}" --config.data_source=idx --config.data_dir="$mnist" \

@@ -3,6 +3,8 @@
     python benchmarks/cost_model.py [--cells all|DATASET/NET,DATASET,NET,...] [--batch-sizes 128,512]
                                     [--calibrate DEVICE:NET:BATCH:IMG_PER_S[:DATASET]]... [--eval-calibration
                                     EPOCH_S:EVAL_S:IMAGES] [--no-append]
+    python benchmarks/cost_model.py --population 1,2,4,8,16,25 [--cells cifar10/resnet18] [--batch-sizes 128]
+                                    [--compile-s 7.1] [...]      # K learning rates as one vmapped program
 
 Nothing here runs on an accelerator. For each cell it builds the model as the trainer does (paper_config, bf16
 compute, f32 params and SGD momentum state) and compiles one train step (forward + backward + SGD update, state
@@ -47,27 +49,55 @@ Assumptions, stated once:
   a 512 compile: a = the f32 gradients, c from B = 128), and the NC features / n; either with the input
   streamed from the host (nc-jax cannot yet) or with the f32 dataset sharded over the chips. Slices: v5e 1, 4, 8,
   ... chips; v4 4 (v4-8), 8, 16, ... chips. Time on the slice assumes ideal scaling of the one-chip prediction.
+
+Populations (--population K,...; nc_jax.training.population): the K learning rates of a sweep as one program,
+every state leaf with a leading member axis and the train step vmapped over it, the batch shared. For each K
+the cell's population epoch (``build_population(...).train_epoch``, bf16 compute, epoch_loop 'scan' as on an
+accelerator) is compiled over a one-batch dataset, so the scan is one step: F_K, Q_K and the buffer sizes as
+above, and the convolutions of the lowered HLO (JAX's own ops, the same lowered for cpu, cuda or tpu) and of
+XLA:CPU's optimised HLO are counted with their feature_group_count / batch_group_count (``conv_census``).
+A population step on one device, member batch B (t_1(B): the one-run step above):
+
+    t_K(B)      = t_1(B) * [roofline(F_K, Q_K) / roofline(F_1, Q_1)] * eta_B / eta'
+    img/s       = K B / t_K(B)                                            (aggregate, all members)
+    program     = c + epochs * (N_train // B) * t_K(B) + K * M * t_eval   (one compile, K runs, K evaluations)
+    sweep       = the ceil(25 / K) programs grid.py --population K runs (K members each, the last one 25 mod K)
+                  against 25 * (c + run) (sequential) and c + run (one run)
+
+with eta' = eta_B ("no gain": a grouped step as efficient per FLOP as one run's step at B) or eta' = eta at batch
+K B, log-linear between the calibrated batch sizes and held at the largest one beyond it ("dense batch K B":
+the grouped convolutions as efficient as one run's dense ones at K B images). Neither is measured: they bracket
+what a device does with the grouped convolutions. c is one program's compile (--compile-s; default: the
+H200's measured first-epoch overhead of the paper's MNIST/ResNet18 run, 8.8 s at 5,687 img/s against 1.7 s
+steady, results/accelerator/mnist.log, 2026-11-30; a single run's, applied to every K). Evaluations: K times
+one run's (the vmapped evaluation is assumed no cheaper per member). The largest K that fits a device:
+step memory(K) fitted linear in K through the compiles, plus the epoch's gathered batches (N_train // B * B
+images, f32) and the dataset (f32, replicated), or K x (state + NC features) at an evaluation, <= 90% of HBM.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import functools
 import math
 import pathlib
 import platform
+import re
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import common
 from nc_jax import data, models
-from nc_jax.training import schedule, step as step_lib
+from nc_jax.data import device as device_lib
+from nc_jax.training import population as population_lib, schedule, step as step_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # the checkout's configs/
 from configs.paper import common as paper  # noqa: E402  (the paper's cells)
@@ -379,9 +409,294 @@ def tables(cells, costs, batches, calibrations, eval_ratio, run_seconds) -> str:
   return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------- populations
+DEFAULT_COMPILE_S = 7.1  # see the docstring: the H200's first-epoch overhead of one run, 2026-11-30
+_CUDNN_CONV = re.compile(r'custom_call_target="__cudnn\$conv(\w+)"')
+
+
+def conv_census(hlo_text: str) -> collections.Counter:
+  """{(role, kernel, groups): count} over the convolutions of an HLO module's text.
+
+  role: for an HLO convolution, 'forward', 'input grad' or 'weight grad' from the dim_labels JAX emits (a
+  transposed kernel '..oi' is an input gradient, a kernel-shaped output '->01..' a weight gradient); for the
+  cuDNN call a GPU made of it, 'forward' or 'backward' from its op_name (transpose(...) is the gradient);
+  kernel: 'conv' or the cuDNN call ('Forward', 'BackwardInput', 'BackwardFilter', 'BiasActivationForward');
+  groups: 'dense', 'grouped G' (feature_group_count G > 1) or 'batch-grouped G' (batch_group_count G > 1).
+  """
+  census = collections.Counter()
+  for line in hlo_text.splitlines():
+    target = _CUDNN_CONV.search(line)
+    if " convolution(" not in line and not target:
+      continue
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    if target:
+      role = "backward" if op_name and "transpose(" in op_name.group(1) else "forward"
+    elif labels and labels.group(3)[0].isdigit():
+      role = "weight grad"
+    elif labels and labels.group(2).endswith("oi"):
+      role = "input grad"
+    else:
+      role = "forward"
+    features = re.search(r"feature_group_count=(\d+)", line)
+    batches = re.search(r"batch_group_count=(\d+)", line)
+    groups = ("batch-grouped " + batches.group(1) if batches and int(batches.group(1)) > 1 else
+              "grouped " + features.group(1) if features and int(features.group(1)) > 1 else "dense")
+    census[(role, target.group(1) if target else "conv", groups)] += 1
+  return census
+
+
+def census_text(census: collections.Counter, members: int) -> str:
+  """'forward: 1 dense, 19 grouped K; ...' with K for the member count (the convolutions by role)."""
+  roles = {}
+  for (role, kernel, groups), n in sorted(census.items()):
+    groups = groups.replace(f"grouped {members}", "grouped K") if members > 1 else groups
+    roles.setdefault(role, []).append(f"{n} {groups}" + ("" if kernel == "conv" else f" (cuDNN {kernel})"))
+  return "; ".join(f"{role}: {', '.join(parts)}" for role, parts in roles.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationCost:
+  """One compiled population step of a cell: K members at member batch B (XLA:CPU's counts)."""
+  members: int
+  flops: float
+  bytes_accessed: float
+  step_memory: int  # arguments + outputs - aliased + temp, the one-batch epoch program
+  temp: int
+  state: int  # the K members' params, batch statistics and optimiser state
+  compile_s: float
+  lowered: collections.Counter  # conv_census of the lowered HLO: JAX's ops before any XLA pass
+  compiled: collections.Counter  # conv_census after XLA:CPU's passes
+  layout_ops: int  # transposes and copies in XLA:CPU's optimised HLO (vmap moves the member axis)
+  platforms_agree: bool | None  # the HLO lowered for cuda and tpu has the same census as for cpu (None: not lowered)
+
+
+@functools.lru_cache(maxsize=None)
+def compile_population_cost(dataset: str, net: str, batch: int, members: int) -> PopulationCost:
+  """Builds the cell's population of ``members`` lrs as training does and compiles its epoch over one batch."""
+  config = paper.load(dataset, net)
+  config.compute_dtype, config.epoch_loop, config.batch_size = "bfloat16", "scan", batch
+  cell, shape = Cell(dataset, net), INPUT_SHAPE[dataset]
+  lrs = tuple(float(v) for v in np.geomspace(1e-4, 0.25, members))  # the values do not change the program
+  population = population_lib.build_population(config, lrs, device_lib.data_mesh(jax.devices()[:1]),
+                                               NUM_CLASSES[dataset], shape, cell.train_size // batch, cell.train_size)
+  state = jax.eval_shape(population.init)
+  one_batch = (jax.ShapeDtypeStruct((batch, *shape), jnp.float32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+  traced = jax.jit(population.train_epoch, donate_argnums=0).trace(state, *one_batch, 1)
+  lowered = traced.lower()
+  census = conv_census(lowered.as_text(dialect="hlo"))
+  try:
+    agree = all(conv_census(traced.lower(lowering_platforms=(p,)).as_text(dialect="hlo")) == census
+                for p in ("cuda", "tpu"))
+  except Exception:  # noqa: BLE001  (a jax without that platform's lowering rules: the check is only informative)
+    agree = None
+  start = time.perf_counter()
+  compiled = lowered.compile(compiler_options=FAST_COMPILE)
+  seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  text = compiled.as_text()
+  return PopulationCost(
+      members=members, flops=cost["flops"], bytes_accessed=cost["bytes accessed"],
+      step_memory=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                   + memory.temp_size_in_bytes), temp=memory.temp_size_in_bytes,
+      state=_bytes((state.params, state.batch_stats, state.opt_state)), compile_s=seconds, lowered=census,
+      compiled=conv_census(text), layout_ops=text.count(" transpose(") + text.count(" copy("),
+      platforms_agree=agree)
+
+
+def interpolated_efficiency(batch: float, calibrations: dict[int, Calibration]) -> float:
+  """eta at ``batch``: log-linear between the calibrated batch sizes, the nearest end's outside them."""
+  points = sorted((c.batch, c.efficiency) for c in calibrations.values())
+  if batch <= points[0][0]:
+    return points[0][1]
+  for (b0, e0), (b1, e1) in zip(points, points[1:]):
+    if batch <= b1:
+      return e0 + (e1 - e0) * math.log(batch / b0) / math.log(b1 / b0)
+  return points[-1][1]
+
+
+def largest_population(cell: Cell, cost: Cost, pcosts: dict[int, PopulationCost], batch: int,
+                       device: Device) -> int:
+  """The most members of ``cell`` at member batch ``batch`` that fit ``device`` (0: not even one).
+
+  Training: step memory(K) = a + b K (least squares through the compiled K) + the epoch's gathered batches +
+  the dataset; an evaluation: K (state + NC features) + the dataset; the larger <= USABLE_MEMORY of HBM.
+  """
+  ks = np.array(sorted(pcosts), float)
+  if len(ks) > 1:
+    b, a = np.polyfit(ks, [pcosts[int(k)].step_memory for k in ks], 1)
+  else:
+    a, b = 0.0, pcosts[int(ks[0])].step_memory / ks[0]
+  batches = cell.train_size // batch * batch * math.prod(INPUT_SHAPE[cell.dataset]) * 4
+  free = USABLE_MEMORY * device.memory - cell.dataset_bytes
+  per_member_eval = pcosts[int(ks[0])].state / ks[0] + cell.feature_bytes(cost)
+  return max(0, min(math.floor((free - a - batches) / b), math.floor(free / per_member_eval)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPrediction:
+  """One device, one K, one efficiency assumption: a population step and the 25-lr sweep it makes."""
+  step_s: float
+  images_per_s: float  # aggregate, all members
+  mfu: float
+  sweep_s: float  # ceil(25 / K) programs, compiles included
+  one_run_s: float  # c + one run (train + NC evaluations)
+
+
+def predict_sweep(cell: Cell, costs: dict[int, Cost], pcosts: dict[int, PopulationCost], members: int, batch: int,
+                  device: Device, calibrations, eval_ratio: float, compile_s: float, dense_batch: bool):
+  """The population of ``members`` on ``device``, its step at eta' = eta_B or (``dense_batch``) one run's eta at
+  batch K B, and the sweep of 25 lrs as grid.py --population cuts it: programs of K members and one of the
+  remaining 25 mod K (its roofline per member taken from K's compile, its eta' at its own batch)."""
+  calibration = efficiency_for(batch, calibrations)
+  run, eval_share = run_s(cell, costs, batch, device, calibrations, eval_ratio)
+  train_1, eval_1 = run * (1 - eval_share), run * eval_share
+  per_member = roofline_s(pcosts[members], device) / roofline_s(pcosts[1], device) / members
+
+  def slowdown(k):  # t_k(B) / t_1(B)
+    eta = interpolated_efficiency(k * batch, calibrations) if dense_batch else calibration.efficiency
+    return k * per_member * calibration.efficiency / eta
+
+  step = step_s(costs[batch], device, calibration) * slowdown(members)
+  sizes = [members] * (SWEEP // members) + ([SWEEP % members] if SWEEP % members else [])
+  sweep = sum(compile_s + train_1 * slowdown(k) + k * eval_1 for k in sizes)
+  return SweepPrediction(step, members * batch / step, pcosts[members].flops / step / device.flops, sweep,
+                         compile_s + run)
+
+
+def population_tables(cell: Cell, costs, pcosts, batch: int, calibrations, eval_ratio: float, compile_s: float,
+                      run_seconds: float) -> str:
+  dev = jax.devices()[0]
+  ks = sorted(pcosts)
+  one = pcosts[1]
+  census_k = max(ks)
+  cal_text = "; ".join(f"B={c.batch}: {c.device} {c.dataset}/{c.net} {c.images_per_s:,.0f} img/s -> eta = "
+                       f"{c.efficiency:.3f}" for c in sorted(calibrations.values(), key=lambda c: c.batch))
+  lines = [
+      f"### benchmarks/cost_model.py --population, {datetime.date.today()}: PREDICTED, not measured; "
+      f"{cell.name} at member batch {batch}, bf16 compute; XLA costs compiled on {dev.platform} "
+      f"({dev.device_kind}), {platform.machine()}, jax {jax.__version__}; script ran {run_seconds:.0f} s", "",
+      "Method (benchmarks/cost_model.py's docstring): the population's scanned epoch "
+      "(`build_population(...).train_epoch`) compiled over a one-batch dataset, F and Q from XLA:CPU's "
+      "cost_analysis, buffers from memory_analysis; a population step costs one run's calibrated step times "
+      "roofline(F_K, Q_K) / roofline(F_1, Q_1) times eta_B / eta', where eta' is either eta_B (**no gain**: the "
+      "grouped step as efficient as one run's) or the eta of one run at batch K x B, log-linear between the "
+      "calibrated batches and held beyond the largest (**dense batch KB**: not an upper bound where K x B exceeds "
+      f"the largest calibrated batch; a dense batch that large may run faster still); neither is measured. "
+      f"Calibration: {cal_text}. A program = one compile ({compile_s:g} s, the H200's measured "
+      "first-epoch overhead of one run, applied to every K: assumed) + the paper's epochs + K times one run's "
+      f"NC evaluations (r = {eval_ratio:.3f}); the sweep = ceil(25 / K) programs as `grid.py run --population K` cuts "
+      "it (K members each, the last one the remaining 25 mod K); sequential = 25 runs, each with its compile; "
+      "process starts not counted.", "",
+      f"**What vmap makes of the convolutions** (counted in the HLO; K = {census_k} shown, every K > 1 alike)", ""]
+  lowered, compiled = pcosts[census_k].lowered, pcosts[census_k].compiled
+  agree = {True: "the same", False: "NOT the same", None: "not checked"}[pcosts[census_k].platforms_agree]
+  lines += [
+      f"- One run (K = 1): {sum(one.lowered.values())} convolutions, {census_text(one.lowered, 1)}.",
+      f"- Lowered population (JAX's ops, before XLA; {agree} when lowered for cuda and tpu): "
+      f"{sum(lowered.values())} convolutions, {census_text(lowered, census_k)}. "
+      "jax.vmap of lax.conv over the member axis of both the weights and the activations folds the member axis "
+      "into the feature axis and multiplies feature_group_count by K (jax/_src/lax/convolution.py, "
+      "_conv_general_dilated_batch_rule): a grouped convolution. Where only one operand carries the member axis "
+      "(the first convolution, whose input every member shares, and its weight gradient) the member axis joins "
+      "the output features instead: one dense convolution with K times the outputs. No batch_group_count "
+      "appears.",
+      f"- After XLA:CPU's passes: {sum(compiled.values())} convolutions, {census_text(compiled, census_k)}: XLA:CPU "
+      "keeps grouped f32 convolutions grouped (cpu_compiler.cc expands feature groups only for other types).",
+      "- FLOPs: F_K / (K F_1) = " + ", ".join(f"{pcosts[k].flops / (k * one.flops):.4f} (K={k})" for k in ks) +
+      ": a grouped convolution does K times one member's work, nothing more (no block-diagonal expansion).",
+      "- What it does to speed (from XLA's source, not measured): XLA:GPU's conv rewriter maps a convolution with "
+      "feature_group_count > 1 to neither cuDNN backward-filter (\"All grouped backward filters are mapped to batch "
+      "grouped convolutions in tf2xla bridge\") nor backward-input (disabled for grouped convolutions: \"not much "
+      "performance improvement\"), so every grouped input and weight gradient runs as a cuDNN *forward* grouped "
+      "convolution, the weight gradients with the activation's whole spatial extent as window; a single run's "
+      "go to cuDNN's backward kernels. How fast cuDNN (or a TPU's convolution emitter) runs those grouped shapes "
+      "is what the two ends of each range below stand for; benchmarks/population.py --case resnet18 prints the "
+      "compiled GPU census and measures it (accelerator.sh, stage population).", "",
+      "**The population step per K** (XLA:CPU; Q is XLA:CPU's fusion estimate, bf16 convolutions run in f32 there)", "",
+      "| K | GFLOP/step | F_K / (K F_1) | GB accessed/step | Q_K / (K Q_1) | state (GB) | step memory (GB) | "
+      "temp per member (GB) | transposes + copies | XLA:CPU compile (s, FAST_COMPILE) |",
+      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for k in ks:
+    c = pcosts[k]
+    lines.append(f"| {k} | {c.flops / 1e9:,.0f} | {c.flops / (k * one.flops):.3f} | {c.bytes_accessed / GB:,.1f} | "
+                 f"{c.bytes_accessed / (k * one.bytes_accessed):.3f} | {c.state / GB:.2f} | {c.step_memory / GB:.1f} | "
+                 f"{c.temp / k / GB:.2f} | {c.layout_ops} | {c.compile_s:.1f} |")
+
+  lines += ["", f"**Per device** (step and aggregate img/s: no gain .. dense batch KB; sweep of {SWEEP} lrs in "
+            f"hours; x one run = sweep / one run's wall, the issue's target <= 8 on an H100/H200; x faster = "
+            "sequential / sweep, target >= 3)", "",
+            "| device | K | step (ms) | aggregate img/s | MFU | sweep (h) | x one run | x faster than sequential | "
+            "one run (h) | sequential (h) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  needed = {}
+  for name, device in DEVICES.items():
+    for k in ks:
+      low, high = (predict_sweep(cell, costs, pcosts, k, batch, device, calibrations, eval_ratio, compile_s, dense)
+                   for dense in (False, True))
+      one_run = low.one_run_s
+      sequential = SWEEP * one_run
+      lines.append(
+          f"| {name} | {k} | {1e3 * low.step_s:.1f} .. {1e3 * high.step_s:.1f} | {low.images_per_s:,.0f} .. "
+          f"{high.images_per_s:,.0f} | {100 * low.mfu:.0f}% .. {100 * high.mfu:.0f}% | {_hours(low.sweep_s)} .. "
+          f"{_hours(high.sweep_s)} | {low.sweep_s / one_run:.1f} .. {high.sweep_s / one_run:.1f} | "
+          f"{sequential / low.sweep_s:.2f} .. {sequential / high.sweep_s:.2f} | {_hours(one_run)} | "
+          f"{_hours(sequential)} |")
+      if k == SWEEP:  # eta' the target needs: compile + train_1 * scale * eta_B / eta' + 25 eval_1 <= 8 one run
+        run, eval_share = run_s(cell, costs, batch, device, calibrations, eval_ratio)
+        train_1, eval_1 = run * (1 - eval_share), run * eval_share
+        scale = roofline_s(pcosts[k], device) / roofline_s(one, device)
+        gain = train_1 * scale / (8 * one_run - compile_s - SWEEP * eval_1)
+        step = step_s(costs[batch], device, efficiency_for(batch, calibrations)) * scale / gain
+        needed[name] = (gain, pcosts[k].flops / step / device.flops, SWEEP * batch / step)
+  if needed:
+    lines += ["", f"**What the target needs** (K = {SWEEP}, one program: sweep <= 8 x one run): the population "
+              "step must run this much faster per FLOP than one run's step at B (eta' / eta_B), i.e. at this MFU "
+              "and aggregate rate; for comparison, one run measured on the H200 (BENCHMARKS.md, 2026-11-30): "
+              "13.3% MFU at B = 128, 24.6% at B = 512 (a dense batch of 4 x 128)", "",
+              "| device | eta' / eta_B needed | MFU needed | aggregate img/s needed |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {g:.2f} | {100 * m:.0f}% | {r:,.0f} |" for name, (g, m, r) in needed.items()]
+
+  lines += ["", f"**Largest K that fits one device** (member batch {batch}; XLA:CPU's buffers, likely an upper "
+            "bound: f32 convolutions there; step memory fitted a + b K through the compiles above, plus the "
+            "epoch's gathered batches and the f32 dataset on the device; <= 90% of HBM)", "",
+            "| device | HBM (GB) | largest K | populations for 25 lrs |", "| --- | ---: | ---: | --- |"]
+  for name, device in DEVICES.items():
+    k_max = largest_population(cell, costs[batch], pcosts, batch, device)
+    plan = ("none fits" if k_max == 0 else f"1 program of {SWEEP}" if k_max >= SWEEP else
+            f"{math.ceil(SWEEP / k_max)} programs of <= {k_max}")
+    lines.append(f"| {name} | {device.memory / GB:.0f} | {k_max} | {plan} |")
+  return "\n".join(lines)
+
+
+def population_main(args, cells, batches, calibrations, eval_ratio, start) -> None:
+  """--population: the population tables of each cell at member batch batches[0]."""
+  try:
+    ks = sorted({int(k) for k in args.population.split(",")} | {1})
+  except ValueError:
+    raise SystemExit(f"--population {args.population!r}: expected comma-separated member counts, e.g. "
+                     "1,2,4,8,16,25") from None
+  if ks[0] < 1:
+    raise SystemExit(f"--population {args.population!r}: member counts are >= 1")
+  batch = batches[0]
+  sections = []
+  for cell in cells:
+    costs = {batch: compile_cost(cell.dataset, cell.net, batch)}
+    pcosts = {}
+    for k in ks:
+      pcosts[k] = compile_population_cost(cell.dataset, cell.net, batch, k)
+      print(f"compiled {cell.name} population K={k} B={batch} in {pcosts[k].compile_s:.0f} s", flush=True)
+    sections.append(population_tables(cell, costs, pcosts, batch, calibrations, eval_ratio, args.compile_s,
+                                      time.perf_counter() - start))
+  common.report("\n\n".join(sections), append=not args.no_append)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cells", default="all", help="'all' or comma-separated DATASET/NET, DATASET or NET")
+  parser.add_argument("--cells", default=None, help="'all' or comma-separated DATASET/NET, DATASET or NET (default: "
+                      "all; with --population, cifar10/resnet18)")
   parser.add_argument("--batch-sizes", default="128,512", help="comma-separated; the first is the protocol's")
   parser.add_argument("--calibrate", action="append", default=None,
                       help="DEVICE:NET:BATCH:IMG_PER_S[:DATASET] (dataset default cifar10), one per batch size; "
@@ -389,11 +704,17 @@ def main():
   parser.add_argument("--eval-calibration", default="1.135:0.168:50000",
                       help="EPOCH_S:EVAL_S:IMAGES measured on one device at B=128: an epoch over IMAGES and one "
                            "NC evaluation over IMAGES")
+  parser.add_argument("--population", default=None, metavar="K,...",
+                      help="member counts of the population tables (K lrs as one vmapped program) instead of the "
+                           "throughput tables, at member batch = the first of --batch-sizes, e.g. 1,2,4,8,16,25")
+  parser.add_argument("--compile-s", type=float, default=DEFAULT_COMPILE_S,
+                      help="seconds one program's compile costs on the device (--population; default: the "
+                           "H200's measured first-epoch overhead of one run)")
   parser.add_argument("--no-append", action="store_true")
   args = parser.parse_args()
   start = time.perf_counter()
   batches = [int(b) for b in args.batch_sizes.split(",")]
-  cells = select_cells(args.cells)
+  cells = select_cells(args.cells or ("cifar10/resnet18" if args.population else "all"))
   points = [parse_calibration(spec) for spec in args.calibrate or DEFAULT_CALIBRATION]
   try:
     epoch_s, eval_s, images = (float(x) for x in args.eval_calibration.split(":"))
@@ -401,6 +722,10 @@ def main():
     raise SystemExit(f"--eval-calibration {args.eval_calibration!r}: expected EPOCH_S:EVAL_S:IMAGES, "
                      f"e.g. 1.135:0.168:50000") from None
   eval_ratio = (eval_s / images) / (epoch_s / (int(images) // 128 * 128))
+  if args.population:
+    calibrations = {c.batch: c for c in (calibrate(*point) for point in points)}
+    population_main(args, cells, batches, calibrations, eval_ratio, start)
+    return
 
   costs = {}
   for cell in cells:

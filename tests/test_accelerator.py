@@ -48,9 +48,9 @@ def test_stages_within_the_budget_run_then_a_stage_that_cannot_fit_is_named(fold
   mnist, out = folders
   (out / "mnist_resnet18").mkdir(parents=True)
   (out / "mnist_resnet18" / "metrics.jsonl").write_text("")  # as if the run had measured an epoch
-  result = run(mnist, out, "--smoke", "--budget", "100")  # env, train, report, metrics fit; mnist needs 135
+  result = run(mnist, out, "--smoke", "--budget", "100")  # env, train, population, report, metrics fit; mnist 135
   assert result.returncode == 3 and "run the same command again" in result.stdout, result.stdout
-  assert sorted(p.stem for p in out.glob("*.done")) == ["env", "metrics", "train"]  # report: redone after mnist
+  assert sorted(p.stem for p in out.glob("*.done")) == ["env", "metrics", "population", "train"]  # report: redone
   result = run(mnist, out, "--smoke", "--budget", "100")  # only the report (15 s) can start: still progress
   assert result.returncode == 3, result.stdout
   (out / "mnist_resnet18" / "metrics.jsonl").unlink()
@@ -82,7 +82,7 @@ def test_bad_arguments_exit_2(folders):
 
 def _only_mnist_left(out):
   out.mkdir()
-  for name in ("env", "train", "metrics"):
+  for name in ("env", "train", "population", "metrics"):
     (out / f"{name}.done").write_text("")
 
 
