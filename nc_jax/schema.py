@@ -178,6 +178,8 @@ def base_config(*, dataset: str, data_source: str, model: str,
   # "DIR" or "DIR:EPOCH": when --workdir has no checkpoint of its own, start from that workdir's checkpoint of EPOCH
   # (without it, its latest good one); "" = start afresh.
   config.resume_from = ""
+  # The records also as TensorBoard event files in the workdir (nc_jax.events): tensorboard --logdir DIR
+  config.tensorboard = True
 
   # --- devices
   config.num_devices = 0  # 0 = every device of every process; n = the first n (tests)
@@ -429,6 +431,7 @@ def _measurement(c: dict) -> None:
   _integer("checkpoint_every_epochs", c["checkpoint_every_epochs"], 0, note=" (0 = no epoch cadence)")
   _real("checkpoint_every_seconds", c["checkpoint_every_seconds"], 0.0, note=" (0 = no time cadence)")
   _resume_from(c["resume_from"])
+  _boolean("tensorboard", c["tensorboard"])
 
   # devices
   _integer("num_devices", c["num_devices"], 0, note=" (0 = every device)")
@@ -494,7 +497,7 @@ def validate_sizes(config: ml_collections.ConfigDict, *, num_train: int, num_tes
 # results as they are. ``changed_keys`` and ``config_digest`` ignore them (a workdir resumes under a new value,
 # a launcher comparing a workdir's config.json with a new command may ignore them).
 OPERATIONAL_KEYS = ("keep_checkpoints", "checkpoint_every_epochs", "checkpoint_every_seconds", "resume_from",
-                    "input_workers")
+                    "input_workers", "tensorboard")
 # Keys the compiled functions (model, steps, evaluation) never read: the operational ones, and what a run does
 # around those functions (which epochs it measures, where TPT starts, how many DeepFool inputs, which folder
 # the data come from). They may change a run's records, so a changed value is still a changed config; the

@@ -12,7 +12,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 # The versions a run tested, in its header: CI tests both ends of the range pyproject.toml allows.
 REPORTED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "grain", "tensorflow-datasets",
-                     "ml_collections", "numpy", "scipy", "matplotlib", "pytest")
+                     "ml_collections", "numpy", "scipy", "matplotlib", "tensorboardX", "pytest")
 
 
 def pytest_report_header(config):

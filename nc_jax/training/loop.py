@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from nc_jax import files, records as records_lib, schema
+from nc_jax import events as events_lib, files, records as records_lib, schema
 from nc_jax.data import device, stream as stream_lib
 from nc_jax.metrics import DEGENERACY_KEYS, raise_if_invalid
 from nc_jax.training import preemption, program as program_lib, resume, schedule
@@ -111,8 +111,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
   with lock:
-    with resume.resumed(config, workdir, program.abstract_state, stream=inputs.stream, overwrite=overwrite,
-                        is_main=is_main, log=log) as (ckpts, run):
+    with (resume.resumed(config, workdir, program.abstract_state, stream=inputs.stream, overwrite=overwrite,
+                         is_main=is_main, log=log) as (ckpts, run),
+          events_lib.RunEvents(workdir, run.records, enabled=is_main and config.tensorboard, log=log) as events):
       if run.state is None:
         run.state = program.init()
       if is_main:  # derived, never read back: rewritten from the checkpoint (a damaged or edited one is replaced)
@@ -159,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
             ckpts.epochs.wait()
             if is_main:
               append_record(workdir / records_lib.METRICS_FILE, run.records, log)
+              events.write(run.records[-1])  # TensorBoard's copy, after the record is on disk
           if stopping:
             ckpts.epochs.wait()
             stop.raise_preempted(epoch)

@@ -34,6 +34,7 @@ from nc_jax import files, records as records_lib, schema
 
 LOCK_FILE = "lock"
 RESULTS = ("checkpoints", records_lib.METRICS_FILE, "tpt.json")
+EVENTS_PATTERN = "events.out.tfevents.*"  # nc_jax.events.FILE_PATTERN (not imported here: no protobuf for grid.py)
 
 
 class WorkdirError(ValueError):
@@ -211,9 +212,12 @@ def has_results(workdir: pathlib.Path) -> bool:
 
 
 def discard_results(workdir: pathlib.Path) -> None:
+  """Removes a run's results (``RESULTS``) and its TensorBoard event files (nc_jax.events.FILE_PATTERN)."""
   for name in RESULTS:
     path = workdir / name
     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+  for path in workdir.glob(EVENTS_PATTERN):
+    path.unlink(missing_ok=True)
 
 
 def _differences(previous: dict, resolved: dict, keys, prefix: str = "") -> list[str]:
