@@ -21,6 +21,17 @@ def gather(tree):
   return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(jax.device_get(tree)))
 
 
+def fetch(tree):
+  """Every leaf's global value as a host numpy array, on every process: ``jax.device_get`` where this process
+  holds the whole array, else one ``process_allgather`` of it (every process must call ``fetch`` alike)."""
+  def one(leaf):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    return np.asarray(jax.device_get(leaf))
+  return jax.tree_util.tree_map(one, tree)
+
+
 def per_process(tree) -> list:
   """``gather(tree)`` split into one tree per process, in process order 0, 1, ..., P-1."""
   gathered = gather(tree)

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import subprocess
 
 import jax
 import numpy as np
@@ -17,6 +19,7 @@ from nc_jax.training import population, population_disk, program as program_lib
 from nc_jax.training import workdir as workdir_lib
 from nc_jax.training.loop import train_and_evaluate
 from nc_jax.training.preemption import Preempted
+from tests import run_helpers
 from tests.run_helpers import NOISE, QUIET
 
 LRS = (0.01, 0.03, 0.1)
@@ -72,11 +75,11 @@ def test_unrolled_members_are_the_single_runs_bit_for_bit_on_one_device(one_devi
     assert without_noise(member) == single  # every key, tolerance 0
 
 
-@pytest.mark.slow
-def assert_within_rounding(members, singles):
-  """Each member's records are its single run's: integers and strings exactly, floats within VMAP_RTOL."""
+def assert_within_rounding(members, singles, rtol=VMAP_RTOL):
+  """Each member's records (a ``Member`` or a list of records) are its single run's: integers and strings
+  exactly, floats within ``rtol``."""
   for member, single in zip(members, singles, strict=True):
-    got = without_noise(member)
+    got = member if isinstance(member, list) else without_noise(member)
     assert [r["epoch"] for r in got] == [r["epoch"] for r in single]
     for mine, theirs in zip(got, single):
       assert set(mine) == set(theirs)
@@ -84,15 +87,17 @@ def assert_within_rounding(members, singles):
         if isinstance(value, (int, str)):  # epochs, steps, TPT start, counts, 'nan': exactly
           assert mine[key] == value, key
         else:
-          assert mine[key] == pytest.approx(value, rel=VMAP_RTOL, abs=1e-7), key
+          assert mine[key] == pytest.approx(value, rel=rtol, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_vmapped_members_on_eight_devices_are_the_single_runs_within_rounding(eight_device_singles):
   # K = 3 on 8 devices: gcd 1, so a (1 member, 8 data) mesh: every member data-parallel over all 8
   members = population.train_population(tiny(), LRS, member_loop="vmap", log=QUIET["log"])
   assert_within_rounding(members, eight_device_singles)
 
 
+@pytest.mark.slow
 def test_members_split_over_the_mesh_are_the_single_runs_within_rounding(eight_device_singles, tmp_path_factory):
   # K = 4 on 8 devices: a (4 member, 2 data) mesh, each member on its own pair of devices
   lrs = LRS + (0.02,)
@@ -101,9 +106,10 @@ def test_members_split_over_the_mesh_are_the_single_runs_within_rounding(eight_d
   assert_within_rounding(members, eight_device_singles + [single_records(tiny(), 0.02, tmp_path_factory)])
 
 
-def _collectives(compiled_text: str) -> int:
-  return sum(compiled_text.count(f" {op}(") for op in ("all-reduce", "all-gather", "all-to-all",
-                                                       "collective-permute", "reduce-scatter"))
+def _collectives(compiled_text: str) -> list[tuple[str, str]]:
+  """(op, result shape) of each cross-device collective in a compiled program's HLO text."""
+  pattern = r"= (\S+) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(?:-start)?\("
+  return [(op, shape) for shape, op in re.findall(pattern, compiled_text)]
 
 
 @pytest.mark.parametrize("size, groups", [(8, 8), (4, 4), (2, 2), (3, 1), (16, 8)])
@@ -120,8 +126,14 @@ def test_members_are_split_over_the_member_axis_and_only_data_parallel_devices_t
   dataset = program_lib.load_dataset(config, "memory")
   inputs, labels = (device.put_replicated(x, pop.mesh) for x in (dataset.train_inputs, dataset.train_labels))
   compiled = jax.jit(lambda s, x, y: pop.train_epoch(s, x, y, 1)).lower(state, inputs, labels).compile().as_text()
-  # members never exchange anything; devices sharing a member's batch all-reduce its gradients and statistics
-  assert (_collectives(compiled) == 0) == (groups == 8)
+  # members never exchange anything while training: with each member on devices of its own, the only collectives
+  # are the all-gathers of the epoch's (K,) totals after the scan (every process reads them); devices sharing a
+  # member's batch all-reduce its gradients and batch statistics
+  collectives = _collectives(compiled)
+  gathers = [(op, shape) for op, shape in collectives if op == "all-gather"]
+  assert bool(gathers) == (groups > 1)  # (one member group: the totals are on every device already)
+  assert all(re.fullmatch(rf"[a-z0-9]+\[{size}\]\{{0\}}", shape) for _, shape in gathers), gathers
+  assert any(op == "all-reduce" for op, _ in collectives) == (groups < 8)
   state, totals = pop.train_epoch(state, inputs, labels, 1)
   assert all(leaf.sharding == pop.state_sharding for leaf in jax.tree_util.tree_leaves(state))
   assert np.asarray(state.step).tolist() == [3] * size and np.isfinite(np.asarray(totals["loss"])).all()
@@ -294,3 +306,36 @@ def test_sigterm_checkpoints_the_population_at_the_epochs_end_and_a_rerun_resume
   assert any("from its checkpoint of epoch 2" in line for line in lines), lines
   for member, whole in zip(again, unbroken):
     assert without_noise(member) == without_noise(whole)
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+TINY_FLAGS = ["--config.num_epochs=3", "--config.per_class=40", "--config.measure_epochs=(1,3)",
+              "--config.lr_decay_epochs=(3,)", "--config.tpt_threshold=0.25"]  # tiny() as flags
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_train_the_population_of_one_process_of_eight(tmp_path):
+  # K = 2 on 2 x 4 devices: a (2 member, 4 data) mesh, so each process holds one member and both write nothing
+  # but process 0's files; the records equal one process of 8 fake devices' (the same mesh) within rounding.
+  lrs = LRS[:2]
+  one = population.train_population(tiny(), lrs, workdir=tmp_path / "one", log=QUIET["log"])
+  address = f"127.0.0.1:{_free_port()}"
+  processes = [subprocess.Popen(
+      run_helpers.train_command(tmp_path / "two", f"--lrs={lrs[0]},{lrs[1]}", *TINY_FLAGS,
+                                "--coordinator_address", address, "--num_processes", "2", "--process_id", str(rank)),
+      cwd=run_helpers.REPO, env=run_helpers.cpu_env({"JAX_NUM_CPU_DEVICES": "4"}), stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+  outputs = [p.communicate(timeout=600)[0] for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs
+  assert "epoch    3" in outputs[0] and "epoch    3" not in outputs[1]  # only process 0 logs
+  for member in one:
+    directory = tmp_path / "two" / population_disk.member_name(member.lr)
+    theirs = [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(directory)]
+    assert_within_rounding([theirs], [without_noise(member)], rtol=2e-4)
+    assert records.finished(directory) and workdir_lib.verified_config(directory)["lr"] == member.lr

@@ -74,7 +74,7 @@ def _writing(directory: pathlib.Path):
 def checksum(state, meta: dict) -> str:
   """sha256 over every state leaf (path, dtype, shape, bytes, in tree order) and meta's JSON (sorted keys)."""
   digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(multihost.fetch(state))[0]:
     array = np.ascontiguousarray(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape}".encode())
     digest.update(memoryview(array).cast("B"))

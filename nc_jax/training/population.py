@@ -27,7 +27,9 @@ Members see the same batches, so seed is *not* a member axis: a single run's see
 and a member that changed only its init would equal no single run. Members fail alone: one whose loss or
 state turns non-finite, or whose measurement fails as the single run's would, stops being measured
 (``Member.diverged`` says why and what to change) while the others go on; it still rides in the program.
-Not yet here: several processes (``train_population`` refuses them), streamed input.
+Several processes (multi-host) train one population as they train one run: every process runs the same
+program on its devices, what the host reads (epoch totals, steps, measurements) is replicated, and process 0
+writes the files (``population_disk``). Not yet here: streamed input.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Population(NamedTuple):
 
   ``init()`` -> the population state (every leaf (K, ...)); ``train_epoch(state, inputs, labels, epoch)``
   -> (state, {'loss': (K,), 'correct': (K,), 'count': ()}) summed over the epoch, state donated;
+  (``'step'``: (K,) each member's step count after the epoch; every total replicated: readable on every process)
   ``evaluate(state, due, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs)`` ->
   {k: the single run's measurement dict of member k} for k in ``due``; ``all_finite(state)`` -> (K,) bool;
   ``learning_rates[k]`` member k's schedule (step -> lr), as the single run's; ``program`` the single-run
@@ -165,13 +168,15 @@ def _population_epoch(state, lrs, inputs, labels, epoch, *, one, member_loop, se
     state = stack(states)
     totals = stack([jax.tree_util.tree_map(jnp.sum, m) for m in per_step])
   totals["count"] = jnp.asarray(batches[1].size, jnp.int32)
+  totals["step"] = state.step
   return state, totals
 
 
-def _stepwise_population_epoch(state, lrs, inputs, labels, epoch, *, step, draw_batches):
+def _stepwise_population_epoch(state, lrs, inputs, labels, epoch, *, step, steps, draw_batches):
   """``step.stepwise_epoch`` (conv nets on CPU) with the vmapped step: host loop, batches drawn on device."""
-  return step_lib.stepwise_epoch(state, inputs, labels, epoch, draw_batches=draw_batches,
-                                 step=lambda s, batch: step(s, batch, lrs))
+  state, totals = step_lib.stepwise_epoch(state, inputs, labels, epoch, draw_batches=draw_batches,
+                                          step=lambda s, batch: step(s, batch, lrs))
+  return state, {**totals, "step": steps(state)}
 
 
 def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], mesh, num_classes: int,
@@ -205,22 +210,24 @@ def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], me
   if program_lib.epoch_loop(config) == "scan":  # the single run's choice
     epoch_fn = jax.jit(functools.partial(_population_epoch, one=one, member_loop=member_loop, seed=config.seed,
                                          batch_size=config.batch_size, mesh=mesh),
-                       out_shardings=(members_split, None), donate_argnums=0)
+                       out_shardings=(members_split, replicated), donate_argnums=0)
   else:  # the host loop steps the vmapped members (one layout: exactness is the scan's business here)
     epoch_fn = functools.partial(
         _stepwise_population_epoch, step=jax.jit(functools.partial(_vmapped_step, one=one),
-                                                 out_shardings=(members_split, None), donate_argnums=0),
+                                                 out_shardings=(members_split, replicated), donate_argnums=0),
+        steps=jax.jit(lambda state: state.step, out_shardings=replicated),
         draw_batches=jax.jit(functools.partial(device.epoch_batches, seed=config.seed,
                                                batch_size=config.batch_size, mesh=mesh)))
   if member_loop == "vmap":  # one call measures every member's NC; only those asked for are kept
     batched = jax.jit(jax.vmap(program.evaluate, in_axes=(0, None, None, None, None),
-                               spmd_axis_name=MEMBER_MESH_AXIS))
+                               spmd_axis_name=MEMBER_MESH_AXIS), out_shardings=replicated)
     # DeepFool member by member: its loop runs until every input of the batch is fooled, so vmapped over K
     # members it would run each member for the slowest member's iterations (measured: 4.6-18 s an evaluation
     # of 25 members against ~2.8 s without DeepFool, the default MLP on CPU).
     take = jax.jit(member, out_shardings=replicated)
     measured_model = evaluate_lib.eval_model(program.measurement.model, program.measurement.eval_dtype)
-    deepfool = jax.jit(lambda state, inputs: evaluate_lib.deepfool_keys(measured_model, state.variables, inputs))
+    deepfool = jax.jit(lambda state, inputs: evaluate_lib.deepfool_keys(measured_model, state.variables, inputs),
+                       out_shardings=replicated)
 
     def evaluate(state, due, train_inputs, train_labels, test_inputs, test_labels, deepfool_inputs=None):
       results = batched(state, train_inputs, train_labels, test_inputs, test_labels)
@@ -234,7 +241,7 @@ def build_population(config: ml_collections.ConfigDict, lrs: Sequence[float], me
 
     def evaluate(state, due, *data):
       return {k: program.evaluate(take(state, k), *data) for k in due}
-  all_finite = jax.jit(jax.vmap(program.all_finite, spmd_axis_name=MEMBER_MESH_AXIS))
+  all_finite = jax.jit(jax.vmap(program.all_finite, spmd_axis_name=MEMBER_MESH_AXIS), out_shardings=replicated)
   schedules = tuple(program_lib.lr_schedule(config, lr, steps_per_epoch) for lr in lrs)
   return Population(
       lrs=lrs, mesh=mesh, state_sharding=members_split, program=program, init=lambda: init_fn(lr_array),
@@ -283,9 +290,7 @@ def train_population(config: ml_collections.ConfigDict, lrs: Sequence[float], *,
   member_configs = [member_config(config, lr) for lr in lrs]
   for member_cfg in member_configs:  # a bad value is refused before any work, naming the key, as a single run
     schema.validate(member_cfg)
-  if jax.process_count() > 1:  # its files are written by every process alike: not yet made for several
-    raise schema.ConfigError(f"a population runs in one process ({jax.process_count()} here): train it on one "
-                             "host's devices, or train its lrs as single runs")
+  log = log if jax.process_index() == 0 else (lambda *args, **kwargs: None)
   mesh = program_lib.data_mesh(config)
   if program_lib.pipeline(config) == "stream":
     raise schema.ConfigError(f"config.input_pipeline = {config.input_pipeline!r} streams {config.dataset}; a "
@@ -319,6 +324,8 @@ def _train_members(config, population: Population, dataset, state, members: list
                    stop, log) -> Optional[tuple]:
   """The epochs after ``start_epoch``: train, stop diverged members, measure those due, checkpoint (``disk``),
   and on a signal (``stop``, a ``preemption.StopSignals`` or None) checkpoint and raise ``Preempted``.
+  Checkpoints (with ``disk``) at every measured epoch, the last, where ``config.checkpoint_every_epochs`` /
+  ``checkpoint_every_seconds`` say (as a single run's cadence) and on a signal to any process.
   Returns (the last epoch trained, the state after it), or None if no epoch was left."""
   # The single run's evaluation inputs (loop._inputs): the sets on every device, DeepFool's seeded test subset.
   chosen = program_lib.deepfool_indices(config, len(dataset.test_labels))
@@ -330,6 +337,8 @@ def _train_members(config, population: Population, dataset, state, members: list
   start = time.perf_counter()
   wall = (lambda: disk.wall()) if disk is not None else (lambda: time.perf_counter() - start)
   last = None
+  every_epochs, every_seconds = config.checkpoint_every_epochs, config.checkpoint_every_seconds
+  saved_epoch, saved_time = start_epoch, time.monotonic()
   if start_epoch >= config.num_epochs or all(m.diverged is not None for m in members):
     log(f"the population is done (epoch {start_epoch} of {config.num_epochs}); nothing to do")
     return (start_epoch, state) if start_epoch else None
@@ -340,7 +349,7 @@ def _train_members(config, population: Population, dataset, state, members: list
     seconds = time.perf_counter() - tic
     last = (epoch, state)
     finite = np.asarray(population.all_finite(state))
-    steps = np.asarray(state.step)
+    steps = np.asarray(totals["step"])
     due = []
     for k, m in enumerate(members):
       if m.diverged is not None:
@@ -369,11 +378,15 @@ def _train_members(config, population: Population, dataset, state, members: list
           members[k].diverged = f"epoch {epoch}: {error}; member stopped: lower its lr (the others go on)"
           log(f"member {k} (lr {members[k].lr:.3g}): {members[k].diverged}")
     stopped = all(m.diverged is not None for m in members)
-    signalled = stop is not None and stop.requested
-    if disk is not None and (due or stopped or signalled or epoch == config.num_epochs):
-      disk.save(epoch, state, members)
-    if signalled and not stopped:
-      stop.raise_preempted(epoch)
+    if disk is not None:  # checkpoint as a single run does: measured, last, on the cadence, or on a signal
+      cadence_due = ((every_epochs and epoch - saved_epoch >= every_epochs)
+                     or (every_seconds and time.monotonic() - saved_time >= every_seconds))
+      signalled, cadence_due = preemption.agree(stop.requested, bool(cadence_due))  # any process's signal
+      if due or stopped or signalled or cadence_due or epoch == config.num_epochs:
+        disk.save(epoch, state, members)
+        saved_epoch, saved_time = epoch, time.monotonic()
+      if signalled and not stopped:
+        stop.raise_preempted(epoch)
     if stopped:
       log(f"every member diverged by epoch {epoch}; the population stops")
       break

@@ -11,6 +11,8 @@
                                 leaves every member at one epoch)
   DIR/<member>/config.json      member k's config: the single run's (config with lr = lrs[k])
   DIR/<member>/metrics.jsonl    its records as its single run appends them (each after the checkpoint holding it)
+  DIR/<member>/events.out.tfevents.*  the same records as TensorBoard events, as its single run writes them
+                                (nc_jax.events; config.tensorboard)
   DIR/<member>/tpt.json         its TPT start
   DIR/<member>/checkpoints/<E>/ at the end: its single-run checkpoint of its last epoch, so ``nc_jax.report``,
                                 ``experiments/grid.py``, ``python -m nc_jax.collect`` and ``--resume_from`` take
@@ -20,6 +22,10 @@
 SIGTERM / SIGINT checkpoint the population at the epoch's end and stop (``preemption.Preempted``). A rerun of
 the same command resumes from the newest good population checkpoint (records reconciled with each
 member's metrics.jsonl, as a single run's); another config or other lrs are refused unless ``overwrite``.
+
+Several processes (multi-host): every process reads what is there and takes part in each checkpoint's save
+and restore (orbax); only process 0 holds the lock and writes the members' files, and every process waits
+for it (``multihost.sync``) before going on from what it changed.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Optional, Sequence
 import jax
 import ml_collections
 
-from nc_jax import files, records as records_lib, schema
+from nc_jax import events as events_lib, files, multihost, records as records_lib, schema
 from nc_jax.training import checkpoints as checkpoints_lib, loop, program as program_lib, resume
 from nc_jax.training import workdir as workdir_lib
 
@@ -70,23 +76,28 @@ class PopulationDisk:
     self.own = self.workdir / population_name(self.lrs)
     workdir_lib.check_usable(self.workdir)
     self.overwrite = overwrite
+    self.is_main = jax.process_index() == 0
     self.lock: Optional[workdir_lib.Lock] = None
     self.checkpoints: Optional[checkpoints_lib.Checkpoints] = None
+    self.events: list[events_lib.RunEvents] = []  # each member's, opened by ``start``
     self.started = time.perf_counter()
     self.elapsed_before = 0.0
 
   def __enter__(self) -> "PopulationDisk":
     """Locks the population's folder (one process writes a population at a time, as a single run's workdir)."""
-    self.own.mkdir(parents=True, exist_ok=True)
-    self.lock = workdir_lib.Lock(self.own)
-    self.lock.__enter__()
+    if self.is_main:
+      self.own.mkdir(parents=True, exist_ok=True)
+      self.lock = workdir_lib.Lock(self.own)
+      self.lock.__enter__()
+    multihost.sync("nc_jax: population locked")
     return self
 
   def __exit__(self, kind, error, traceback) -> None:
     try:
       self.close(quiet=error is not None)
     finally:
-      self.lock.__exit__(kind, error, traceback)
+      if self.lock is not None:
+        self.lock.__exit__(kind, error, traceback)
 
   # ------------------------------------------------------------------ start
 
@@ -118,34 +129,55 @@ class PopulationDisk:
       raise workdir_lib.WorkdirError(
           f"{holding[0]} holds results but the population in {self.own} has no checkpoint to resume them from; "
           "rerun with --overwrite to start again (they are deleted), or use another --workdir")
-    # ------------------------------------------------ from here on, the workdir changes
-    if discard or (restored is None and holding):
-      if self.checkpoints is not None:
-        self.checkpoints.close()
-      shutil.rmtree(self.own / "checkpoints", ignore_errors=True)
-      (self.own / STATE_FILE).unlink(missing_ok=True)
+    # ------------------------------------------------ from here on, the workdir changes (process 0 changes it)
+    wipe = discard or (restored is None and bool(holding))
+    multihost.sync("nc_jax: population read")
+    if wipe and self.checkpoints is not None:
+      self.checkpoints.close()
       self.checkpoints = None
-      for directory in self.member_dirs:
-        workdir_lib.discard_results(directory)
-    for directory, plan, values in zip(self.member_dirs, plans, self.resolved):
-      workdir_lib.apply(directory, workdir_lib.Plan() if (discard or holding) else plan, values, log=self.log)
-    files.write_atomically(self.own / STATE_FILE, (json.dumps(fresh_request, indent=2) + "\n").encode())
+    if self.is_main:
+      self._prepare(wipe, [workdir_lib.Plan() if (discard or holding) else plan for plan in plans],
+                    fresh=restored is None)
+    multihost.sync("nc_jax: population ready")
     if self.checkpoints is None:
       self.checkpoints = checkpoints_lib.Checkpoints(self.own / "checkpoints", keep=self.config.keep_checkpoints)
     if restored is None:
-      for directory in self.member_dirs:
-        loop.write_tpt(directory, None, self.config.tpt_threshold)
+      self._open_events([[] for _ in self.member_dirs])
       return 0, None, None
     epoch, state, meta = restored
     self.elapsed_before = float(meta.get("elapsed", 0.0))
     members = meta["members"]
     for directory, member in zip(self.member_dirs, members):
       path = directory / records_lib.METRICS_FILE
-      member["records"] = resume.reconcile(path, records_lib.read(path, repair=True), member["records"], epoch,
-                                           True, self.log)
-      loop.write_tpt(directory, member.get("tpt_start_epoch"), self.config.tpt_threshold)
+      member["records"] = resume.reconcile(path, records_lib.read(path, repair=self.is_main), member["records"],
+                                           epoch, self.is_main, self.log)
+      if self.is_main:
+        loop.write_tpt(directory, member.get("tpt_start_epoch"), self.config.tpt_threshold)
     self.log(f"resumed the population of {len(self.lrs)} members from its checkpoint of epoch {epoch}")
+    self._open_events([member["records"] for member in members])
     return epoch, state, members
+
+  def _open_events(self, records: list) -> None:
+    """Each member's TensorBoard events (process 0's), showing ``records[k]`` (its records so far) to start."""
+    self.events = [events_lib.RunEvents(directory, member_records, enabled=self.is_main and self.config.tensorboard,
+                                        log=self.log) for directory, member_records in zip(self.member_dirs, records)]
+
+  def _prepare(self, wipe: bool, plans: list, *, fresh: bool) -> None:
+    """Process 0 makes the folders ready: ``wipe`` removes the population's checkpoints and the members'
+    results first; then each member's workdir plan is applied, population.json written and, on a ``fresh``
+    start, each member's tpt.json."""
+    fresh_request = {"lrs": self.lrs, "members": [p.name for p in self.member_dirs], "config_digests": self.digests}
+    if wipe:
+      shutil.rmtree(self.own / "checkpoints", ignore_errors=True)
+      (self.own / STATE_FILE).unlink(missing_ok=True)
+      for directory in self.member_dirs:
+        workdir_lib.discard_results(directory)
+    for directory, plan, values in zip(self.member_dirs, plans, self.resolved):
+      workdir_lib.apply(directory, plan, values, log=self.log)
+    files.write_atomically(self.own / STATE_FILE, (json.dumps(fresh_request, indent=2) + "\n").encode())
+    if fresh:
+      for directory in self.member_dirs:
+        loop.write_tpt(directory, None, self.config.tpt_threshold)
 
   def _read_state_file(self) -> Optional[dict]:
     path = self.own / STATE_FILE
@@ -168,16 +200,20 @@ class PopulationDisk:
         {"records": m.records, "tpt_start_epoch": m.tpt_start_epoch, "diverged": m.diverged} for m in members]}
     self.checkpoints.save(epoch, state, meta)
     self.checkpoints.wait()
-    for directory, m in zip(self.member_dirs, members):
+    if not self.is_main:
+      return
+    for directory, m, events in zip(self.member_dirs, members, self.events):
       if m.records and m.records[-1]["epoch"] == epoch:
         loop.append_record(directory / records_lib.METRICS_FILE, m.records, self.log)
+        events.write(m.records[-1])
       loop.write_tpt(directory, m.tpt_start_epoch, self.config.tpt_threshold)
 
   def finish(self, epoch: int, state, members, take) -> None:
     """Each member that did not diverge gets its single run's checkpoint of ``epoch`` (``take(state, k)``)."""
     for k, (directory, m) in enumerate(zip(self.member_dirs, members)):
       if m.diverged is not None:
-        files.write_atomically(directory / DIVERGED_FILE, (m.diverged + "\n").encode())
+        if self.is_main:
+          files.write_atomically(directory / DIVERGED_FILE, (m.diverged + "\n").encode())
         continue
       ckpts = checkpoints_lib.Checkpoints(directory / "checkpoints", keep=self.config.keep_checkpoints)
       try:
@@ -189,6 +225,8 @@ class PopulationDisk:
         ckpts.close()
 
   def close(self, *, quiet: bool = False) -> None:
+    for events in self.events:
+      events.close()
     if self.checkpoints is not None:
       self.checkpoints.close(quiet=quiet)
 
