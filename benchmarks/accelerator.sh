@@ -2,7 +2,8 @@
 # The first lent accelerator's one command: throughput rows, population rows, the paper's MNIST/ResNet18 cell,
 # metric rows.
 #
-#   benchmarks/accelerator.sh --mnist DIR [--budget SECONDS] [--wheels DIR] [--out DIR] [--smoke]
+#   benchmarks/accelerator.sh --mnist DIR [--fashion-mnist DIR] [--budget SECONDS] [--wheels DIR] [--out DIR] [--smoke]
+#                             [--only-queue]   (the reproduction queue alone, with the whole budget: a call for a cell)
 #
 # Runs, in this order, each stage within what is left of --budget (default 540 s, to end inside a
 # 10-minute call), and is resumable: a finished stage leaves STAGE.done and is skipped on the next call,
@@ -15,9 +16,11 @@
 #              1, 2, 4, 8, 16 members (vmapped) against sequential runs, compiles included, and the compiled
 #              convolutions (grouped or not, which cuDNN call); it plans within its own budget (NEEDS) and
 #              skips the K that would not fit, so it is given no more than that  -> BENCHMARKS.md
-#   mnist      the notebook's cell: MNIST (real, IDX files in --mnist), ResNet18, lr 0.0679, the paper's
-#              350-epoch protocol in float32 (the notebook's precision; XLA's default conv precision)
-#                                                                             -> OUT/mnist_resnet18/
+#   mnist      the reproduction queue (benchmarks/reproduce.py): the paper's reachable cells, the notebook's
+#              MNIST/ResNet18 first, then Fashion-MNIST/ResNet18, the VGG11s, the DenseNets, each whole (350
+#              epochs, bf16 compute, float32 NC measurement) inside one call or measured not to fit
+#              (real MNIST in --mnist, Fashion-MNIST in --fashion-mnist, default DIR/../fashion_mnist)
+#                                                                             -> OUT/CELL/, OUT/results.md
 #              (it keeps the last RESERVE seconds of the budget for report and metrics)
 #   report     python -m nc_jax.report on that run (also on a partial one)    -> OUT/report/
 #   metrics    benchmarks/metrics.py at every size, without the host-CPU baselines -> BENCHMARKS.md
@@ -32,13 +35,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-smoke=0 budget=540 mnist=${NC_JAX_MNIST_DIR:-} wheels=wheels out=
+smoke=0 only_queue=0 budget=540 mnist=${NC_JAX_MNIST_DIR:-} fashion= wheels=wheels out=
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) smoke=1 ;;
-    --budget|--mnist|--wheels|--out)
+    --only-queue) only_queue=1 ;;
+    --budget|--mnist|--fashion-mnist|--wheels|--out)
       if [ $# -lt 2 ]; then echo "accelerator.sh: $1 needs a value (see the comment at the top of $0)"; exit 2; fi
-      case "$1" in --budget) budget=$2 ;; --mnist) mnist=$2 ;; --wheels) wheels=$2 ;; --out) out=$2 ;; esac
+      case "$1" in --budget) budget=$2 ;; --mnist) mnist=$2 ;; --fashion-mnist) fashion=$2 ;; --wheels) wheels=$2 ;;
+                   --out) out=$2 ;; esac
       shift ;;
     *) echo "accelerator.sh: unknown argument $1 (see the comment at the top of $0)"; exit 2 ;;
   esac
@@ -73,6 +78,7 @@ full && full_exit
 STAGES=(env train population mnist report metrics)
 if [ $smoke = 1 ]; then NEEDS=(30 30 90 60 15 10); else NEEDS=(60 150 240 60 15 30); fi
 RESERVE=75
+if [ $only_queue = 1 ]; then STAGES=(mnist) NEEDS=(60) RESERVE=15; fi
 # need NAME: the seconds of budget NAME needs to start (the MNIST run's own need plus the reserve)
 need() {
   local i
@@ -84,7 +90,8 @@ need() {
 }
 # The stages still to do, and the smallest budget that lets one of them start. The report needs the run's
 # metrics.jsonl (a later call, once mnist has measured an epoch), so it counts only when that exists.
-workdir=$out/mnist_resnet18
+workdir=$out/work/mnist_resnet18  # the queue's first cell: the report stage draws it, finished or not
+[ -n "$fashion" ] || fashion=$(dirname "$mnist")/fashion_mnist
 pending=() smallest=
 for name in "${STAGES[@]}"; do
   [ -f "$out/$name.done" ] && continue
@@ -128,6 +135,7 @@ ran=() failed=() advanced=0 timed_out=()
 # logs to OUT/NAME.log; a timeout (the budget ran out: 124) is not a failure, any other non-zero exit is
 stage() {
   local name=$1; shift
+  [ -n "$(need "$name")" ] || return 0  # not a stage of this call (--only-queue)
   if [ -f "$out/$name.done" ]; then say "$name: done in an earlier call, skipped"; return 0; fi
   local remaining needed; remaining=$(left); needed=$(need "$name")
   if [ "$remaining" -lt "$needed" ]; then say "$name: skipped, ${remaining}s left of the budget, needs ${needed}s"; return 1; fi
@@ -144,6 +152,11 @@ stage() {
     # progress only if the MNIST run checkpointed a newer epoch: other stages restart from scratch next call
     if [ "$name" = mnist ] && [ "$(newest_epoch)" -gt "$before" ]; then advanced=1; fi
     timed_out+=("$name (${limit}s)"); say "$name: stopped at its time limit (log: $out/$name.log)"
+  elif [ "$name" = mnist ] && { [ $rc = 3 ] || [ $rc = 4 ]; }; then
+    # the queue's own verdict: 3 cells left and it advanced (a cell finished, was measured not to fit, or
+    # checkpointed), 4 cells left and nothing advanced
+    [ $rc = 3 ] && advanced=1
+    timed_out+=("$name (${limit}s)"); say "$name: cells left (exit $rc; log: $out/$name.log)"
   else
     full && full_exit
     failed+=("$name (exit $rc, log: $out/$name.log)"); say "$name: exit $rc (log: $out/$name.log)"
@@ -167,12 +180,9 @@ append=()
 if [ $smoke = 1 ]; then
   stage train $python benchmarks/train.py --cases mlp --num-images 512 --batch-sizes 32,64 --dtype bfloat16 \
     --repeats 1 --no-torch "${append[@]}"
-  run_config=(--config configs/paper/mnist_resnet18.py:smoke --config.per_class=20 --config.num_epochs=4
-              --config.epoch_loop=scan)
 else
   stage train $python benchmarks/train.py --cases resnet18 --batch-sizes 128,512 --dtype bfloat16 \
     --peak-tflops "$peak" --repeats 3 --no-torch
-  run_config=(--config configs/paper/mnist_resnet18.py)
 fi
 # population: synthetic CIFAR-shaped images (nothing read from disk); the smoke variant rehearses it on a CPU
 if [ $smoke = 1 ]; then
@@ -182,9 +192,11 @@ else
   stage population $python benchmarks/population.py --case resnet18 --num-images 25000 \
     --budget $(( $(need population) - 30 )) --out BENCHMARKS.md
 fi
-# the run gets all but the last RESERVE seconds (report and metric rows); SIGTERM checkpoints it, a rerun resumes
-stage mnist $python -m nc_jax.train "${run_config[@]}" --config.data_source=idx --config.data_dir="$mnist" \
-  --workdir "$workdir"
+# the queue gets all but the last RESERVE seconds (report and metric rows), and plans within 20 s less; a cell
+# the budget interrupts is checkpointed (SIGTERM) and resumes where OUT/work/CELL is still there
+queue=(benchmarks/reproduce.py --mnist "$mnist" --fashion-mnist "$fashion" --out "$out" --call-seconds "$budget")
+[ $smoke = 1 ] && queue+=(--smoke --cells mnist_resnet18)
+stage mnist $python "${queue[@]}" --budget $(( $(left) - RESERVE - 20 ))
 if [ -f "$workdir/metrics.jsonl" ]; then
   rm -f "$out/report.done"
   stage report $python -m nc_jax.report "$workdir" --out "$out/report"

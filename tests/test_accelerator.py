@@ -46,19 +46,19 @@ def test_a_budget_below_every_stage_is_refused_once_naming_the_budget_that_works
 
 def test_stages_within_the_budget_run_then_a_stage_that_cannot_fit_is_named(folders):
   mnist, out = folders
-  (out / "mnist_resnet18").mkdir(parents=True)
-  (out / "mnist_resnet18" / "metrics.jsonl").write_text("")  # as if the run had measured an epoch
+  (out / "work" / "mnist_resnet18").mkdir(parents=True)
+  (out / "work" / "mnist_resnet18" / "metrics.jsonl").write_text("")  # as if the run had measured an epoch
   result = run(mnist, out, "--smoke", "--budget", "100")  # env, train, population, report, metrics fit; mnist 135
   assert result.returncode == 3 and "run the same command again" in result.stdout, result.stdout
   assert sorted(p.stem for p in out.glob("*.done")) == ["env", "metrics", "population", "train"]  # report: redone
   result = run(mnist, out, "--smoke", "--budget", "100")  # only the report (15 s) can start: still progress
   assert result.returncode == 3, result.stdout
-  (out / "mnist_resnet18" / "metrics.jsonl").unlink()
+  (out / "work" / "mnist_resnet18" / "metrics.jsonl").unlink()
   result = run(mnist, out, "--smoke", "--budget", "100")
   assert result.returncode == 4 and "mnist 135s" in result.stdout and "--budget 135 or more" in result.stdout
   result = run(mnist, out, "--smoke", "--budget", "200")
   assert result.returncode == 3 and (out / "mnist.done").exists(), result.stdout  # the report needs the run's records
-  (out / "mnist_resnet18" / "metrics.jsonl").write_text("")
+  (out / "work" / "mnist_resnet18" / "metrics.jsonl").write_text("")
   result = run(mnist, out, "--smoke", "--budget", "200")
   assert result.returncode == 0 and (out / "report.done").exists(), result.stdout
   result = run(mnist, out, "--smoke", "--budget", "0")
@@ -87,10 +87,10 @@ def _only_mnist_left(out):
 
 
 def run_training(mnist, out, training: str, *arguments):
-  """The script with a stub Python whose nc_jax.train runs the shell ``training`` (then exits 124, as when timeout
+  """The script with a stub Python whose reproduction queue runs the shell ``training`` (then exits 124, as when timeout
   stops it at its limit: the stub only pretends to run out of time); every other stage exits 0."""
   stub = out.parent / "stub_python"
-  stub.write_text('#!/bin/sh\ncase "$*" in *nc_jax.train*) ' + training + "; exit 124 ;; esac\nexit 0\n")
+  stub.write_text('#!/bin/sh\ncase "$*" in *reproduce.py*) ' + training + "; exit 124 ;; esac\nexit 0\n")
   stub.chmod(0o755)
   return subprocess.run(["bash", str(SCRIPT), "--mnist", str(mnist), "--out", str(out), *arguments],
                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": str(stub)})
@@ -102,20 +102,20 @@ def test_a_run_that_times_out_without_a_new_checkpoint_is_no_progress(folders):
   mnist, out = folders
   _only_mnist_left(out)
   for _ in range(2):
-    result = run_training(mnist, out, "true", "--smoke", "--budget", "135")
+    result = run_training(mnist, out, "true", "--smoke", "--budget", "140")  # 135 needed: 5 s to spare
     assert result.returncode == 4, result.stdout + result.stderr
-    assert "rerun with --budget 270 or more" in result.stdout and "run the same command again" not in result.stdout
+    assert "rerun with --budget 280 or more" in result.stdout and "run the same command again" not in result.stdout
 
 
 def test_a_run_that_times_out_after_a_new_checkpoint_is_progress(folders):
   mnist, out = folders
   _only_mnist_left(out)
-  checkpoints = out / "mnist_resnet18" / "checkpoints"
+  checkpoints = out / "work" / "mnist_resnet18" / "checkpoints"
   checkpoints.mkdir(parents=True)
   (checkpoints / "2").mkdir()
-  result = run_training(mnist, out, f"mkdir -p '{checkpoints}/3'", "--smoke", "--budget", "135")
+  result = run_training(mnist, out, f"mkdir -p '{checkpoints}/3'", "--smoke", "--budget", "140")
   assert result.returncode == 3 and "run the same command again" in result.stdout, result.stdout
-  result = run_training(mnist, out, f"mkdir -p '{checkpoints}/3'", "--smoke", "--budget", "135")  # 3 was there
+  result = run_training(mnist, out, f"mkdir -p '{checkpoints}/3'", "--smoke", "--budget", "140")  # 3 was there
   assert result.returncode == 4, result.stdout
 
 
@@ -143,3 +143,31 @@ def test_a_full_out_folder_is_named_in_one_line(folders, monkeypatch):
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 1 and f"{out} is full" in lines[0] and "another --out" in lines[0], result.stdout
   assert not list(out.glob("*.done"))
+
+
+def run_queue(mnist, out, status: int, *arguments):
+  """The script with a stub Python whose reproduction queue exits with ``status``; every other stage exits 0."""
+  stub = out.parent / "stub_python"
+  stub.write_text('#!/bin/sh\ncase "$*" in *reproduce.py*) exit ' + str(status) + " ;; esac\nexit 0\n")
+  stub.chmod(0o755)
+  return subprocess.run(["bash", str(SCRIPT), "--mnist", str(mnist), "--out", str(out), *arguments],
+                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHON": str(stub)})
+
+
+@pytest.mark.parametrize("queue_status, status", [(3, 3), (4, 4), (1, 1)])
+def test_the_queues_own_verdict_is_the_calls_progress(folders, queue_status, status):
+  # 3: cells left, and a cell finished, was measured not to fit or checkpointed; 4: cells left, nothing advanced
+  mnist, out = folders
+  _only_mnist_left(out)
+  result = run_queue(mnist, out, queue_status, "--smoke", "--budget", "140")
+  assert result.returncode == status, result.stdout
+  assert not (out / "mnist.done").exists()
+  assert ("run the same command again to go on" in result.stdout) == (status == 3)
+
+
+def test_only_queue_gives_the_queue_the_whole_call(folders):
+  mnist, out = folders
+  result = run_queue(mnist, out, 0, "--only-queue", "--budget", "100")
+  assert result.returncode == 0, result.stdout
+  assert sorted(p.name for p in out.glob("*.done")) == ["mnist.done"]
+  assert "env:" not in (out / "progress.log").read_text()
