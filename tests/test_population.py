@@ -7,13 +7,14 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import default as default_config
-from nc_jax import records, schema
+from nc_jax import collect as collect_lib, records, schema
 from nc_jax.data import device
 from nc_jax.training import population, population_disk, program as program_lib
 from nc_jax.training import workdir as workdir_lib
@@ -211,6 +212,12 @@ def test_each_member_of_a_population_workdir_is_a_finished_single_run(tmp_path):
     # the single-run trainer takes the member as its own finished run: nothing to do, its last record back
     last = train_and_evaluate(population.member_config(config, member.lr), str(directory), **QUIET)
     assert last == member.records[-1]
+    # and collect measures its checkpoint as the run's own last measurement (its accumulators sum in another
+    # order than the vmapped evaluation: ~1e-6 relative measured; 1e-4 leaves margin)
+    measured = collect_lib.collect_workdir(directory, tmp_path / f"nc_{member.lr}", quiet=True, warn=QUIET["log"])
+    assert measured["epoch"] == last["epoch"]
+    for key in ("nc1", "self_duality", "equinorm_means", "ncc_mismatch", "test_acc", "train_loss"):
+      np.testing.assert_allclose(measured[key], last[key], rtol=1e-4, atol=1e-7, err_msg=key)
   own = tmp_path / population_disk.population_name(LRS[:2])
   assert json.loads((own / population_disk.STATE_FILE).read_text())["lrs"] == list(LRS[:2])
   assert {m.tpt_start_epoch for m in members} == {None, 3}  # lr 0.01 never reaches TPT here, lr 0.03 at epoch 3
@@ -339,3 +346,29 @@ def test_two_processes_of_four_devices_train_the_population_of_one_process_of_ei
     theirs = [{k: v for k, v in r.items() if k not in NOISE} for r in records.read(directory)]
     assert_within_rounding([theirs], [without_noise(member)], rtol=2e-4)
     assert records.finished(directory) and workdir_lib.verified_config(directory)["lr"] == member.lr
+
+
+@pytest.mark.slow
+def test_a_population_killed_with_sigkill_resumes_to_the_records_and_state_of_an_unbroken_one(tmp_path):
+  flags = [f"--lrs={LRS[0]},{LRS[1]}", "--config.num_epochs=16", "--config.per_class=40",
+           "--config.measure_epochs=(1,4,8,12,16)", "--config.checkpoint_every_epochs=1"]
+  straight = subprocess.run(run_helpers.train_command(tmp_path / "straight", *flags), cwd=run_helpers.REPO,
+                            env=run_helpers.cpu_env(), capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stdout + straight.stderr
+  interrupted = tmp_path / "interrupted"
+  own = interrupted / population_disk.population_name(LRS[:2]) / "checkpoints"
+  process = subprocess.Popen(run_helpers.train_command(interrupted, *flags), cwd=run_helpers.REPO,
+                             env=run_helpers.cpu_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (own / "6").exists() and time.time() < deadline and process.poll() is None:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  killed_after = max(int(p.name) for p in own.iterdir() if p.name.isdigit())
+  assert killed_after < 16, "the population finished before it could be killed; make it longer"
+  again = subprocess.run(run_helpers.train_command(interrupted, *flags), cwd=run_helpers.REPO,
+                         env=run_helpers.cpu_env(), capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and "resumed the population of 2 members" in again.stdout, again.stdout
+  for lr in LRS[:2]:
+    name = population_disk.member_name(lr)
+    run_helpers.assert_same_run(interrupted / name, tmp_path / "straight" / name, last_epoch=16)
