@@ -19,6 +19,8 @@ notebook's MNIST/ResNet18 first) and, for each one not finished in OUT/CELL/:
      (SIGTERM: it checkpoints) and marked in queue.json as not fitting a call on this device; one that the
      budget's end interrupts is stopped the same way and resumes from OUT/work/CELL on the next call where
      that folder is still there (the CPU rehearsal), and starts again where it is not (a fresh device);
+  Each call keeps XLA's persistent compilation cache in OUT/compile_cache and records the first epoch's arrival
+  (start-up, data, compiles and one epoch) in queue.json: what a cached compile saves is read from there.
   4. on success copies config.json, metrics.jsonl and tpt.json to OUT/CELL/ (no checkpoints: they are large and
      the run is whole), draws its report (``python -m nc_jax.report`` -> OUT/CELL/report/) and rewrites
      OUT/results.md: one row per finished cell (TPT start, test accuracy at TPT start and at the end: the
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import queue as queue_lib
 import shutil
@@ -145,8 +148,11 @@ def run_cell(cell: Cell, args, deadline: float, known: dict) -> str:
   started = time.monotonic()
   arrivals, verdict = [], None
   with open(args.out / "work" / f"{cell.name}.log", "a") as log:
+    # XLA's persistent compilation cache in OUT: a later call on the same machine, or one that is given
+    # OUT/compile_cache back, skips the compiles (the first epoch's arrival, recorded, shows what they cost)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(args.out / "compile_cache")}
     process = subprocess.Popen(train_command(cell, args, workdir), cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+                               stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     lines: queue_lib.Queue = queue_lib.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
     while True:
@@ -160,6 +166,8 @@ def run_cell(cell: Cell, args, deadline: float, known: dict) -> str:
       words = line.split()
       if len(words) > 1 and words[0] == "epoch" and words[1].isdigit():
         arrivals.append((int(words[1]), time.monotonic() - started))
+        if len(arrivals) == 1:
+          known["first_epoch_seconds"] = round(arrivals[0][1], 1)  # start-up, data, compiles, one epoch
         projection = projected_whole_run(arrivals, known["num_epochs"])
         if projection is not None:
           known["epoch_seconds"], known["projected_seconds"] = round(projection[0], 3), round(projection[1], 1)
