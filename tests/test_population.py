@@ -372,3 +372,18 @@ def test_a_population_killed_with_sigkill_resumes_to_the_records_and_state_of_an
   for lr in LRS[:2]:
     name = population_disk.member_name(lr)
     run_helpers.assert_same_run(interrupted / name, tmp_path / "straight" / name, last_epoch=16)
+
+
+def test_a_member_folder_in_use_by_a_single_run_is_refused_before_anything_is_written(tmp_path):
+  busy = tmp_path / population_disk.member_name(LRS[1])
+  busy.mkdir()
+  with workdir_lib.Lock(busy):  # a single run of that lr is training there
+    with pytest.raises(workdir_lib.WorkdirError, match=f"workdir {busy} is in use by another run") as error:
+      population.train_population(tiny(), LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  assert "\n" not in str(error.value)
+  assert not (tmp_path / population_disk.member_name(LRS[0]) / "config.json").exists()
+  # and the locks taken before the refusal were let go: the population trains once the run is gone
+  config = tiny()
+  config.update(num_epochs=1, measure_epochs=(1,), lr_decay_epochs=())
+  members = population.train_population(config, LRS[:2], workdir=tmp_path, log=QUIET["log"])
+  assert [len(m.records) for m in members] == [1, 1]

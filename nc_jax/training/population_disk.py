@@ -78,26 +78,42 @@ class PopulationDisk:
     self.overwrite = overwrite
     self.is_main = jax.process_index() == 0
     self.lock: Optional[workdir_lib.Lock] = None
+    self.member_locks: list[workdir_lib.Lock] = []
     self.checkpoints: Optional[checkpoints_lib.Checkpoints] = None
     self.events: list[events_lib.RunEvents] = []  # each member's, opened by ``start``
     self.started = time.perf_counter()
     self.elapsed_before = 0.0
 
   def __enter__(self) -> "PopulationDisk":
-    """Locks the population's folder (one process writes a population at a time, as a single run's workdir)."""
+    """Locks the population's folder and each member's (one process writes a population at a time, and no
+    single run writes a member's folder meanwhile, as a single run's workdir is locked)."""
     if self.is_main:
       self.own.mkdir(parents=True, exist_ok=True)
       self.lock = workdir_lib.Lock(self.own)
       self.lock.__enter__()
+      try:
+        for directory in self.member_dirs:
+          directory.mkdir(parents=True, exist_ok=True)
+          self.member_locks.append(workdir_lib.Lock(directory).__enter__())
+      except BaseException as error:
+        self._unlock(type(error), error, None)
+        raise
     multihost.sync("nc_jax: population locked")
     return self
+
+  def _unlock(self, kind, error, traceback) -> None:
+    for lock in reversed(self.member_locks):
+      lock.__exit__(kind, error, traceback)
+    self.member_locks = []
+    if self.lock is not None:
+      self.lock.__exit__(kind, error, traceback)
+      self.lock = None
 
   def __exit__(self, kind, error, traceback) -> None:
     try:
       self.close(quiet=error is not None)
     finally:
-      if self.lock is not None:
-        self.lock.__exit__(kind, error, traceback)
+      self._unlock(kind, error, traceback)
 
   # ------------------------------------------------------------------ start
 
