@@ -318,7 +318,9 @@ def _run_folders(folder: pathlib.Path, below: tuple[str, ...] = ()) -> Iterator[
   ``folder``: in it (no --sweep) or below its KEY_VALUE folders; a population's own population_* folder, a
   symlinked folder and anything 16 folders down are not walked."""
   for path in sorted(p for p in folder.iterdir() if p.is_dir()):
-    if re.fullmatch(r"lr_[0-9.]+(e[-+]?[0-9]+)?", path.name):  # lr_0.01, lr_1e-05 (not lr_decay_factor_0.5)
+    # lr_0.01, lr_1e-05, or any lr_* folder holding a run's config.json (not lr_decay_factor_0.5/, a swept key's)
+    if re.fullmatch(r"lr_[0-9.]+(e[-+]?[0-9]+)?", path.name) or (
+        path.name.startswith("lr_") and (path / records.CONFIG_FILE).is_file()):
       yield below, path
     elif not path.is_symlink() and not path.name.startswith("population_") and len(below) < 16:
       yield from _run_folders(path, below + (path.name,))
