@@ -22,5 +22,5 @@ def test_readme_python_blocks_run():
 def test_readme_names_the_commands_ci_runs():
   text = README.read_text()
   ci = (README.parent / ".ci" / "run").read_text()
-  test_command = "pip install -e '.[test]' && python -m pytest"
+  test_command = "pip install -e '.[test]' && python -m pytest -n 2 --dist loadfile"
   assert test_command in text and test_command in ci
