@@ -292,10 +292,8 @@ def _checkpoint(config, ckpt, run: resume.RunState, stream, epoch: int, wall: fl
                 stop: preemption.StopSignals) -> bool:
   """Saves the epoch's checkpoint when it was measured, is the last, the cadence says so or a signal came
   (any process's); returns whether to stop."""
-  every_epochs, every_seconds = config.checkpoint_every_epochs, config.checkpoint_every_seconds
-  cadence_due = ((every_epochs and epoch - run.saved_epoch >= every_epochs)
-                 or (every_seconds and time.monotonic() - run.saved_time >= every_seconds))
-  stopping, cadence_due = preemption.agree(stop.requested, bool(cadence_due))
+  stopping, cadence_due = preemption.agree(
+      stop.requested, preemption.cadence_due(config, epoch, run.saved_epoch, run.saved_time))
   if measured or cadence_due or stopping or epoch == config.num_epochs:
     extra = {} if stream is None else {"input_state": stream.get_state()}
     ckpt.save(epoch, run.state, run.meta(wall, **extra))

@@ -337,7 +337,6 @@ def _train_members(config, population: Population, dataset, state, members: list
   start = time.perf_counter()
   wall = (lambda: disk.wall()) if disk is not None else (lambda: time.perf_counter() - start)
   last = None
-  every_epochs, every_seconds = config.checkpoint_every_epochs, config.checkpoint_every_seconds
   saved_epoch, saved_time = start_epoch, time.monotonic()
   if start_epoch >= config.num_epochs or all(m.diverged is not None for m in members):
     log(f"the population is done (epoch {start_epoch} of {config.num_epochs}); nothing to do")
@@ -379,9 +378,8 @@ def _train_members(config, population: Population, dataset, state, members: list
           log(f"member {k} (lr {members[k].lr:.3g}): {members[k].diverged}")
     stopped = all(m.diverged is not None for m in members)
     if disk is not None:  # checkpoint as a single run does: measured, last, on the cadence, or on a signal
-      cadence_due = ((every_epochs and epoch - saved_epoch >= every_epochs)
-                     or (every_seconds and time.monotonic() - saved_time >= every_seconds))
-      signalled, cadence_due = preemption.agree(stop.requested, bool(cadence_due))  # any process's signal
+      signalled, cadence_due = preemption.agree(  # any process's signal; process 0's clock
+          stop.requested, preemption.cadence_due(config, epoch, saved_epoch, saved_time))
       if due or stopped or signalled or cadence_due or epoch == config.num_epochs:
         disk.save(epoch, state, members)
         saved_epoch, saved_time = epoch, time.monotonic()

@@ -49,6 +49,14 @@ def agree(stop_requested: bool, checkpoint_due: bool) -> tuple[bool, bool]:
   return bool(votes[:, 0].any()), bool(votes[0, 1])
 
 
+def cadence_due(config, epoch: int, saved_epoch: int, saved_time: float) -> bool:
+  """Whether the checkpoint cadence asks for a checkpoint at ``epoch``: config.checkpoint_every_epochs epochs or
+  checkpoint_every_seconds (time.monotonic) since the last save at ``saved_epoch`` / ``saved_time`` (0: off)."""
+  every_epochs, every_seconds = config.checkpoint_every_epochs, config.checkpoint_every_seconds
+  return bool((every_epochs and epoch - saved_epoch >= every_epochs)
+              or (every_seconds and time.monotonic() - saved_time >= every_seconds))
+
+
 class StopSignals:
   """While entered, SIGTERM and SIGINT set ``name`` (the first signal's) instead of stopping; a second raises
   KeyboardInterrupt. Outside the main thread signals stay as they are."""
