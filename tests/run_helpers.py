@@ -6,6 +6,7 @@ Used by test_reliability.py and test_stream_faults.py; runs are the default conf
 import os
 import pathlib
 import resource
+import socket
 import subprocess
 import sys
 from typing import Optional
@@ -20,6 +21,13 @@ from nc_jax.training import checkpoints
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOISE = ("wall_time", "images_per_sec")  # the only fields that may differ between runs
 QUIET = dict(log=lambda *a, **k: None)
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 free now (the coordinator of a multi-process test)."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
 
 
 def cpu_env(extra: Optional[dict] = None) -> dict:

@@ -5,7 +5,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -20,6 +19,7 @@ from nc_jax.metrics import further, neural_collapse
 from nc_jax.metrics.options import NCOptions
 from nc_jax.training import train_and_evaluate
 from configs import default as default_config
+from tests import run_helpers
 
 REPO = pathlib.Path(os.path.abspath(__file__)).parents[1]
 QUIET = dict(quiet=True, warn=lambda message: None)
@@ -357,19 +357,13 @@ def test_read_outputs_refuses_what_is_not_one_measurement(user_model, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one(workdir, tmp_path):
   """2 processes x 2 CPU devices (gloo over 127.0.0.1), each reading every other batch, merged in order."""
   arguments = ["--workdir", workdir, "--batch_size", 256, "--checkpoint_every", 3]
   single = cli(*arguments, "--out", tmp_path / "single")
   assert single.returncode == 0, single.stderr[-2000:]
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{run_helpers.free_port()}"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2"}
   env.pop("XLA_FLAGS", None)
   processes = [subprocess.Popen(

@@ -315,13 +315,6 @@ def test_sigterm_checkpoints_the_population_at_the_epochs_end_and_a_rerun_resume
     assert without_noise(member) == without_noise(whole)
 
 
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 TINY_FLAGS = ["--config.num_epochs=3", "--config.per_class=40", "--config.measure_epochs=(1,3)",
               "--config.lr_decay_epochs=(3,)", "--config.tpt_threshold=0.25"]  # tiny() as flags
 
@@ -332,7 +325,7 @@ def test_two_processes_of_four_devices_train_the_population_of_one_process_of_ei
   # but process 0's files; the records equal one process of 8 fake devices' (the same mesh) within rounding.
   lrs = LRS[:2]
   one = population.train_population(tiny(), lrs, workdir=tmp_path / "one", log=QUIET["log"])
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{run_helpers.free_port()}"
   processes = [subprocess.Popen(
       run_helpers.train_command(tmp_path / "two", f"--lrs={lrs[0]},{lrs[1]}", *TINY_FLAGS,
                                 "--coordinator_address", address, "--num_processes", "2", "--process_id", str(rank)),

@@ -19,7 +19,7 @@ from configs import default as default_config
 from nc_jax import records
 from nc_jax.data import idx, stream
 from nc_jax.training import Preempted, checkpoints, preemption, train_and_evaluate
-from tests.run_helpers import QUIET, REPO, assert_same_run, cli, comparable, cpu_env, train_command
+from tests.run_helpers import QUIET, REPO, assert_same_run, cli, comparable, cpu_env, free_port, train_command
 
 STREAMED = ["--config.input_pipeline=stream", "--config.epoch_loop=steps"]
 
@@ -118,13 +118,6 @@ def test_kill_9_after_a_mid_epoch_checkpoint_then_rerun_is_exact(tmp_path):
 
 
 # ------------------------------------------------------- (2) several processes, each reading its shard
-def _free_port():
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def read_log(path):
   """{(tag, step): records} of one process's read log (``stream.READ_LOG_ENV``)."""
   lines = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
@@ -148,7 +141,7 @@ def test_two_processes_of_four_devices_stream_their_shards_and_match_one_process
   assert single.returncode == 0, single.stderr[-3000:]
 
   def two_processes(**env_extra):
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     processes = [subprocess.Popen(
         train_command(tmp_path / "multi", *arguments, "--coordinator_address", address, "--num_processes", "2",
                       "--process_id", str(rank)), cwd=REPO, env={**env, **env_extra},

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from nc_jax import data, models, records
 from nc_jax.training import checkpoints, schedule, step as step_lib, train_and_evaluate
 from configs import default as default_config
+from tests import run_helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -296,18 +297,11 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _free_port():
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   """Multi-host on one machine: gloo CPU collectives over 127.0.0.1."""
   run_cli(tmp_path / "single", env_extra={"JAX_NUM_CPU_DEVICES": "8"})
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{run_helpers.free_port()}"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4"}
   env.pop("XLA_FLAGS", None)
   processes = [subprocess.Popen(
