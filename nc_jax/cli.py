@@ -257,10 +257,14 @@ def _flag_error(text: str, argv: Sequence[str]) -> str:
   found = re.match(r"flag --config\.([\w.]+)=", text)
   if not found:
     return f"{line}; --help lists the flags"
-  value = config_keys(argv).get(found.group(1))
+  keys = config_keys(argv)
+  value = keys.get(found.group(1))
   kinds = {bool: "True or False", int: "an integer", float: "a number", str: "a string", tuple: "a tuple like '(1, 2)'",
            config_dict.ConfigDict: "a dict like '{\"key\": value}'"}
   kind = next((kinds[t] for t in kinds if isinstance(value, t)), None)
+  if value is None and found.group(1) in keys:  # a placeholder (None until set), e.g. nc.min_count
+    return (f"{line.removeprefix('flag ')}; config.{found.group(1)} is None unless set: leave the flag out to keep "
+            f"None, or give it a value of its type")
   if kind is None:
     return line
   if isinstance(value, config_dict.ConfigDict):  # its repr is many lines of YAML: name the keys instead

@@ -97,6 +97,18 @@ def test_a_bad_convention_is_one_line_naming_the_key(override, names):
   assert str(error.value).startswith(names) and "\n" not in str(error.value)
 
 
+def test_none_given_to_a_placeholder_says_to_leave_the_flag_out(capsys, monkeypatch):
+  argv = ["train", f"--config={SMOKE}", "--config.nc.min_count=None"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags declares the overrides it finds in sys.argv
+  values = cli.define_config_flag(SMOKE, flags.FlagValues())
+  with pytest.raises(SystemExit) as exit_:
+    cli.parse_config_flags(argv, values, default=SMOKE)
+  assert exit_.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "--config.nc.min_count=None" in lines[0], lines
+  assert "leave the flag out to keep None" in lines[0]
+
+
 def test_a_misspelt_or_missing_convention_is_named():
   values = default_config.get_config("smoke").to_dict()
   values["nc"]["solvr"] = "gram"
