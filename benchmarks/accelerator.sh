@@ -205,7 +205,7 @@ fi
 if [ $smoke = 1 ]; then
   stage metrics $python benchmarks/metrics.py --sizes small --no-baselines --repeats 1 "${append[@]}"
 else
-  stage metrics $python benchmarks/metrics.py --sizes all --no-baselines --repeats 3
+  stage metrics $python benchmarks/metrics.py --sizes all --no-baselines --repeats 3 --breakdown
 fi
 say "end; stages done: $(cd "$out" && ls *.done 2>/dev/null | tr '\n' ' ')"
 if [ ${#failed[@]} -gt 0 ]; then

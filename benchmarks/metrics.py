@@ -3,11 +3,14 @@
     python benchmarks/metrics.py [--sizes small|all] [--no-baselines] [--no-append]
     python benchmarks/metrics.py --large-c [--no-append]   # vocabulary-sized C only
     python benchmarks/metrics.py --tiles [--no-append]     # dense vs tiled pair statistics
+    python benchmarks/metrics.py --predict [--no-append]   # no device: the H200 ratio predicted from the lowering
+    python benchmarks/metrics.py ... --breakdown           # on a device: also time the suite's parts alone
     python benchmarks/metrics.py --large-c --peer DIR      # + rhubarbwu/neural-collapse on the same features
 
 For each (N, p, C) it times, on the same features:
   floor     one jitted pass argmax(H W^T + b) (what any NC4 evaluation must at least do);
-  suite     jax.jit(neural_collapse) with W, b (solver 'svd', and 'gram');
+  suite     jax.jit(neural_collapse) with W, b: the default solver 'auto' (on CPU the 'svd' program, on GPU/TPU
+            the accelerator path), and 'svd' and 'gram' named;
   numpy64   an efficient numpy float64 implementation of the same formulas
             (one-hot means, centred deviations, rank-(C-1) projection);
   notebook  the authors' notebook algorithm in numpy float32: per batch of 128 and
@@ -28,16 +31,26 @@ against the suite's, and the largest relative difference of the metrics both com
 of its repository (`git clone https://github.com/rhubarbwu/neural-collapse`); it needs torch and scipy.
 --tiles times ``geometry.pair_geometry`` as one dense tile and in tiles of PAIR_BLOCK rows,
 the measurement behind ``geometry.DENSE_MAX_CLASSES``.
+--predict needs no device: it exports the suite for 'cuda' here (solver 'gram', measured on the H200, and the
+default 'auto'), takes a census of the parts that differ (the factorisation that runs, pass 2: GEMM FLOPs by
+precision, reads of the (N, p) features, kernels, cuSOLVER calls) and adds their difference, at assumed H200
+unit costs (``ASSUMED``), to the last H200 'gram' row of BENCHMARKS.md: a predicted time and ratio per size.
+--breakdown (with a device) also times the suite's parts alone: pass 1, each solver's factorisation, eigh of
+the C x C Gram matrix (and Jacobi's, on a GPU), the Cholesky path, pass 2 after 'svd' and 'auto', finalize:
+the unit costs --predict assumes, measured.
 Prints a markdown table and appends it, with the machine and versions, to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import functools
 import multiprocessing
+import pathlib
 import platform
+import re
 import resource
 import signal
 import time
@@ -48,7 +61,7 @@ import numpy as np
 import scipy.sparse.linalg
 
 import common
-from nc_jax.metrics import collapse, geometry, neural_collapse
+from nc_jax.metrics import accumulators, collapse, finalize, geometry, neural_collapse
 
 SIZES = {"small": [(50_000, 512, 10), (50_000, 512, 100)],
          "all": [(50_000, 512, 10), (50_000, 512, 100), (200_000, 2048, 1000)]}
@@ -123,12 +136,13 @@ def run_size(num_samples, feature_dim, num_classes, repeats, baselines=True):
   h, y, w, b = (jax.device_put(x, device) for x in (features, labels, weights, bias))
 
   floor_fn = jax.jit(lambda h, w, b: jnp.argmax(h @ w.T + b, axis=-1))
-  suite_svd = jax.jit(lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b))
-  suite_gram = jax.jit(lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b, solver="gram"))
+  suites = {key: jax.jit(functools.partial(lambda h, y, w, b, solver: neural_collapse(h, y, num_classes, w, b,
+                                                                                      solver=solver), solver=solver))
+            for key, solver in (("suite", "auto"), ("suite_svd", "svd"), ("suite_gram", "gram"))}
   row = {"size": (num_samples, feature_dim, num_classes)}
   row["floor"] = common.median_time(lambda: floor_fn(h, w, b), repeats)
-  row["suite"] = common.median_time(lambda: suite_svd(h, y, w, b), repeats)
-  row["suite_gram"] = common.median_time(lambda: suite_gram(h, y, w, b), repeats)
+  for key, suite in suites.items():
+    row[key] = common.median_time(lambda: suite(h, y, w, b), repeats)
   if not baselines:
     return row
 
@@ -255,8 +269,9 @@ def format_tiles(rows, header):
 
 def format_table(rows, header):
   lines = [header, "",
-           "| N, p, C | floor (ms) | suite svd (ms) | suite gram (ms) | numpy f64 (ms) | notebook (ms) | suite/floor | notebook/suite | numpy64/suite |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| N, p, C | floor (ms) | suite (ms) | suite svd (ms) | suite gram (ms) | numpy f64 (ms) | notebook (ms) "
+           "| suite/floor | notebook/suite | numpy64/suite |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
     ms = {k: 1e3 * v for k, v in row.items() if isinstance(v, float)}
     if "numpy64" in row:
@@ -266,7 +281,369 @@ def format_table(rows, header):
       baselines = ("not run | not run", "n/a | n/a")
     lines.append(
         f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | {ms['floor']:.1f} | {ms['suite']:.1f} | "
-        f"{ms['suite_gram']:.1f} | {baselines[0]} | {row['suite'] / row['floor']:.1f}x | {baselines[1]} |")
+        f"{ms['suite_svd']:.1f} | {ms['suite_gram']:.1f} | {baselines[0]} | {row['suite'] / row['floor']:.1f}x | "
+        f"{baselines[1]} |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# --predict: the H200 ratio of the default path, from the programs lowered for 'cuda' on this host.
+# ----------------------------------------------------------------------------
+
+# NVIDIA H200 SXM dense peaks (datasheet): float32 SIMT FLOP/s, HBM bytes/s.
+H200_PEAKS = {"fp32": 67e12, "hbm": 4.8e12}
+# Unit costs assumed for the H200, none measured here: (central, favourable, unfavourable) to the new path.
+ASSUMED = {
+    "fp32_efficiency": (0.8, 0.7, 0.9),   # a HIGHEST (SIMT float32) GEMM, fraction of 67 TFLOP/s (slower: more saved)
+    "hbm_efficiency": (0.8, 0.9, 0.7),    # one read of an (N, p) float32 array, fraction of 4.8 TB/s
+    "kernel_us": (5.0, 3.0, 8.0),         # one small kernel of a census count: launch and tail
+    "sync_us": (20.0, 10.0, 40.0),        # a lax.cond predicate copied to the host
+    "syevd_us_per_n": (6.0, 10.0, 3.0),   # cuSOLVER syevd (n > 32): ~n dependent steps of its tridiagonalisation
+    "syevj_us": (60.0, 100.0, 30.0),      # cuSOLVER syevj (n <= 32): one batched Jacobi call
+    "potrf_us": (40.0, 20.0, 80.0),       # cuSOLVER potrf (n <= 1000), blocked: a few panels
+    "tf32_share": (0.85, 0.8, 1.0),       # share of the measured floor that is its TF32 GEMM (the rest: argmax, I/O)
+}
+NON_ELEMENTWISE = ("dot_general", "reduce", "scatter", "custom_call", "cholesky", "triangular_solve", "sort")
+FLOAT_TENSOR = re.compile(r"tensor<((?:\d+x)*\d+)xf32>")
+
+
+def _export_text(fn, args, platform_name: str) -> str:
+  import jax.export  # noqa: PLC0415  (jax 0.7 has jax.export only once it is imported)
+  return jax.export.export(jax.jit(fn), platforms=[platform_name])(*args).mlir_module()
+
+
+def _own_census(lines, row_type: str) -> tuple:
+  """(flops Counter, reads, kernels, custom calls Counter, callees Counter) of one function's own lines."""
+  flops, calls, callees = collections.Counter(), collections.Counter(), collections.Counter()
+  reads = kernels = 0
+  pending = None  # a generic-form op whose signature comes on its closing line
+  for line in lines:
+    for callee in re.findall(r"\bcall @([\w.$-]+)\(", line):
+      callees[callee] += 1
+    match = re.search(r"(?:stablehlo|chlo)\.(\w+)", line)
+    kind = match.group(1) if match else None
+    if '"stablehlo.' in line and kind in NON_ELEMENTWISE and " : (" not in line.split("}>")[-1]:
+      pending = kind
+      continue
+    if pending and line.strip().startswith("})") and " : (" in line:
+      kind, pending = pending, None
+    elif kind not in NON_ELEMENTWISE:
+      continue
+    operands = line.rsplit(" : ", 1)[-1].split("->")[0]
+    kernels += 1
+    if kind in ("dot_general", "reduce", "scatter") and row_type in operands:
+      reads += 1
+    if kind in ("custom_call", "cholesky"):  # jax < 0.8 lowers Cholesky for GPUs as XLA's op (cuSOLVER potrf)
+      target = re.search(r"custom_call @(\w+)", line).group(1) if kind == "custom_call" else "cholesky"
+      shape = FLOAT_TENSOR.search(operands)
+      calls[f"{target}({shape.group(1) if shape else ''})"] += 1
+    if kind == "dot_general":
+      shapes = [tuple(int(d) for d in m.split("x")) for m in FLOAT_TENSOR.findall(operands)]
+      contracting = re.search(r"contracting_dims = \[([\d, ]*)\] x", line)
+      precision = re.search(r"precision = \[(\w+),", line)
+      if len(shapes) == 2 and contracting:
+        size = np.prod([shapes[0][int(d)] for d in contracting.group(1).split(",") if d.strip()])
+        work = 2.0 * np.prod(shapes[0]) * np.prod(shapes[1]) / size
+        batch = re.search(r"batching_dims = \[([\d, ]*)\] x", line)
+        if batch and batch.group(1).strip():
+          work /= np.prod([shapes[0][int(d)] for d in batch.group(1).split(",")])
+        side = "rows" if shapes[0][:2] == tuple(int(v) for v in row_type[7:-5].split("x")) else "small"
+        flops[(side, precision.group(1) if precision else "DEFAULT")] += work
+  return flops, reads, kernels, calls, callees
+
+
+def program_census(text: str, rows: int, feature_dim: int, trips: int = 1) -> dict:
+  """What a StableHLO module does to its (rows, p) float32 arrays and beyond, for ``trips`` runs of it.
+
+  dots: FLOPs by precision, split into 'rows' (a (rows, p) left operand: pass 2's products) and 'small';
+  reads: non-elementwise consumers (dot_general, reduce, scatter) of a (rows, p) array, each one read of it,
+  counted ``trips`` times (chunks of pass 2: rows/N of a read of the whole (N, p) features each)
+  (XLA fuses elementwise producers into them; sibling reductions may share a read, so an upper bound);
+  kernels: non-elementwise ops (each ~ one kernel on a GPU; an upper bound for reductions that fuse);
+  custom_calls: their targets with the first operand's shape. Each function counts as often as it is called
+  from main (JAX outlines jitted helpers such as cholesky and calls them more than once); every branch of a
+  cond counts, so lower the path that runs.
+  """
+  row_type = f"tensor<{rows}x{feature_dim}xf32>"
+  functions, name, body = {}, None, []
+  for line in text.splitlines():
+    start = re.match(r"\s*func\.func (?:public |private )?@([\w.$-]+)\(", line)
+    if start:
+      name, body = start.group(1), []
+      continue
+    if name is not None and re.match(r"^  }", line):
+      functions[name], name = body, None
+      continue
+    if name is not None:
+      body.append(line)
+  own = {fn: _own_census(lines, row_type) for fn, lines in functions.items()}
+
+  @functools.lru_cache(maxsize=None)
+  def total(fn):
+    flops, reads, kernels, calls, callees = own[fn]
+    flops, calls = collections.Counter(flops), collections.Counter(calls)
+    for callee, count in callees.items():
+      if callee in own:
+        sub = total(callee)
+        for key, value in sub["flops"].items():
+          flops[key] += count * value
+        for key, value in sub["custom_calls"].items():
+          calls[key] += count * value
+        reads += count * sub["reads"]
+        kernels += count * sub["kernels"]
+    return {"flops": flops, "reads": reads, "kernels": kernels, "custom_calls": calls}
+
+  result = total("main")
+  return {"flops": {key: value * trips for key, value in result["flops"].items()}, "reads": result["reads"] * trips,
+          "kernels": result["kernels"] * trips, "custom_calls": collections.Counter(
+              {key: value * trips for key, value in result["custom_calls"].items()})}
+
+
+def _abstract(shape, dtype=jnp.float32):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def lowered_parts(size, solver: str, platform_name: str = "cuda") -> dict:
+  """Censuses of the suite's parts as lowered for ``platform_name`` with ``solver``: the factorisation that
+  runs for full-rank means ('gram': eigh; 'auto': the Cholesky path), pass 2 (one chunk, times the chunks),
+  and the whole suite (every branch)."""
+  num_samples, feature_dim, num_classes = size
+  rows = collapse._chunk_rows(num_classes, "auto", "cpu" if platform_name == "cpu" else platform_name)
+  chunks, padded = collapse._chunking(num_samples, rows)
+  rows = padded // chunks
+  rank = min(feature_dim, num_classes - 1)
+  centred = _abstract((num_classes, feature_dim))
+  if solver == "auto":
+    factorise = lambda m: accumulators._factorise_cholesky(m, rank, deflate=True)
+  else:
+    factorise = lambda m: accumulators._factorise(m, rank, solver, None)
+  means = jax.eval_shape(lambda: accumulators.init_class_means(num_classes, feature_dim))
+  weights, bias = _abstract((num_classes, feature_dim)), _abstract((num_classes,))
+  geometry_shape = jax.eval_shape(lambda m, w, b: accumulators.finalize_class_means(m, w, b, solver=solver),
+                                  means, weights, bias)
+  state = jax.eval_shape(accumulators.init_deviations, geometry_shape)
+  pass2 = lambda s, g, h, y: accumulators.update_deviations(s, g, h, y)
+  suite = lambda h, y, w, b: neural_collapse(h, y, num_classes, w, b, solver=solver, chunk_rows=rows)
+  texts = {
+      "factorise": _export_text(factorise, [centred], platform_name),
+      "pass2": _export_text(pass2, [state, geometry_shape, _abstract((rows, feature_dim)),
+                                    _abstract((rows,), jnp.int32)], platform_name),
+      "suite": _export_text(suite, [_abstract((num_samples, feature_dim)), _abstract((num_samples,), jnp.int32),
+                                    weights, bias], platform_name),
+  }
+  return {"rows": rows, "chunks": chunks,
+          "factorise": program_census(texts["factorise"], rows, feature_dim),
+          "pass2": program_census(texts["pass2"], rows, feature_dim, trips=chunks),
+          "suite": program_census(texts["suite"], rows, feature_dim)}
+
+
+def cholesky_path_taken(size) -> bool:
+  """Whether the Cholesky path accepts the class means of ``make_data`` at ``size`` (its generating means plus
+  the sampling error of N/C samples a class), checked here in float32."""
+  num_samples, feature_dim, num_classes = size
+  rng = np.random.default_rng(0)
+  rng.permutation(np.arange(num_samples) % num_classes)
+  means = rng.normal(size=(num_classes, feature_dim))
+  means = means + 0.5 * rng.normal(size=means.shape) / np.sqrt(num_samples / num_classes)
+  centred = jnp.asarray(means - means.mean(0), jnp.float32)
+  return bool(jax.jit(lambda m: accumulators._factorise_cholesky(m, min(feature_dim, num_classes - 1), True)[1])(
+      centred))
+
+
+def h200_measurements(path: pathlib.Path = common.BENCHMARKS_MD) -> dict:
+  """{(N, p, C): {'floor': ms, 'suite svd': ms, 'suite gram': ms}} from the last benchmarks/metrics.py section of
+  ``path`` measured on an H200, and that section's header."""
+  sections = re.split(r"(?m)^### ", path.read_text())
+  found = [s for s in sections if s.startswith("benchmarks/metrics.py,") and "NVIDIA H200" in s]
+  if not found:
+    raise SystemExit(f"--predict needs an H200 row of benchmarks/metrics.py in {path}; none found")
+  lines = [line for line in found[-1].splitlines() if line.startswith("|")]
+  names = [cell.strip() for cell in lines[0].strip("|").split("|")]
+  result = {}
+  for line in lines[2:]:
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    size = tuple(int(v.replace(",", "")) for v in cells[0].split(", "))
+    values = dict(zip(names, cells))
+    default = values.get("suite (ms)", values.get("suite svd (ms)"))  # the column suite/floor divides
+    # the floor from the ratio: the table rounds it to 0.1 ms, which is +-30% at 0.2 ms
+    floor = float(default) / float(values["suite/floor"].rstrip("x")) if "suite/floor" in values else float(
+        values["floor (ms)"])
+    result[size] = {"floor": floor, "suite svd": float(values["suite svd (ms)"]),
+                    "suite gram": float(values["suite gram (ms)"])}
+  return result, found[-1].splitlines()[0]
+
+
+def _solver_us(calls: collections.Counter, pick: int) -> float:
+  """Assumed time of the cuSOLVER calls in ``calls`` (µs); ``pick``: 0 central, 1 favourable, 2 unfavourable."""
+  total = 0.0
+  for call, count in calls.items():
+    n = int(re.search(r"\((\d+)", call).group(1)) if re.search(r"\((\d+)", call) else 0
+    if "syevd" in call:
+      total += count * (ASSUMED["syevj_us"][pick] if n <= 32 else ASSUMED["syevd_us_per_n"][pick] * n)
+    elif "potrf" in call or "cholesky" in call:
+      total += count * ASSUMED["potrf_us"][pick]
+  return total
+
+
+def predict_row(size, measured: dict) -> dict:
+  """The default path's predicted H200 time at ``size`` (central, favourable, unfavourable: ``ASSUMED``).
+
+  The measured 'gram' suite splits into its pass-2 GEMMs and eigendecomposition (at the assumed unit costs) and
+  the rest (pass 1, pass 2's other work, finalize, launches), which the new program shares but for the census
+  differences (reads, kernels, the Cholesky path's cond). The rest is at least its memory traffic (pass 1: two
+  reads, pass 2: its reads and its products' (N, r + 2C) outputs written and read once), so unit costs that
+  would leave less are capped there. Prediction = rest + new GEMMs + new cuSOLVER calls + the differences."""
+  num_samples, feature_dim, num_classes = size
+  old, new = lowered_parts(size, "gram"), lowered_parts(size, "auto")
+  largest = max(measured)
+  gram_s = measured[size]["suite gram"] * 1e-3
+  outputs = sum(v for (side, _), v in old["pass2"]["flops"].items() if side == "rows") / (2 * feature_dim)
+  predictions = []
+  for pick in range(3):
+    fp32 = H200_PEAKS["fp32"] * ASSUMED["fp32_efficiency"][pick]
+    tf32 = 2.0 * np.prod(largest) / (measured[largest]["floor"] * 1e-3 * ASSUMED["tf32_share"][pick])
+    bandwidth = H200_PEAKS["hbm"] * ASSUMED["hbm_efficiency"][pick]
+    chunk_read = old["rows"] * feature_dim * 4 / bandwidth
+
+    def gemms(part):
+      return sum(v / (fp32 if precision == "HIGHEST" else tf32) for (_, precision), v in part["flops"].items())
+
+    def overheads(part):
+      return part["reads"] * chunk_read + part["kernels"] * ASSUMED["kernel_us"][pick] * 1e-6
+
+    memory_floor = ((2 * num_samples * feature_dim * 4 + 2 * outputs * 4) / bandwidth
+                    + old["pass2"]["reads"] * chunk_read)
+    removed = sum(gemms(old[part]) for part in ("factorise", "pass2")) + _solver_us(old["factorise"]["custom_calls"],
+                                                                                     pick) * 1e-6
+    rest = max(gram_s - removed, memory_floor)
+    added = sum(gemms(new[part]) + overheads(new[part]) - overheads(old[part]) for part in ("factorise", "pass2"))
+    added += (_solver_us(new["factorise"]["custom_calls"], pick) + ASSUMED["sync_us"][pick]) * 1e-6
+    predictions.append(1e3 * (rest + added))
+  return {"size": size, "old": old, "new": new, "predicted": predictions, "floor": measured[size]["floor"],
+          "svd": measured[size]["suite svd"], "gram": measured[size]["suite gram"],
+          "cholesky": cholesky_path_taken(size)}
+
+
+def _flops_text(part) -> str:
+  flops = part["flops"]
+  rows = {precision: v for (side, precision), v in flops.items() if side == "rows"}
+  return ", ".join(f"{v / 1e9:.0f} GFLOP {p}" for p, v in sorted(rows.items())) or "none"
+
+
+def _calls_text(calls) -> str:
+  return ", ".join(f"{n} x {call}" for call, n in sorted(calls.items())) or "none"
+
+
+def format_prediction(rows, tpu, header: str, source: str) -> str:
+  lines = [header, "",
+           "Method: `benchmarks/metrics.py --predict` exports the suite for 'cuda' on this CPU host (jax.export, "
+           "pass 2 "
+           "chunked as on a GPU) with solver 'gram' (the measured H200 column) and the default 'auto', and takes a "
+           "census of each program's parts: the factorisation that runs for full-rank class means ('gram': eigh; "
+           "'auto': the CholeskyQR2 path, whose acceptance is checked on the benchmark's class means), and pass 2 "
+           "(one chunk, times the chunks): GEMM FLOPs by precision, reads of an (N, p) array (non-elementwise "
+           "consumers of it), kernels (non-elementwise ops) and cuSOLVER calls. Prediction = the H200's measured "
+           f"'gram' suite ({source}) + (new - old) x unit cost, the unit costs assumed (`ASSUMED`): HIGHEST GEMMs at "
+           "70-90% of 67 TFLOP/s, HIGH (TF32) at the measured floor's rate at the largest size (80-100% of its time "
+           "its GEMM), one (N, p) read at 70-90% of 4.8 TB/s, 3-8 µs a small kernel, 10-40 µs a host-synchronising "
+           "cond, cuSOLVER syevd 3-10 µs per row (n > 32) or 30-100 µs (syevj, n <= 32), potrf 20-80 µs. The "
+           "measured "
+           "'gram' suite less its pass-2 GEMMs and eigh at those costs is the rest the two programs share (pass 1, "
+           "finalize, launches), at least its memory traffic (where the costs would leave less, the rest is that "
+           "floor); the prediction adds the new GEMMs, potrf and the census differences to it. Range: favourable .. "
+           "unfavourable to the new path, central first. Not measured: `--breakdown` on the H200 measures the "
+           "parts.", "",
+           "| N, p, C | floor (ms, from suite/floor) | measured svd / gram (ms) | pass-2 GEMMs gram -> auto "
+           "| (N, p) reads gram -> auto (chunks) "
+           "| kernels gram -> auto | cuSOLVER gram -> auto (runs) | Cholesky path | predicted auto (ms) "
+           "| predicted auto / floor | measured svd / floor |",
+           "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+  for row in rows:
+    old, new = row["old"], row["new"]
+    central, good, bad = row["predicted"]
+    f = row["floor"]
+    lines.append(
+        f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | {f:.2f} | {row['svd']:.1f} / {row['gram']:.1f} | "
+        f"{_flops_text(old['pass2'])} -> {_flops_text(new['pass2'])} | "
+        f"{old['pass2']['reads'] / row['old']['chunks']:g} -> {new['pass2']['reads'] / row['old']['chunks']:g} "
+        f"({row['old']['chunks']}) | "
+        f"{old['pass2']['kernels'] + old['factorise']['kernels']} -> "
+        f"{new['pass2']['kernels'] + new['factorise']['kernels']} | "
+        f"{_calls_text(old['factorise']['custom_calls'])} -> {_calls_text(new['factorise']['custom_calls'])} | "
+        f"{'taken' if row['cholesky'] else 'refused'} | {central:.1f} ({good:.1f} .. {bad:.1f}) | "
+        f"{central / f:.1f}x ({good / f:.1f}x .. {bad / f:.1f}x) | {row['svd'] / f:.1f}x |")
+  lines += ["", "Every cuSOLVER call in the default program as lowered (all branches; one factorisation path runs): "
+            + "; ".join(f"{row['size'][2]} classes: {_calls_text(row['new']['suite']['custom_calls'])}"
+                        for row in rows) + ".",
+            "TPU (lowered for 'tpu', counts only): " + "; ".join(
+                f"{size[2]} classes: pass-2 GEMMs {_flops_text(census['pass2'])}, linear algebra in the suite "
+                f"{_calls_text(census['suite']['custom_calls'])}" for size, census in tpu) + "."]
+  return "\n".join(lines)
+
+
+def predict(args) -> None:
+  measured, source = h200_measurements()
+  rows = [predict_row(size, measured) for size in SIZES["all"]]
+  tpu = [(size, lowered_parts(size, "auto", "tpu")) for size in SIZES["all"]]
+  header = (f"### benchmarks/metrics.py --predict, {datetime.date.today()}: PREDICTED, not measured; the default "
+            f"solver 'auto' on an NVIDIA H200, from the programs lowered for 'cuda' with jax {jax.__version__} on "
+            f"{platform.processor() or platform.machine()}")
+  common.report(format_prediction(rows, tpu, header, source.split(":")[0].strip() + ", " + source.split(":")[1]
+                                  .split(",")[0].strip()), append=not args.no_append)
+
+
+# ----------------------------------------------------------------------------
+# --breakdown: where the suite's time goes, on the device (what --predict assumes).
+# ----------------------------------------------------------------------------
+
+
+def breakdown_row(num_samples, feature_dim, num_classes, repeats) -> dict:
+  """Median times (s) of the suite's parts at one size, each jitted alone on the default device."""
+  features, labels, weights, bias = make_data(num_samples, feature_dim, num_classes)
+  h, y, w, b = (jax.device_put(x) for x in (features, labels, weights, bias))
+  del features
+  rank = min(feature_dim, num_classes - 1)
+  time_of = lambda fn, *args: common.median_time(functools.partial(jax.jit(fn), *args), repeats)
+  row = {"size": (num_samples, feature_dim, num_classes)}
+  row["floor"] = time_of(lambda h, w, b: jnp.argmax(h @ w.T + b, axis=-1), h, w, b)
+  means = jax.jit(lambda h, y: collapse._class_means(h, y, num_classes, None, track_max_abs=False))(h, y)
+  row["pass 1"] = time_of(lambda h, y: collapse._class_means(h, y, num_classes, None, track_max_abs=False), h, y)
+  geometries = {}
+  for solver in ("svd", "gram", "auto"):
+    finalize_fn = functools.partial(accumulators.finalize_class_means, solver=solver)
+    row[f"geometry {solver}"] = time_of(finalize_fn, means, w, b)
+    geometries[solver] = jax.jit(finalize_fn)(means, w, b)
+  centred = geometries["svd"].centred_means
+  gram_matrix = jax.jit(lambda m: geometry.matmul_highest(m, m.T))(centred)
+  row["eigh C x C"] = time_of(jnp.linalg.eigh, gram_matrix)
+  jacobi = getattr(jax.lax.linalg, "EighImplementation", None)  # jax >= 0.8
+  row["eigh C x C jacobi"] = (time_of(functools.partial(jax.lax.linalg.eigh, implementation=jacobi.JACOBI), gram_matrix)
+                              if jacobi is not None and jax.default_backend() == "gpu" else float("nan"))
+  row["Cholesky path"] = time_of(lambda m: accumulators._factorise_cholesky(m, rank, True), centred)
+  row["Cholesky path taken"] = bool(jax.jit(lambda m: accumulators._factorise_cholesky(m, rank, True)[1])(centred))
+  for solver in ("svd", "auto"):
+    row[f"pass 2 {solver}"] = time_of(lambda g, h, y: collapse.deviations_pass(g, h, y), geometries[solver], h, y)
+  state = jax.jit(lambda g, h, y: collapse.deviations_pass(g, h, y))(geometries["svd"], h, y)
+  row["finalize"] = time_of(lambda s, g: finalize.finalize_collapse(s, g), state, geometries["svd"])
+  for solver in ("auto", "svd", "gram"):
+    row[f"suite {solver}"] = time_of(lambda h, y, w, b, solver=solver: neural_collapse(h, y, num_classes, w, b,
+                                                                                       solver=solver), h, y, w, b)
+  return row
+
+
+BREAKDOWN_KEYS = ("floor", "pass 1", "geometry svd", "geometry gram", "geometry auto", "eigh C x C",
+                  "eigh C x C jacobi", "Cholesky path", "pass 2 svd", "pass 2 auto", "finalize", "suite auto",
+                  "suite svd", "suite gram")
+
+
+def format_breakdown(rows, header: str) -> str:
+  lines = [header, "", "| N, p, C | " + " | ".join(f"{key} (ms)" for key in BREAKDOWN_KEYS)
+           + " | Cholesky path taken | suite auto / floor |",
+           "| --- | " + " | ".join("---:" for _ in BREAKDOWN_KEYS) + " | --- | ---: |"]
+  for row in rows:
+    lines.append(f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | "
+                 + " | ".join(f"{1e3 * row[key]:.2f}" for key in BREAKDOWN_KEYS)
+                 + f" | {row['Cholesky path taken']} | {row['suite auto'] / row['floor']:.1f}x |")
   return "\n".join(lines)
 
 
@@ -278,6 +655,12 @@ def main():
   parser.add_argument("--no-append", action="store_true")
   parser.add_argument("--large-c", action="store_true", help=f"only the vocabulary-sized rows {LARGE_C}")
   parser.add_argument("--tiles", action="store_true", help="only dense vs tiled pair statistics")
+  parser.add_argument("--predict", action="store_true",
+                      help="no device: predict the default path's H200 ratio from its 'cuda' lowering and the last "
+                      "H200 rows of BENCHMARKS.md")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="after the table, time the suite's parts alone on the device (pass 1, each factorisation, "
+                      "eigh, the Cholesky path, pass 2, finalize): what --predict assumes")
   parser.add_argument("--size", action="append", metavar="N,p,C",
                       help="with --large-c: measure this size instead of the defaults (repeatable)")
   parser.add_argument("--peer", metavar="DIR", help="with --large-c: also run rhubarbwu/neural-collapse from DIR")
@@ -291,6 +674,9 @@ def main():
   device = jax.devices()[0]
   machine = (f"{device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
              f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+  if args.predict:
+    predict(args)
+    return
   if args.tiles:
     header = f"### benchmarks/metrics.py --tiles, {datetime.date.today()}: {machine}; median of {args.repeats} runs"
     common.report(format_tiles(tile_rows(args.repeats), header), append=not args.no_append)
@@ -335,9 +721,23 @@ def main():
   device = jax.devices()[0]
   header = (f"### benchmarks/metrics.py, {datetime.date.today()}: {device.platform} ({device.device_kind}), "
             f"{jax.device_count()} device(s), {platform.processor() or platform.machine()}, "
-            f"jax {jax.__version__}, numpy {np.__version__}; median of {args.repeats} runs after warm-up")
+            f"jax {jax.__version__}, numpy {np.__version__}; median of {args.repeats} runs after warm-up; "
+            f"suite: the default solver ('auto': the svd program on CPU, the accelerator path on GPU/TPU)")
   table = format_table(rows, header)
   common.report(table, append=not args.no_append)
+  if args.breakdown:
+    parts = []
+    try:
+      for size in SIZES[args.sizes]:
+        parts.append(breakdown_row(*size, args.repeats if size[0] * size[1] * size[2] < 1e10 else 2))
+        print(f"breakdown done {size}", flush=True)
+    except KeyboardInterrupt:
+      print(f"breakdown stopped after {len(parts)} sizes", flush=True)
+    if parts:
+      header = (f"### benchmarks/metrics.py --breakdown, {datetime.date.today()}: {device.platform} "
+                f"({device.device_kind}), jax {jax.__version__}; each part jitted alone, median of {args.repeats} "
+                f"runs after warm-up (2 at the largest size); the default solver 'auto' and what --predict assumed")
+      common.report(format_breakdown(parts, header), append=not args.no_append)
 
 if __name__ == "__main__":
   main()

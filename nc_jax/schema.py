@@ -55,7 +55,7 @@ NC_OPTIONS: dict[str, Any] = {"global_mean": "class_means", "solver": "svd", "rc
                               "divide_nc1_by_classes": True, "std_ddof": 1, "self_duality_squared": True,
                               "ncc_use_bias": True, "min_count": None}
 NC_GLOBAL_MEANS = ("class_means", "samples")
-NC_SOLVERS = ("svd", "gram")
+NC_SOLVERS = ("svd", "gram", "auto")
 OPTIONAL_NC_OPTIONS = {"rcond": float, "min_count": int}
 
 # ------------------------------------------------------------------------- building
@@ -453,7 +453,8 @@ def _nc(group) -> None:
                         f"nc_jax.schema.nc_config(); default: {NC_OPTIONS[name]!r})")
   _choice("nc.global_mean", group["global_mean"], NC_GLOBAL_MEANS,
           note=" ('class_means': the mean of the class means, the notebook's; 'samples': of every feature)")
-  _choice("nc.solver", group["solver"], NC_SOLVERS, note=" ('gram' is faster for many classes)")
+  _choice("nc.solver", group["solver"], NC_SOLVERS, note=" ('gram' is faster for many classes; 'auto' is 'svd' on CPU and the "
+          "accelerator path on GPU/TPU)")
   if group["rcond"] is not None:
     _real("nc.rcond", group["rcond"], 0.0, note=", or None (max(C, p) x machine epsilon)")
   for name in ("divide_nc1_by_classes", "self_duality_squared", "ncc_use_bias"):

@@ -51,12 +51,22 @@ def parse_command_line(*overrides: str) -> ml_collections.ConfigDict:
 # ------------------------------------------------------------------ the schema's group
 
 
-def test_the_schema_declares_every_convention_at_ncoptions_defaults():
-  assert schema.NC_OPTIONS == dataclasses.asdict(NCOptions())
+def test_the_schema_declares_every_convention_at_ncoptions_defaults_but_the_solver():
+  # One documented exception: the library's solver default is 'auto' (the SVD's program on CPU), the trainer's
+  # stays 'svd' so that no run directory's config digest changes.
+  assert schema.NC_OPTIONS == {**dataclasses.asdict(NCOptions()), "solver": "svd"}
+  assert NCOptions().solver == "auto"
   assert schema.NC_GLOBAL_MEANS == options_lib.GLOBAL_MEANS and schema.NC_SOLVERS == options_lib.SOLVERS
   config = default_config.get_config()
   assert config.nc.to_dict() == schema.NC_OPTIONS
-  assert program_lib.nc_options(config) == NCOptions()
+  assert program_lib.nc_options(config) == NCOptions(solver="svd")
+
+
+def test_the_trainer_opts_into_the_accelerator_solver():
+  config = parse_command_line("--config.nc.solver=auto")
+  schema.validate(config)
+  assert program_lib.nc_options(config) == NCOptions(solver="auto")
+  assert schema.non_default_nc(config.nc.to_dict()) == {"solver": "auto"}  # a digest of its own
 
 
 def test_the_command_line_sets_conventions_and_config_json_keeps_them():
@@ -79,7 +89,7 @@ def test_an_older_config_json_reads_as_the_default_conventions():
   older = {k: v for k, v in stored.items() if k != "nc"}
   read = ml_collections.ConfigDict(schema.fill_defaults(older))
   schema.validate(read)
-  assert program_lib.nc_options(read) == NCOptions()
+  assert program_lib.nc_options(read) == NCOptions(solver="svd")  # the trainer's default (schema.NC_OPTIONS)
   partial = {**older, "nc": {"solver": "gram"}}  # a group written before a later convention existed
   assert program_lib.nc_options(ml_collections.ConfigDict(schema.fill_defaults(partial))) == NCOptions(solver="gram")
 
@@ -281,7 +291,7 @@ def test_a_run_logs_nc1_with_its_conventions_and_keeps_them_in_config_json(runs)
 @pytest.mark.slow  # a training and a measurement
 def test_collect_measures_with_the_runs_conventions_by_default(runs, tmp_path):
   result = collect_workdir(runs("notebook"), tmp_path, quiet=True, warn=lambda message: None)
-  assert result[outputs.OPTIONS_KEY] == dataclasses.asdict(NCOptions(divide_nc1_by_classes=False))
+  assert result[outputs.OPTIONS_KEY] == dataclasses.asdict(NCOptions(divide_nc1_by_classes=False, solver="svd"))
   np.testing.assert_allclose(result["nc1"], logged(runs("notebook"))["nc1"], rtol=1e-4)
 
 
@@ -293,7 +303,7 @@ def test_a_runs_min_count_is_not_applied_by_collect_with_a_warning():
   with pytest.raises(CollectError, match=r"^--std_ddof -1: must be an int >= 0") as error:
     workdir_options(config, {"std_ddof": -1}, warnings.append)
   assert error.value.code == 2
-  assert workdir_options(ml_collections.ConfigDict({"lr": 0.1}), {}) == NCOptions()  # a run older than config.nc
+  assert workdir_options(ml_collections.ConfigDict({"lr": 0.1}), {}) == NCOptions(solver="svd")  # older than config.nc
 
 
 def collect_cli(*arguments):

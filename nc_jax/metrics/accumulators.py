@@ -11,7 +11,8 @@ and O(C p) here. So:
   pass 1  (``*_class_means``)  counts and class means, merged batch by batch with
            Chan's update  mu = mu_A + (n_B/n)(mu_B - mu_A), and the largest finite |h_ij|.
   between (``finalize_class_means``) centred means M = mu - mu_G and the
-           rank-r factorisation M = U S V^T (r = min(p, C-1)), as ``ClassGeometry``.
+           rank-r factorisation M = U S V^T (r = min(p, C-1)), as ``ClassGeometry``
+           (solver 'auto' on GPU/TPU: a factor of (M^T M)^+ without an SVD, ``_factorise_accelerated``).
   pass 2  (``*_deviations``)  per class: sum of d_i, sum of ||d_i||^2, sum of
            ||S^-1 V^T d_i||^2 (= ||S^-2 U^T M d_i||^2, the NC1 summand); and the
            counts of network / NCC decisions, from (B, C) products only.
@@ -44,6 +45,7 @@ rcond, min_count, ncc_use_bias) come as one ``NCOptions`` (``options=``) or as k
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -55,6 +57,69 @@ from nc_jax.metrics.geometry import matmul_highest
 from nc_jax.metrics.options import GLOBAL_MEANS, SOLVERS, UNSET, NCOptions, resolve
 from nc_jax.metrics.scale import max_finite_abs, power_of_two, scale_exponent, scale_features
 from nc_jax.metrics.sharding import explicit_mesh, run_auto
+
+# ----------------------------------------------------------------------------
+# solver='auto': one path per platform.
+# ----------------------------------------------------------------------------
+
+_SIMULATED_PRODUCTS: Optional[str] = None  # set by simulate_accelerator (tests and benchmarks only)
+PRODUCT_EMULATIONS = ("float32", "tf32", "bf16x3")
+
+
+def on_platform(cpu, accelerator, *operands):
+  """``cpu(*operands)`` where the program is lowered for CPU, ``accelerator(*operands)`` for GPU and TPU.
+
+  ``jax.lax.platform_dependent``: the choice is made when lowering (a program exported for 'cuda' on a CPU
+  host takes the accelerator branch, and a CPU lowering contains only the CPU branch). Inside
+  ``simulate_accelerator`` the accelerator branch is traced on any platform.
+  """
+  if _SIMULATED_PRODUCTS is not None:
+    return accelerator(*operands)
+  return jax.lax.platform_dependent(*operands, cpu=cpu, default=accelerator)
+
+
+@contextlib.contextmanager
+def simulate_accelerator(products: str = "float32"):
+  """Within this context, solver='auto' traces its GPU/TPU path on any platform (for tests on a CPU host).
+
+  ``products`` emulates the precision of pass 2's tensor-core products (``tensor_product``): 'float32' (none:
+  the algorithm alone), 'tf32' (operands rounded to TF32's 10 mantissa bits, as an NVIDIA GPU's
+  Precision.HIGH), 'bf16x3' (three bfloat16 products, as a TPU's Precision.HIGH). Only tracing inside the
+  context is affected: jit a fresh function there (cached jitted functions keep what they were traced with).
+  """
+  global _SIMULATED_PRODUCTS
+  if products not in PRODUCT_EMULATIONS:
+    raise ValueError(f"simulate_accelerator: products={products!r}; choose one of {', '.join(PRODUCT_EMULATIONS)}")
+  previous, _SIMULATED_PRODUCTS = _SIMULATED_PRODUCTS, products
+  try:
+    yield
+  finally:
+    _SIMULATED_PRODUCTS = previous
+
+
+def _round_mantissa(values: jax.Array, bits: int) -> jax.Array:
+  """float32 values rounded to nearest (ties to even) with ``bits`` explicit mantissa bits (TF32: 10)."""
+  drop = 23 - bits
+  word = jax.lax.bitcast_convert_type(values, jnp.uint32)
+  word = word + jnp.uint32((1 << (drop - 1)) - 1) + ((word >> drop) & 1)
+  rounded = jax.lax.bitcast_convert_type(word & jnp.uint32(~((1 << drop) - 1) & 0xFFFFFFFF), jnp.float32)
+  return jnp.where(jnp.isfinite(values), rounded, values)
+
+
+def tensor_product(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b at ``Precision.HIGH``: one TF32 pass on NVIDIA GPUs (operands rounded to 10 mantissa bits, float32
+  sums), three bfloat16 passes on TPUs, float32 on CPU. Pass 2's (B, p) products on accelerators."""
+  if _SIMULATED_PRODUCTS == "tf32" and a.dtype == b.dtype == jnp.float32:
+    return matmul_highest(_round_mantissa(a, 10), _round_mantissa(b, 10))
+  if _SIMULATED_PRODUCTS == "bf16x3":
+    split = lambda x: (x.astype(jnp.bfloat16), (x - x.astype(jnp.bfloat16).astype(x.dtype)).astype(jnp.bfloat16))
+    (a_hi, a_lo), (b_hi, b_lo) = split(a), split(b)
+    dot = lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)
+    return dot(a_hi, b_hi) + (dot(a_hi, b_lo) + dot(a_lo, b_hi))
+  if _SIMULATED_PRODUCTS is not None:
+    return matmul_highest(a, b)
+  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGH)
+
 
 def segment_ids(labels: jax.Array, num_classes: int, mask: Optional[jax.Array] = None) -> jax.Array:
   """Labels (N,) with masked and out-of-range entries set to C, which ``class_sums`` drops."""
@@ -211,7 +276,12 @@ class ClassGeometry:
     kept: (C,) bool, the classes with at least ``min_count`` samples (None: every class).
       A dropped class is absent: no weight in mu_G, a zero row of M, no pairs, its samples
       masked out of pass 2, never an NCC or network decision.
-  No C x C array is stored: at C = 50 257 one would be 10 GB.
+    solver: the ``NCOptions.solver`` the factorisation used (static, not an array): with 'auto',
+      pass 2 also takes the path of the platform it is lowered for (``update_deviations``).
+  No C x C array is stored: at C = 50 257 one would be 10 GB. With solver 'auto' on an accelerator,
+  ``basis``, ``feature_basis`` and ``inverse_sq_singular_values`` come from ``_factorise_accelerated``:
+  ``feature_basis * sqrt(inverse_sq)`` is the factor F with F F^T = (M^T M)^+ that NC1 needs, equal to
+  V S^-1 up to a rotation of its columns; basis spans M's columns (U up to the same rotation).
   """
 
   counts: jax.Array
@@ -228,6 +298,7 @@ class ClassGeometry:
   logit_weights: Optional[jax.Array] = None
   logit_bias: Optional[jax.Array] = None
   kept: Optional[jax.Array] = None
+  solver: str = flax.struct.field(pytree_node=False, default="svd")
 
 
 def global_mean_of(means: jax.Array, counts: jax.Array, kind: str, kept: Optional[jax.Array] = None) -> jax.Array:
@@ -244,7 +315,8 @@ def global_mean_of(means: jax.Array, counts: jax.Array, kind: str, kept: Optiona
   raise ValueError(f"unknown global_mean {kind!r}; choose one of {GLOBAL_MEANS}")
 
 
-def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional[float]):
+def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional[float], *,
+               deflate: bool = False, cholesky: bool = False):
   """Top-``rank`` singular vectors U (C, rank), V (p, rank) and 1/s^2 (rank,) of M (C, p).
 
   'svd' factorises M itself (through M = QR when C > 2p): singular values accurate to eps * s_max.
@@ -254,7 +326,9 @@ def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional
   dropped (numpy's matrix_rank cutoff, rcond = max(C, p) * eps, by default),
   which is how the spurious C-th direction of a float32 M is never inverted.
   'gram' gets V = M^T U S^-1 (0 for dropped directions), and needs a (C, C) matrix: not for
-  vocabulary-sized C.
+  vocabulary-sized C. 'auto': 'svd' where the program is lowered for CPU, ``_factorise_accelerated``
+  on GPU and TPU (``on_platform``); ``deflate``: the rows of M sum to 0 (mu_G the mean of the class means),
+  ``cholesky``: its Cholesky path may be tried (every class kept, rcond not given).
   """
   num_classes, feature_dim = centred_means.shape
   eps = jnp.finfo(centred_means.dtype).eps
@@ -271,6 +345,9 @@ def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional
     # otherwise propagate back into the class-sum scatter and slow it 4x on CPU.
     feature_basis, singular_values, basis_t = jnp.linalg.svd(centred_means.T, full_matrices=False)
     basis, singular_sq = basis_t.T, singular_values**2
+  elif solver == "auto":
+    return on_platform(lambda m: _factorise(m, rank, "svd", rcond),
+                       lambda m: _factorise_accelerated(m, rank, rcond, deflate, cholesky), centred_means)
   elif solver == "gram":
     eigenvalues, eigenvectors = jnp.linalg.eigh(matmul_highest(centred_means, centred_means.T))
     singular_sq, basis = jnp.maximum(eigenvalues[::-1], 0.0), eigenvectors[:, ::-1]
@@ -284,6 +361,143 @@ def _factorise(centred_means: jax.Array, rank: int, solver: str, rcond: Optional
   if feature_basis is None:
     feature_basis = matmul_highest(centred_means.T, basis) * jnp.sqrt(inverse_sq)
   return basis, feature_basis[:, :rank], inverse_sq
+
+
+def _cholesky_qr2(tall: jax.Array):
+  """(Q (m, k), R (k, k) upper triangular, ok ()) with tall (m, k) = Q R, m >= k, by CholeskyQR2 (Fukaya et al.
+  2014): R1 = chol(X^T X)^T, Q1 = X R1^-1, then the same on Q1. Q is orthonormal to ~eps and R backward stable
+  when cond(X) < ~eps^-1/2: the first pass squares the condition number, the second removes its error.
+  ok: every entry finite, the pivots of both passes above sqrt(k eps) times their largest (no near-dependent
+  column), and Q1^T Q1 within 1/2 of I (the first pass converged enough for the second)."""
+  eps = float(jnp.finfo(tall.dtype).eps)
+  rank = tall.shape[1]
+
+  def one_pass(x):
+    lower = jnp.linalg.cholesky(matmul_highest(x.T, x))  # X^T X = L L^T, R = L^T
+    q = jax.lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)  # X L^-T
+    pivots = jnp.abs(jnp.diagonal(lower))
+    sound = jnp.all(jnp.isfinite(lower)) & (jnp.min(pivots) > math.sqrt(rank * eps) * jnp.max(pivots))
+    return q, lower, sound
+
+  q1, lower1, sound1 = one_pass(tall)
+  drift = jnp.max(jnp.abs(matmul_highest(q1.T, q1) - jnp.eye(rank, dtype=tall.dtype)))
+  q, lower2, sound2 = one_pass(q1)
+  upper = matmul_highest(lower2.T, lower1.T)  # R = R2 R1
+  ok = sound1 & sound2 & (drift < 0.5) & jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(upper))
+  return q, upper, ok
+
+
+def _factorise_accelerated(centred_means: jax.Array, rank: int, rcond: Optional[float], deflate: bool,
+                           cholesky: bool):
+  """``_factorise`` on GPUs and TPUs (solver 'auto'): (basis (C, rank), feature_basis (p, rank), (rank,)) with
+  F = feature_basis diag(sqrt(inverse_sq)) a factor of (M^T M)^+ (F F^T = (M^T M)^+), by the first of three
+  paths that applies (``lax.cond``: only that one runs); each gives the SVD's NC1 to ~1e-6.
+
+  1. Cholesky (tried when ``cholesky``: every class kept, rcond not given): M has full rank r = ``rank`` in most
+     measurements. With A = the r rows of H M for the Householder reflection H that sends 1/sqrt(C) to e_C
+     (``deflate``: M's rows sum to 0, so the dropped row is ~0 and A^T A = M^T M), or A = M otherwise,
+     CholeskyQR2 (``_cholesky_qr2``) of the tall one of A^T (C <= p) or M (C > p) gives F = Q R^-T or R^-1:
+     two Cholesky factorisations of an r x r matrix and triangular solves (cuSOLVER potrf, cuBLAS trsm), with
+     the accuracy of a QR factorisation (~eps cond(M)). F's columns are returned normalised and their squared
+     norms as inverse_sq (1/s^2 when F's columns are orthogonal, F = V S^-1); basis = M F (orthonormal, it
+     spans M's columns: the left singular vectors up to a rotation).
+  2. Gram (``_factorise_gram_refined``), when path 1 fails its checks (a rank-deficient M: dropped or coinciding
+     classes, mu_G the sample mean of balanced classes; cond(M) beyond ~(r eps)^-1/2) or is not tried: eigh of
+     the smaller Gram matrix and a Rayleigh-Ritz step, if it resolves every direction the SVD would keep: all
+     but the known null ones (zero rows of M, and 1/sqrt(C) with ``deflate``) are above its sqrt(n eps) cutoff.
+  3. SVD (``_factorise(..., 'svd', ...)``), otherwise: directions weaker than the Gram matrix resolves.
+  Under ``jax.vmap`` (a population's evaluation) a ``lax.cond`` on a batched predicate becomes a select: every
+  path runs and each member takes its own path's result (the same values, more work).
+  """
+  def general(centred):
+    refined, complete = _factorise_gram_refined(centred, rank, rcond, deflate)
+    return jax.lax.cond(complete, lambda c: refined, lambda c: _factorise(c, rank, "svd", rcond), centred)
+
+  if not cholesky:
+    return general(centred_means)
+  factors, ok = _factorise_cholesky(centred_means, rank, deflate)
+  return jax.lax.cond(ok, lambda factors, centred: factors, lambda factors, centred: general(centred), factors,
+                      centred_means)
+
+
+def _factorise_cholesky(centred_means: jax.Array, rank: int, deflate: bool):
+  """((basis, feature_basis, inverse_sq), ok ()) of ``_factorise_accelerated``'s path 1 (CholeskyQR2)."""
+  num_classes, feature_dim = centred_means.shape
+  dtype = centred_means.dtype
+  if num_classes <= feature_dim:
+    rows = centred_means
+    if deflate:  # H M with H = I - 2 w w^T / w^T w, w = 1/sqrt(C) - e_C: row C-1 becomes sum_c M_c / sqrt(C) ~ 0
+      w = jnp.full((num_classes,), 1.0 / math.sqrt(num_classes), dtype).at[-1].add(-1.0)
+      rows = centred_means - (2.0 / jnp.sum(w * w)) * w[:, None] * matmul_highest(w, centred_means)[None, :]
+    q, upper, ok = _cholesky_qr2(rows[:rank].T)  # A^T (p, r) = Q R: (M^T M)^+ = Q R^-1 R^-T Q^T
+    factor = jax.lax.linalg.triangular_solve(upper, q, left_side=False, lower=False, transpose_a=True)  # Q R^-T
+  else:
+    q, upper, ok = _cholesky_qr2(centred_means)  # M (C, p) = Q R: (M^T M)^-1 = R^-1 R^-T, r = p
+    factor = jax.lax.linalg.triangular_solve(upper, jnp.eye(rank, dtype=dtype), left_side=True, lower=False)
+  norms_sq = jnp.sum(factor**2, axis=0)
+  ok = ok & jnp.all(jnp.isfinite(factor)) & jnp.all(norms_sq > 0)
+  feature_basis = factor / jnp.sqrt(jnp.where(norms_sq > 0, norms_sq, 1.0))
+  return (matmul_highest(centred_means, factor), feature_basis, norms_sq), ok
+
+
+def _factorise_gram_refined(centred_means: jax.Array, rank: int, rcond: Optional[float], deflate: bool):
+  """((basis (C, rank), feature_basis (p, rank), 1/s^2 (rank,)), complete ()) of M (C, p) by the eigendecomposition
+  of the smaller Gram matrix and one Rayleigh-Ritz step, without an SVD (``_factorise_accelerated``'s path 2).
+
+    1. G = M M^T (C x C) if C <= p, else M^T M (p x p), in float32 at full precision; Q, lambda = eigh(G).
+       A direction is kept if lambda_k > rcond'^2 lambda_0 with rcond' = max(rcond, sqrt(n eps)), n = min(C, p):
+       an eigenvalue of a float32 Gram matrix is only known to ~n eps lambda_0, so weaker directions
+       (s_k < sqrt(n eps) s_max: 1.1e-3 at n = 10, 1.1e-2 at n = 1000) are dropped, as by 'gram'; the SVD
+       keeps them down to rcond s_max.
+    2. Ritz vectors Y = M^T Q (C <= p; columns ~ s_k v_k) or M Q (columns ~ s_k u_k), Ritz values
+       d_k = ||y_k|| (accurate to ~eps s_max, like the SVD's: the square of the condition number is gone),
+       and the overlap O = Yhat^T Yhat of the unit columns (= I when Q is exact). For C <= p,
+       F = Yhat O^-1 D^-1 satisfies F F^T = (M^T P M)^+ with P = Q Q^T the kept subspace, whatever the mixing
+       of Q within it; for C > p, F = Q D^-1 O^-1/2. O^-1 and O^-1/2 are Neumann series in E = O - I to E^3
+       (error ~|E|^4; |E| ~ n eps kappa^2 <= ~1e-3 above the cutoff); max|E_jk| > 1/4 makes it incomplete.
+  Against the float64 SVD the NC1 of this factor is within ~1e-6 (relative) wherever every direction is kept
+  (tests/test_solver_backend.py); the plain Gram factor is off by ~eps kappa^2. Directions are returned in the
+  order of the eigenvalues; Ritz values below rcond' d_max are dropped too. complete: no direction the SVD would
+  keep was dropped for want of resolution (rcond' > rcond and fewer than r' kept, r' = ``rank`` less the zero
+  rows of M and, with ``deflate``, the direction 1/sqrt(C)), and the series converged.
+  """
+  num_classes, feature_dim = centred_means.shape
+  dtype = centred_means.dtype
+  eps = float(jnp.finfo(dtype).eps)
+  if rcond is None:
+    rcond = max(num_classes, feature_dim) * eps
+  classes_side = num_classes <= feature_dim
+  resolution = math.sqrt(min(num_classes, feature_dim) * eps)
+  expected = jnp.minimum(rank, num_classes - jnp.sum(jnp.all(centred_means == 0, axis=1)) - int(deflate))
+  cut_by_resolution = resolution > rcond
+  rcond = max(rcond, resolution)
+  gram = (matmul_highest(centred_means, centred_means.T) if classes_side
+          else matmul_highest(centred_means.T, centred_means))
+  eigenvalues, eigenvectors = jnp.linalg.eigh(gram)
+  eigenvalues, eigenvectors = eigenvalues[::-1][:rank], eigenvectors[:, ::-1][:, :rank]
+  keep = eigenvalues > (rcond**2) * jnp.maximum(eigenvalues[0], 0.0)
+  eigenvectors = jnp.where(keep, eigenvectors, 0.0)
+  ritz = matmul_highest(centred_means.T if classes_side else centred_means, eigenvectors)  # (p or C, rank)
+  ritz_values = jnp.sqrt(jnp.sum(ritz**2, axis=0))
+  keep = keep & (ritz_values > rcond * jnp.max(ritz_values))
+  inverse_sq = jnp.where(keep, 1.0 / jnp.where(keep, ritz_values, 1.0) ** 2, 0.0)
+  unit = jnp.where(keep, ritz, 0.0) * jnp.sqrt(inverse_sq)
+  identity = jnp.eye(rank, dtype=dtype)
+  error = jnp.where(keep[:, None] & keep[None, :], matmul_highest(unit.T, unit), 0.0) - jnp.where(keep, identity, 0.0)
+  error_sq = matmul_highest(error, error)
+  error_cubed = matmul_highest(error_sq, error)
+  converged = jnp.max(jnp.abs(error)) <= 0.25
+  if classes_side:
+    feature_basis = matmul_highest(unit, identity - error + error_sq - error_cubed)  # Yhat O^-1; D^-1: inverse_sq
+    basis = eigenvectors
+  else:  # F = Q D^-1 O^-1/2 = (Q D^-1 O^-1/2 D) D^-1
+    inverse_root = identity - error / 2 + 0.375 * error_sq - 0.3125 * error_cubed
+    ritz_values_kept = jnp.where(keep, ritz_values, 1.0)
+    feature_basis = matmul_highest(eigenvectors, inverse_root * (ritz_values_kept[None, :] / ritz_values_kept[:, None]))
+    basis = unit
+  feature_basis = jnp.where(keep, feature_basis, 0.0)
+  complete = converged & ((jnp.sum(keep) >= expected) if cut_by_resolution else True)
+  return (basis, feature_basis, inverse_sq), complete
 
 
 def _logit_units(weights: jax.Array, bias: Optional[jax.Array], exponent: jax.Array):
@@ -341,7 +555,9 @@ def finalize_class_means(
   if kept is not None:
     centred = jnp.where(kept[:, None], centred, 0.0)
   rank = min(feature_dim, num_classes - 1 if options.global_mean == "class_means" else num_classes)
-  basis, feature_basis, inverse_sq = _factorise(centred, rank, options.solver, options.rcond)
+  basis, feature_basis, inverse_sq = _factorise(centred, rank, options.solver, options.rcond,
+                                                deflate=options.global_mean == "class_means",
+                                                cholesky=kept is None and options.rcond is None)
   logit_weights = logit_bias = None
   if weights is not None:
     logit_weights, logit_bias = _logit_units(weights.astype(means.dtype), bias, exponent)
@@ -360,6 +576,7 @@ def finalize_class_means(
       logit_weights=logit_weights,
       logit_bias=logit_bias,
       kept=kept,
+      solver=options.solver,
   )
 
 
@@ -459,6 +676,83 @@ def _network_decision(geometry: ClassGeometry, scaled: jax.Array, use_bias: bool
   return jnp.argmax(logits, axis=-1)
 
 
+def _projections(geometry: ClassGeometry, scaled: jax.Array, deviations: jax.Array, safe_labels: jax.Array,
+                 use_bias: bool):
+  """(NC1 summand ||S^-1 V^T d_i||^2 (B,), NCC decision (B,), network decision (B,) or None) at full float32
+  precision: what every solver but 'auto' on an accelerator computes."""
+  whitened = matmul_highest(deviations, geometry.feature_basis) * jnp.sqrt(geometry.inverse_sq_singular_values)
+  projected_sq = jnp.sum(whitened**2, axis=-1)
+  ncc_decision = _ncc_decision(geometry, deviations, safe_labels)
+  network_decision = None
+  if geometry.weights is not None:
+    network_decision = _network_decision(geometry, scaled, use_bias)
+  return projected_sq, ncc_decision, network_decision
+
+
+def _best_two(scores: jax.Array, minimize: bool) -> jax.Array:
+  """(B, 2) int (argmin's dtype): the best and second-best classes of approximate ``scores`` (B, C), best
+  first (lowest if ``minimize``, else highest)."""
+  signed = scores if minimize else -scores
+  first = jnp.argmin(signed, axis=-1)
+  second = jnp.argmin(jnp.where(jnp.arange(scores.shape[-1]) == first[:, None], jnp.inf, signed), axis=-1)
+  return jnp.stack([first, second], axis=-1)
+
+
+def _better_of_two(candidates: jax.Array, exact: jax.Array, minimize: bool) -> jax.Array:
+  """(B,): of two ``candidates`` (B, 2), the one with the better ``exact`` score (B, 2); on a tie the lower class,
+  as argmin over all classes would choose. Equal to the argmin (argmax) of exact scores over every class unless a
+  third class lies within the approximate scores' error of the best two."""
+  signed = exact if minimize else -exact
+  take_second = (signed[:, 1] < signed[:, 0]) | ((signed[:, 1] == signed[:, 0]) & (candidates[:, 1] < candidates[:, 0]))
+  return jnp.where(take_second, candidates[:, 1], candidates[:, 0])
+
+
+def _projections_accelerated(geometry: ClassGeometry, scaled: jax.Array, deviations: jax.Array,
+                             safe_labels: jax.Array, use_bias: bool):
+  """``_projections`` on the tensor cores (solver 'auto' on GPU and TPU): two products at Precision.HIGH.
+
+    NC1 summand  ||d_i F||^2 with F = feature_basis diag(1/s) (B, r), ``tensor_product``: TF32 rounds d and F to
+                 2^-11 (relative); the errors of the N r squares are independent and mostly average out: NC1
+                 within ~3e-6 of float64 for well-conditioned means, ~5e-5 at condition number 300 (float32
+                 products: ~5e-6; tests/test_solver_backend.py allows 2e-4);
+    decisions    g_i = x_i - mu_G times [M^T | W'^T] (B, 2C) in one product, then the two best classes of
+                 each rule scored again in float32 (``_better_of_two``): NCC by ||M_c||^2 - 2 <g_i, M_c>,
+                 the network by <W'_c, g_i> + (W' mu_G + b')_c (= (W' x_i + b')_c). So a TF32 rounding can
+                 change a decision only where a third class is within its error of the best two.
+  """
+  num_classes = geometry.means.shape[0]
+  whitening = geometry.feature_basis * jnp.sqrt(geometry.inverse_sq_singular_values)
+  projected_sq = jnp.sum(tensor_product(deviations, whitening) ** 2, axis=-1)
+  centred = scaled - jnp.where(jnp.isfinite(geometry.global_mean), geometry.global_mean, 0.0)
+  kept = jnp.ones((num_classes,), bool) if geometry.kept is None else geometry.kept
+  targets = [geometry.centred_means.T]
+  if geometry.weights is not None:
+    targets.append(geometry.logit_weights.T)
+  products = tensor_product(centred, jnp.concatenate(targets, axis=1))
+
+  ncc_score = jnp.where(kept, geometry.centred_norms_sq - 2.0 * products[:, :num_classes], jnp.inf)
+  ncc_candidates = _best_two(ncc_score, minimize=True)
+  candidates, table = ncc_candidates, geometry.centred_means
+  if geometry.weights is not None:
+    offset = matmul_highest(geometry.logit_weights, jnp.where(jnp.isfinite(geometry.global_mean),
+                                                              geometry.global_mean, 0.0))
+    if use_bias and geometry.bias is not None:
+      offset = offset + geometry.logit_bias
+    logits = jnp.where(kept, products[:, num_classes:] + offset, -jnp.inf)
+    network_candidates = _best_two(logits, minimize=False)
+    candidates = jnp.concatenate([ncc_candidates, network_candidates + num_classes], axis=1)
+    table = jnp.concatenate([geometry.centred_means, geometry.logit_weights], axis=0)
+  # <g_i, row> in float32 for every candidate: one read of g, the rows gathered from the (C or 2C, p) table
+  exact = jnp.sum(centred[:, None, :] * table[candidates], axis=-1)  # (B, 2 or 4)
+  ncc_exact = jnp.where(kept[ncc_candidates], geometry.centred_norms_sq[ncc_candidates] - 2.0 * exact[:, :2], jnp.inf)
+  ncc_decision = _better_of_two(ncc_candidates, ncc_exact, minimize=True)
+  network_decision = None
+  if geometry.weights is not None:
+    network_exact = jnp.where(kept[network_candidates], exact[:, 2:] + offset[network_candidates], -jnp.inf)
+    network_decision = _better_of_two(network_candidates, network_exact, minimize=False)
+  return projected_sq, ncc_decision, network_decision
+
+
 def update_deviations(
     state: DeviationState,
     geometry: ClassGeometry,
@@ -479,8 +773,9 @@ def update_deviations(
     logits       (W h_i + b) 2^-(e+L) = W' x_i + b' with W' = ``logit_weights`` (b' dropped if
                  not ``options.ncc_use_bias``, or the keyword ``ncc_use_bias``), so the argmax is the network's.
   Only (B, C) and (B, p) temporaries: no C x C array. Classes not ``geometry.kept`` are never
-  a decision, and their samples only count in ``filtered_samples``. A batch typed on Explicit
-  mesh axes is folded in on Auto ones (``sharding.run_auto``).
+  a decision, and their samples only count in ``filtered_samples``. A geometry of solver 'auto' computes
+  these products as above on CPU and on the tensor cores on GPU and TPU (``_projections_accelerated``).
+  A batch typed on Explicit mesh axes is folded in on Auto ones (``sharding.run_auto``).
   """
   options = resolve(options, "update_deviations", ncc_use_bias=ncc_use_bias)
   explicit = explicit_mesh(state, geometry, features, labels, mask)
@@ -497,14 +792,17 @@ def update_deviations(
   scaled = scale_features(features, geometry.exponent, dtype)
   deviations = scaled - reference[safe_labels]
   deviation_sq = jnp.sum(deviations**2, axis=-1)  # finite for every finite row (|d| < 2), see nonfinite_rows
-  whitened = matmul_highest(deviations, geometry.feature_basis) * jnp.sqrt(geometry.inverse_sq_singular_values)
-  projected_sq = jnp.sum(whitened**2, axis=-1)
-  ncc_decision = _ncc_decision(geometry, deviations, safe_labels)
+  exact = lambda g, x, d, y: _projections(g, x, d, y, options.ncc_use_bias)
+  if geometry.solver == "auto":
+    accelerated = lambda g, x, d, y: _projections_accelerated(g, x, d, y, options.ncc_use_bias)
+    projected_sq, ncc_decision, network_decision = on_platform(exact, accelerated, geometry, scaled, deviations,
+                                                               safe_labels)
+  else:
+    projected_sq, ncc_decision, network_decision = exact(geometry, scaled, deviations, safe_labels)
 
   count_where = lambda condition: jnp.sum(valid & condition, dtype=jnp.int32)
   network_correct = mismatch = jnp.zeros((), jnp.int32)
   if geometry.weights is not None:
-    network_decision = _network_decision(geometry, scaled, options.ncc_use_bias)
     network_correct = count_where(network_decision == labels)
     mismatch = count_where(network_decision != ncc_decision)
 

@@ -220,14 +220,15 @@ def raise_if_invalid(metrics: Mapping[str, jax.Array], *, allow_degenerate: bool
 CHUNK_BYTES = 1 << 26  # per (rows, C) float32 temporary of pass 2, which keeps about four of them
 
 
-def _chunk_rows(num_classes: int, chunk_rows) -> Optional[int]:
+def _chunk_rows(num_classes: int, chunk_rows, platform: Optional[str] = None) -> Optional[int]:
   """Rows per pass-2 chunk: 'auto' bounds each (rows, C) temporary by ``CHUNK_BYTES`` on every
   backend (C = 50 257: 333 rows), and on CPU also by 4096 rows (the (rows, p) deviations stay
-  in cache); None: one chunk."""
+  in cache); None: one chunk. ``platform``: the backend the rows are for (None: ``jax.default_backend()``;
+  a program lowered for another platform passes the integer this gives for it as ``chunk_rows``)."""
   if chunk_rows != "auto":
     return chunk_rows
   rows = max(CHUNK_BYTES // (4 * num_classes), 64)
-  return min(rows, 4096) if jax.default_backend() == "cpu" else rows
+  return min(rows, 4096) if (platform or jax.default_backend()) == "cpu" else rows
 
 
 def _chunking(num_samples: int, chunk_rows: Optional[int]) -> tuple[int, int]:
