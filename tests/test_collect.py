@@ -1,5 +1,6 @@
 """nc_jax.collect: Neural Collapse of a trained model in streaming passes, resumable, multi-process."""
 
+import dataclasses
 import io
 import json
 import os
@@ -163,6 +164,9 @@ def test_conventions_as_keywords_or_as_options_equal_neural_collapse_with_them(u
   by_keywords = run(**conventions)
   assert run(options=NCOptions(**conventions)) == by_keywords
   assert_same_metrics(by_keywords, expected, expected)
+  # the result (what nc.json holds) names the conventions it was measured with, the library's defaults included
+  assert by_keywords[outputs.OPTIONS_KEY] == {**dataclasses.asdict(NCOptions()), **conventions}
+  assert run()[outputs.OPTIONS_KEY]["solver"] == NCOptions().solver
   with pytest.raises(TypeError, match="global_means"):
     run(global_means="samples")
 

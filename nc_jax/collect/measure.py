@@ -423,11 +423,12 @@ def collect(
       std_ddof=..., self_duality_squared=..., ncc_use_bias=..., rcond=...), as for ``neural_collapse``.
 
   Returns:
-    {key: Python scalar}: every key of ``neural_collapse`` (and the ``*_test`` ones), the loss keys, ``info``
-    and, with ``out_dir``, ``class_stats_sha256`` (the digest of class_stats.npz) and ``sha256`` (that of every
+    {key: Python scalar}: every key of ``neural_collapse`` (and the ``*_test`` ones), the loss keys, ``info``,
+    ``nc_options`` (``outputs.OPTIONS_KEY``: the conventions measured with, as a dict of NCOptions' fields) and, with ``out_dir``, ``class_stats_sha256`` (the digest of class_stats.npz) and ``sha256`` (that of every
     other key, ``outputs.own_digest``): what nc.json holds.
   """
   options = options_of(options, conventions)
+  info = {outputs.OPTIONS_KEY: dataclasses.asdict(options), **(info or {})}
   _check_arguments(num_classes, checkpoint_every, out_dir)
   main, heldout = _sources(batches, test_batches, batch_size)
   feature_dim, dtype = _feature_spec(apply_fn, params, main, num_classes, loss_fn)
