@@ -223,6 +223,22 @@ def test_each_member_of_a_population_workdir_is_a_finished_single_run(tmp_path):
   assert {m.tpt_start_epoch for m in members} == {None, 3}  # lr 0.01 never reaches TPT here, lr 0.03 at epoch 3
 
 
+def test_a_populations_wall_time_counts_from_its_epoch_loop_as_a_single_runs(tmp_path, monkeypatch):
+  pause = 5.0  # before the epoch loop (the restore, placing the data): not training time
+  place = device.put_replicated
+  paused = []
+  def slow_place(*arguments):
+    if not paused:
+      time.sleep(pause)
+      paused.append(pause)
+    return place(*arguments)
+  monkeypatch.setattr(device, "put_replicated", slow_place)
+  began = time.perf_counter()
+  members = population.train_population(tiny(), LRS[:1], workdir=tmp_path, log=QUIET["log"])
+  total = time.perf_counter() - began
+  assert paused and members[0].records[-1]["wall_time"] <= total - pause
+
+
 def test_a_killed_population_resumes_to_the_records_of_an_unbroken_one(tmp_path, monkeypatch):
   config = tiny()
   unbroken = population.train_population(config, LRS[:2], log=QUIET["log"])

@@ -335,6 +335,8 @@ def _train_members(config, population: Population, dataset, state, members: list
   deepfool_inputs = None if chosen is None else device.put_replicated(dataset.test_inputs[chosen], mesh)
   measure = set(schedule.measurement_epochs(config.num_epochs, config.measure_epochs))
   start = time.perf_counter()
+  if disk is not None:
+    disk.start_clock()
   wall = (lambda: disk.wall()) if disk is not None else (lambda: time.perf_counter() - start)
   last = None
   saved_epoch, saved_time = start_epoch, time.monotonic()

@@ -206,7 +206,13 @@ class PopulationDisk:
 
   # ------------------------------------------------------------------ as the loop goes
 
+  def start_clock(self) -> None:
+    """The epoch loop begins: wall time counts from now (as a single run's ``RunState.start_clocks``), not from
+    the restore and the placing of the data before it."""
+    self.started = time.perf_counter()
+
   def wall(self) -> float:
+    """Seconds of training so far, over every call of this population."""
     return self.elapsed_before + time.perf_counter() - self.started
 
   def save(self, epoch: int, state, members) -> None:
