@@ -113,14 +113,19 @@ fi
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 say() { echo "[accelerator $(( $(date +%s) - start ))s] $*" | tee -a "$out/progress.log" 2>/dev/null; }
-# newest_epoch: the newest checkpoint epoch of the MNIST run (0 if none): what a timed-out run must advance
-newest_epoch() {
-  local newest=0 e
-  for e in "$workdir"/checkpoints/*; do
-    e=${e##*/}
-    [[ "$e" =~ ^[0-9]{1,9}$ ]] && [ "$((10#$e))" -gt "$newest" ] && newest=$((10#$e))
+# queue_progress: the newest checkpoint epochs of the queue's cells (OUT/work/CELL), summed (0 if none): what a
+# queue stopped by its time limit must have advanced (the queue says so itself when it exits on its own)
+queue_progress() {
+  local total=0 newest e cell
+  for cell in "$out"/work/*/; do
+    newest=0
+    for e in "$cell"checkpoints/*; do
+      e=${e##*/}
+      [[ "$e" =~ ^[0-9]{1,9}$ ]] && [ "$((10#$e))" -gt "$newest" ] && newest=$((10#$e))
+    done
+    total=$((total + newest))
   done
-  echo "$newest"
+  echo "$total"
 }
 
 python=${PYTHON:-python3}
@@ -144,13 +149,13 @@ stage() {
   local limit=$remaining before
   [ "$name" = mnist ] && limit=$(( remaining - RESERVE ))
   [ "$name" = population ] && limit=$needed  # it plans within its budget (its --budget is 30 s less)
-  before=$(newest_epoch)
+  before=$(queue_progress)
   timeout -s TERM -k 30 "$limit" "$@" >>"$out/$name.log" 2>&1
   local rc=$?
   if [ $rc = 0 ]; then touch "$out/$name.done" && advanced=1; say "$name: finished"
   elif [ $rc = 124 ] || [ $rc = 137 ]; then
-    # progress only if the MNIST run checkpointed a newer epoch: other stages restart from scratch next call
-    if [ "$name" = mnist ] && [ "$(newest_epoch)" -gt "$before" ]; then advanced=1; fi
+    # progress only if a queue cell checkpointed a newer epoch: other stages restart from scratch next call
+    if [ "$name" = mnist ] && [ "$(queue_progress)" -gt "$before" ]; then advanced=1; fi
     timed_out+=("$name (${limit}s)"); say "$name: stopped at its time limit (log: $out/$name.log)"
   elif [ "$name" = mnist ] && { [ $rc = 3 ] || [ $rc = 4 ]; }; then
     # the queue's own verdict: 3 cells left and it advanced (a cell finished, was measured not to fit, or
