@@ -101,8 +101,8 @@ def _define_conventions(values: flags.FlagValues) -> None:
   flags.DEFINE_enum("global_mean", None, list(schema.NC_GLOBAL_MEANS), "mu_G: class_means (the mean of the class "
                     "means, the notebook's) or samples (the mean of every feature)" + run, flag_values=values)
   flags.DEFINE_enum("solver", None, list(schema.NC_SOLVERS), "Sigma_B^+ by svd, gram (faster for many classes, "
-                    "squares M's condition number), or auto (svd on CPU; on GPU/TPU CholeskyQR2 and TF32 products, "
-                    "faster)" + run, flag_values=values)
+                    "squares M's condition number), or auto (svd on CPU; CholeskyQR2 on GPU/TPU, faster "
+                    "there)" + run, flag_values=values)
   flags.DEFINE_float("rcond", None, "Directions of M at or below rcond x its largest singular value are not "
                      "inverted in Sigma_B^+" + run + "; None there: max(C, p) x machine epsilon.", lower_bound=0.0,
                      flag_values=values)

@@ -62,8 +62,7 @@ from nc_jax.metrics.sharding import explicit_mesh, run_auto
 # solver='auto': one path per platform.
 # ----------------------------------------------------------------------------
 
-_SIMULATED_PRODUCTS: Optional[str] = None  # set by simulate_accelerator (tests and benchmarks only)
-PRODUCT_EMULATIONS = ("float32", "tf32", "bf16x3")
+_SIMULATING = False  # set by simulate_accelerator (tests and benchmarks only)
 
 
 def on_platform(cpu, accelerator, *operands):
@@ -73,52 +72,22 @@ def on_platform(cpu, accelerator, *operands):
   host takes the accelerator branch, and a CPU lowering contains only the CPU branch). Inside
   ``simulate_accelerator`` the accelerator branch is traced on any platform.
   """
-  if _SIMULATED_PRODUCTS is not None:
+  if _SIMULATING:
     return accelerator(*operands)
   return jax.lax.platform_dependent(*operands, cpu=cpu, default=accelerator)
 
 
 @contextlib.contextmanager
-def simulate_accelerator(products: str = "float32"):
-  """Within this context, solver='auto' traces its GPU/TPU path on any platform (for tests on a CPU host).
-
-  ``products`` emulates the precision of pass 2's tensor-core products (``tensor_product``): 'float32' (none:
-  the algorithm alone), 'tf32' (operands rounded to TF32's 10 mantissa bits, as an NVIDIA GPU's
-  Precision.HIGH), 'bf16x3' (three bfloat16 products, as a TPU's Precision.HIGH). Only tracing inside the
-  context is affected: jit a fresh function there (cached jitted functions keep what they were traced with).
-  """
-  global _SIMULATED_PRODUCTS
-  if products not in PRODUCT_EMULATIONS:
-    raise ValueError(f"simulate_accelerator: products={products!r}; choose one of {', '.join(PRODUCT_EMULATIONS)}")
-  previous, _SIMULATED_PRODUCTS = _SIMULATED_PRODUCTS, products
+def simulate_accelerator():
+  """Within this context, solver='auto' traces its GPU/TPU factorisation on any platform (for tests on a CPU
+  host). Only tracing inside the context is affected: jit a fresh function there (cached jitted functions keep
+  what they were traced with)."""
+  global _SIMULATING
+  previous, _SIMULATING = _SIMULATING, True
   try:
     yield
   finally:
-    _SIMULATED_PRODUCTS = previous
-
-
-def _round_mantissa(values: jax.Array, bits: int) -> jax.Array:
-  """float32 values rounded to nearest (ties to even) with ``bits`` explicit mantissa bits (TF32: 10)."""
-  drop = 23 - bits
-  word = jax.lax.bitcast_convert_type(values, jnp.uint32)
-  word = word + jnp.uint32((1 << (drop - 1)) - 1) + ((word >> drop) & 1)
-  rounded = jax.lax.bitcast_convert_type(word & jnp.uint32(~((1 << drop) - 1) & 0xFFFFFFFF), jnp.float32)
-  return jnp.where(jnp.isfinite(values), rounded, values)
-
-
-def tensor_product(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b at ``Precision.HIGH``: one TF32 pass on NVIDIA GPUs (operands rounded to 10 mantissa bits, float32
-  sums), three bfloat16 passes on TPUs, float32 on CPU. Pass 2's (B, p) products on accelerators."""
-  if _SIMULATED_PRODUCTS == "tf32" and a.dtype == b.dtype == jnp.float32:
-    return matmul_highest(_round_mantissa(a, 10), _round_mantissa(b, 10))
-  if _SIMULATED_PRODUCTS == "bf16x3":
-    split = lambda x: (x.astype(jnp.bfloat16), (x - x.astype(jnp.bfloat16).astype(x.dtype)).astype(jnp.bfloat16))
-    (a_hi, a_lo), (b_hi, b_lo) = split(a), split(b)
-    dot = lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32)
-    return dot(a_hi, b_hi) + (dot(a_hi, b_lo) + dot(a_lo, b_hi))
-  if _SIMULATED_PRODUCTS is not None:
-    return matmul_highest(a, b)
-  return jnp.matmul(a, b, precision=jax.lax.Precision.HIGH)
+    _SIMULATING = previous
 
 
 def segment_ids(labels: jax.Array, num_classes: int, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -276,8 +245,6 @@ class ClassGeometry:
     kept: (C,) bool, the classes with at least ``min_count`` samples (None: every class).
       A dropped class is absent: no weight in mu_G, a zero row of M, no pairs, its samples
       masked out of pass 2, never an NCC or network decision.
-    solver: the ``NCOptions.solver`` the factorisation used (static, not an array): with 'auto',
-      pass 2 also takes the path of the platform it is lowered for (``update_deviations``).
   No C x C array is stored: at C = 50 257 one would be 10 GB. With solver 'auto' on an accelerator,
   ``basis``, ``feature_basis`` and ``inverse_sq_singular_values`` come from ``_factorise_accelerated``:
   ``feature_basis * sqrt(inverse_sq)`` is the factor F with F F^T = (M^T M)^+ that NC1 needs, equal to
@@ -298,7 +265,6 @@ class ClassGeometry:
   logit_weights: Optional[jax.Array] = None
   logit_bias: Optional[jax.Array] = None
   kept: Optional[jax.Array] = None
-  solver: str = flax.struct.field(pytree_node=False, default="svd")
 
 
 def global_mean_of(means: jax.Array, counts: jax.Array, kind: str, kept: Optional[jax.Array] = None) -> jax.Array:
@@ -576,7 +542,6 @@ def finalize_class_means(
       logit_weights=logit_weights,
       logit_bias=logit_bias,
       kept=kept,
-      solver=options.solver,
   )
 
 
@@ -679,77 +644,13 @@ def _network_decision(geometry: ClassGeometry, scaled: jax.Array, use_bias: bool
 def _projections(geometry: ClassGeometry, scaled: jax.Array, deviations: jax.Array, safe_labels: jax.Array,
                  use_bias: bool):
   """(NC1 summand ||S^-1 V^T d_i||^2 (B,), NCC decision (B,), network decision (B,) or None) at full float32
-  precision: what every solver but 'auto' on an accelerator computes."""
+  precision."""
   whitened = matmul_highest(deviations, geometry.feature_basis) * jnp.sqrt(geometry.inverse_sq_singular_values)
   projected_sq = jnp.sum(whitened**2, axis=-1)
   ncc_decision = _ncc_decision(geometry, deviations, safe_labels)
   network_decision = None
   if geometry.weights is not None:
     network_decision = _network_decision(geometry, scaled, use_bias)
-  return projected_sq, ncc_decision, network_decision
-
-
-def _best_two(scores: jax.Array, minimize: bool) -> jax.Array:
-  """(B, 2) int (argmin's dtype): the best and second-best classes of approximate ``scores`` (B, C), best
-  first (lowest if ``minimize``, else highest)."""
-  signed = scores if minimize else -scores
-  first = jnp.argmin(signed, axis=-1)
-  second = jnp.argmin(jnp.where(jnp.arange(scores.shape[-1]) == first[:, None], jnp.inf, signed), axis=-1)
-  return jnp.stack([first, second], axis=-1)
-
-
-def _better_of_two(candidates: jax.Array, exact: jax.Array, minimize: bool) -> jax.Array:
-  """(B,): of two ``candidates`` (B, 2), the one with the better ``exact`` score (B, 2); on a tie the lower class,
-  as argmin over all classes would choose. Equal to the argmin (argmax) of exact scores over every class unless a
-  third class lies within the approximate scores' error of the best two."""
-  signed = exact if minimize else -exact
-  take_second = (signed[:, 1] < signed[:, 0]) | ((signed[:, 1] == signed[:, 0]) & (candidates[:, 1] < candidates[:, 0]))
-  return jnp.where(take_second, candidates[:, 1], candidates[:, 0])
-
-
-def _projections_accelerated(geometry: ClassGeometry, scaled: jax.Array, deviations: jax.Array,
-                             safe_labels: jax.Array, use_bias: bool):
-  """``_projections`` on the tensor cores (solver 'auto' on GPU and TPU): two products at Precision.HIGH.
-
-    NC1 summand  ||d_i F||^2 with F = feature_basis diag(1/s) (B, r), ``tensor_product``: TF32 rounds d and F to
-                 2^-11 (relative); the errors of the N r squares are independent and mostly average out: NC1
-                 within ~3e-6 of float64 for well-conditioned means, ~5e-5 at condition number 300 (float32
-                 products: ~5e-6; tests/test_solver_backend.py allows 2e-4);
-    decisions    g_i = x_i - mu_G times [M^T | W'^T] (B, 2C) in one product, then the two best classes of
-                 each rule scored again in float32 (``_better_of_two``): NCC by ||M_c||^2 - 2 <g_i, M_c>,
-                 the network by <W'_c, g_i> + (W' mu_G + b')_c (= (W' x_i + b')_c). So a TF32 rounding can
-                 change a decision only where a third class is within its error of the best two.
-  """
-  num_classes = geometry.means.shape[0]
-  whitening = geometry.feature_basis * jnp.sqrt(geometry.inverse_sq_singular_values)
-  projected_sq = jnp.sum(tensor_product(deviations, whitening) ** 2, axis=-1)
-  centred = scaled - jnp.where(jnp.isfinite(geometry.global_mean), geometry.global_mean, 0.0)
-  kept = jnp.ones((num_classes,), bool) if geometry.kept is None else geometry.kept
-  targets = [geometry.centred_means.T]
-  if geometry.weights is not None:
-    targets.append(geometry.logit_weights.T)
-  products = tensor_product(centred, jnp.concatenate(targets, axis=1))
-
-  ncc_score = jnp.where(kept, geometry.centred_norms_sq - 2.0 * products[:, :num_classes], jnp.inf)
-  ncc_candidates = _best_two(ncc_score, minimize=True)
-  candidates, table = ncc_candidates, geometry.centred_means
-  if geometry.weights is not None:
-    offset = matmul_highest(geometry.logit_weights, jnp.where(jnp.isfinite(geometry.global_mean),
-                                                              geometry.global_mean, 0.0))
-    if use_bias and geometry.bias is not None:
-      offset = offset + geometry.logit_bias
-    logits = jnp.where(kept, products[:, num_classes:] + offset, -jnp.inf)
-    network_candidates = _best_two(logits, minimize=False)
-    candidates = jnp.concatenate([ncc_candidates, network_candidates + num_classes], axis=1)
-    table = jnp.concatenate([geometry.centred_means, geometry.logit_weights], axis=0)
-  # <g_i, row> in float32 for every candidate: one read of g, the rows gathered from the (C or 2C, p) table
-  exact = jnp.sum(centred[:, None, :] * table[candidates], axis=-1)  # (B, 2 or 4)
-  ncc_exact = jnp.where(kept[ncc_candidates], geometry.centred_norms_sq[ncc_candidates] - 2.0 * exact[:, :2], jnp.inf)
-  ncc_decision = _better_of_two(ncc_candidates, ncc_exact, minimize=True)
-  network_decision = None
-  if geometry.weights is not None:
-    network_exact = jnp.where(kept[network_candidates], exact[:, 2:] + offset[network_candidates], -jnp.inf)
-    network_decision = _better_of_two(network_candidates, network_exact, minimize=False)
   return projected_sq, ncc_decision, network_decision
 
 
@@ -773,9 +674,10 @@ def update_deviations(
     logits       (W h_i + b) 2^-(e+L) = W' x_i + b' with W' = ``logit_weights`` (b' dropped if
                  not ``options.ncc_use_bias``, or the keyword ``ncc_use_bias``), so the argmax is the network's.
   Only (B, C) and (B, p) temporaries: no C x C array. Classes not ``geometry.kept`` are never
-  a decision, and their samples only count in ``filtered_samples``. A geometry of solver 'auto' computes
-  these products as above on CPU and on the tensor cores on GPU and TPU (``_projections_accelerated``).
-  A batch typed on Explicit mesh axes is folded in on Auto ones (``sharding.run_auto``).
+  a decision, and their samples only count in ``filtered_samples``. Every product is at float32's full
+  precision (``matmul_highest``), whatever the solver: the network's and the NCC's decisions are never
+  approximated (TF32 candidates re-scored in float32 were found to change them: see BENCHMARKS.md). A batch
+  typed on Explicit mesh axes is folded in on Auto ones (``sharding.run_auto``).
   """
   options = resolve(options, "update_deviations", ncc_use_bias=ncc_use_bias)
   explicit = explicit_mesh(state, geometry, features, labels, mask)
@@ -792,13 +694,8 @@ def update_deviations(
   scaled = scale_features(features, geometry.exponent, dtype)
   deviations = scaled - reference[safe_labels]
   deviation_sq = jnp.sum(deviations**2, axis=-1)  # finite for every finite row (|d| < 2), see nonfinite_rows
-  exact = lambda g, x, d, y: _projections(g, x, d, y, options.ncc_use_bias)
-  if geometry.solver == "auto":
-    accelerated = lambda g, x, d, y: _projections_accelerated(g, x, d, y, options.ncc_use_bias)
-    projected_sq, ncc_decision, network_decision = on_platform(exact, accelerated, geometry, scaled, deviations,
-                                                               safe_labels)
-  else:
-    projected_sq, ncc_decision, network_decision = exact(geometry, scaled, deviations, safe_labels)
+  projected_sq, ncc_decision, network_decision = _projections(geometry, scaled, deviations, safe_labels,
+                                                             options.ncc_use_bias)
 
   count_where = lambda condition: jnp.sum(valid & condition, dtype=jnp.int32)
   network_correct = mismatch = jnp.zeros((), jnp.int32)

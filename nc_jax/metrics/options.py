@@ -21,17 +21,15 @@ class NCOptions:
 
   Attributes:
     global_mean: 'class_means' (the notebook: mu_G = (1/C) sum_c mu_c) or 'samples' (mu_G = (1/N) sum_i h_i).
-    solver: how Sigma_B^+ (and, for 'auto', pass 2's products) are computed. 'svd': the SVD of M (accurate to
-      eps s_max), float32 products at full precision. 'gram': eigh of M M^T (squares M's condition number;
-      directions with s_k < sqrt(C eps) s_max are dropped). 'auto' (default): chosen where the program is lowered
-      (``jax.lax.platform_dependent``): exactly 'svd' on CPU (bit-identical results); on GPU and TPU the
-      accelerator path: a factor of (M^T M)^+ by CholeskyQR2 (else eigh of the smaller Gram matrix with a
-      Rayleigh-Ritz step, else the SVD; each as accurate as the SVD), and pass 2's (B, p) products on the tensor
-      cores (TF32 on GPUs: NC1 within ~1e-4 of float32, decisions rechecked in float32;
-      ``accumulators._projections_accelerated``). A program exported for 'cuda' on a CPU host carries the GPU
-      choice; a record that says 'auto' was measured by the path of the platform it ran on. The trainer's and
-      collect's conventions (``nc_jax.schema.NC_OPTIONS``) keep 'svd' as their default, so every run directory
-      keeps its config digest (``--config.nc.solver=auto`` opts in).
+    solver: how Sigma_B^+ is computed. 'svd': the SVD of M (accurate to eps s_max). 'gram': eigh of M M^T
+      (squares M's condition number; directions with s_k < sqrt(C eps) s_max are dropped). 'auto' (default):
+      chosen where the program is lowered (``jax.lax.platform_dependent``): exactly 'svd' on CPU (bit-identical
+      results); on GPU and TPU a factor of (M^T M)^+ by CholeskyQR2, else eigh of the smaller Gram matrix with a
+      Rayleigh-Ritz step, else the SVD (each with the SVD's accuracy, ~eps cond(M); no cuSOLVER SVD where the
+      first applies). Pass 2 is the same float32 computation for every solver. A program exported for 'cuda'
+      on a CPU host carries the GPU choice. The trainer's and collect's conventions
+      (``nc_jax.schema.NC_OPTIONS``) keep 'svd' as their default, so every run directory keeps its config
+      digest (``--config.nc.solver=auto`` opts in).
     rcond: directions of M with s_k <= rcond s_max are not inverted in Sigma_B^+ (None: max(C, p) eps).
     divide_nc1_by_classes: NC1 = Tr(Sigma_W Sigma_B^+)/C (paper) or without the 1/C (notebook).
     std_ddof: the std's delta degrees of freedom in equinorm/equiangularity: 1 unbiased (notebook), 0 population.
