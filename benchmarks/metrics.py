@@ -36,7 +36,7 @@ default 'auto'), takes a census of the parts that differ (the factorisation that
 precision, reads of the (N, p) features, kernels, cuSOLVER calls) and adds their difference, at assumed H200
 unit costs (``ASSUMED``), to the last H200 'gram' row of BENCHMARKS.md: a predicted time and ratio per size.
 --breakdown (with a device) also times the suite's parts alone: pass 1, each solver's factorisation, eigh of
-the C x C Gram matrix (and Jacobi's, on a GPU), the Cholesky path, pass 2 after 'svd' and 'auto', finalize:
+the C x C Gram matrix (and Jacobi's, on a GPU), the Cholesky path, pass 2 (the same for every solver), finalize:
 the unit costs --predict assumes, measured.
 Prints a markdown table and appends it, with the machine and versions, to BENCHMARKS.md.
 """
@@ -621,8 +621,7 @@ def breakdown_row(num_samples, feature_dim, num_classes, repeats) -> dict:
                               if jacobi is not None and jax.default_backend() == "gpu" else float("nan"))
   row["Cholesky path"] = time_of(lambda m: accumulators._factorise_cholesky(m, rank, True), centred)
   row["Cholesky path taken"] = bool(jax.jit(lambda m: accumulators._factorise_cholesky(m, rank, True)[1])(centred))
-  for solver in ("svd", "auto"):
-    row[f"pass 2 {solver}"] = time_of(lambda g, h, y: collapse.deviations_pass(g, h, y), geometries[solver], h, y)
+  row["pass 2"] = time_of(lambda g, h, y: collapse.deviations_pass(g, h, y), geometries["svd"], h, y)  # every solver's
   state = jax.jit(lambda g, h, y: collapse.deviations_pass(g, h, y))(geometries["svd"], h, y)
   row["finalize"] = time_of(lambda s, g: finalize.finalize_collapse(s, g), state, geometries["svd"])
   for solver in ("auto", "svd", "gram"):
@@ -632,7 +631,7 @@ def breakdown_row(num_samples, feature_dim, num_classes, repeats) -> dict:
 
 
 BREAKDOWN_KEYS = ("floor", "pass 1", "geometry svd", "geometry gram", "geometry auto", "eigh C x C",
-                  "eigh C x C jacobi", "Cholesky path", "pass 2 svd", "pass 2 auto", "finalize", "suite auto",
+                  "eigh C x C jacobi", "Cholesky path", "pass 2", "finalize", "suite auto",
                   "suite svd", "suite gram")
 
 

@@ -424,8 +424,9 @@ def collect(
 
   Returns:
     {key: Python scalar}: every key of ``neural_collapse`` (and the ``*_test`` ones), the loss keys, ``info``,
-    ``nc_options`` (``outputs.OPTIONS_KEY``: the conventions measured with, as a dict of NCOptions' fields) and, with ``out_dir``, ``class_stats_sha256`` (the digest of class_stats.npz) and ``sha256`` (that of every
-    other key, ``outputs.own_digest``): what nc.json holds.
+    ``nc_options`` (``outputs.OPTIONS_KEY``: the conventions measured with, as a dict of NCOptions' fields)
+    and, with ``out_dir``, ``class_stats_sha256`` (the digest of class_stats.npz) and ``sha256`` (that of
+    every other key, ``outputs.own_digest``): what nc.json holds.
   """
   options = options_of(options, conventions)
   info = {outputs.OPTIONS_KEY: dataclasses.asdict(options), **(info or {})}

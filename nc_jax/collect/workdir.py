@@ -4,7 +4,6 @@ imports the training loop), then measured by ``collect``."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -17,7 +16,7 @@ import numpy as np
 from nc_jax.collect.batches import array_batches, streamed_batches
 from nc_jax.collect.errors import CollectError, warn as default_warn
 from nc_jax.collect.measure import collect
-from nc_jax.collect.outputs import CONVENTIONS, OPTIONS_KEY, convention_flags
+from nc_jax.collect.outputs import CONVENTIONS, convention_flags
 
 SPLITS = ("both", "train", "test")
 
@@ -254,7 +253,7 @@ def collect_workdir(workdir, out_dir, *, split: str = "both", epoch: Optional[in
                    for split_name in ("train", "test"))
   main, heldout = {"both": (train, test), "train": (train, None), "test": (test, None)}[split]
   info = {"workdir": str(pathlib.Path(workdir).absolute()), "checkpoint": str(checkpoint), "epoch": epoch,
-          "step": step, "split": split, "batch_size": batch_size, OPTIONS_KEY: dataclasses.asdict(options)}
+          "step": step, "split": split, "batch_size": batch_size}  # collect() adds the options (OPTIONS_KEY)
   # Without config.nc (the options are fingerprinted on their own): an accumulator file of a run at the default
   # conventions, written before the group existed, still resumes.
   config_text = json.dumps({k: v for k, v in json.loads(config.to_json_best_effort()).items() if k != "nc"},

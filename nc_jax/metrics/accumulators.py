@@ -641,19 +641,6 @@ def _network_decision(geometry: ClassGeometry, scaled: jax.Array, use_bias: bool
   return jnp.argmax(logits, axis=-1)
 
 
-def _projections(geometry: ClassGeometry, scaled: jax.Array, deviations: jax.Array, safe_labels: jax.Array,
-                 use_bias: bool):
-  """(NC1 summand ||S^-1 V^T d_i||^2 (B,), NCC decision (B,), network decision (B,) or None) at full float32
-  precision."""
-  whitened = matmul_highest(deviations, geometry.feature_basis) * jnp.sqrt(geometry.inverse_sq_singular_values)
-  projected_sq = jnp.sum(whitened**2, axis=-1)
-  ncc_decision = _ncc_decision(geometry, deviations, safe_labels)
-  network_decision = None
-  if geometry.weights is not None:
-    network_decision = _network_decision(geometry, scaled, use_bias)
-  return projected_sq, ncc_decision, network_decision
-
-
 def update_deviations(
     state: DeviationState,
     geometry: ClassGeometry,
@@ -694,12 +681,14 @@ def update_deviations(
   scaled = scale_features(features, geometry.exponent, dtype)
   deviations = scaled - reference[safe_labels]
   deviation_sq = jnp.sum(deviations**2, axis=-1)  # finite for every finite row (|d| < 2), see nonfinite_rows
-  projected_sq, ncc_decision, network_decision = _projections(geometry, scaled, deviations, safe_labels,
-                                                             options.ncc_use_bias)
+  whitened = matmul_highest(deviations, geometry.feature_basis) * jnp.sqrt(geometry.inverse_sq_singular_values)
+  projected_sq = jnp.sum(whitened**2, axis=-1)
+  ncc_decision = _ncc_decision(geometry, deviations, safe_labels)
 
   count_where = lambda condition: jnp.sum(valid & condition, dtype=jnp.int32)
   network_correct = mismatch = jnp.zeros((), jnp.int32)
   if geometry.weights is not None:
+    network_decision = _network_decision(geometry, scaled, options.ncc_use_bias)
     network_correct = count_where(network_decision == labels)
     mismatch = count_where(network_decision != ncc_decision)
 
