@@ -8,7 +8,11 @@
     python benchmarks/metrics.py --large-c --peer DIR      # + rhubarbwu/neural-collapse on the same features
 
 For each (N, p, C) it times, on the same features:
-  floor     one jitted pass argmax(H W^T + b) (what any NC4 evaluation must at least do);
+  floor     one jitted pass argmax(H W^T + b) (what any NC4 evaluation must at least do), at the platform's
+            default precision (TF32 tensor cores for float32 on recent NVIDIA GPUs, bf16 passes on TPUs);
+  exact floor  the same pass at float32's full precision (Precision.HIGHEST), the precision the suite's
+            products take (its NC4 decisions are the network's own: see accumulators.update_deviations);
+            on CPU the two floors are the same program;
   suite     jax.jit(neural_collapse) with W, b: the default solver 'auto' (on CPU the 'svd' program, on GPU/TPU
             the accelerator path), and 'svd' and 'gram' named;
   numpy64   an efficient numpy float64 implementation of the same formulas
@@ -130,17 +134,24 @@ def notebook_one_off(sigma_w, means, num_classes):
   return np.trace(sigma_w @ inverse) / num_classes
 
 
+def exact_floor(h, w, b):
+  """argmax(H W^T + b) (N,) with the product at float32's full precision, as the suite's pass 2 forms logits."""
+  return jnp.argmax(geometry.matmul_highest(h, w.T) + b, axis=-1)
+
+
 def run_size(num_samples, feature_dim, num_classes, repeats, baselines=True):
   features, labels, weights, bias = make_data(num_samples, feature_dim, num_classes)
   device = jax.devices()[0]
   h, y, w, b = (jax.device_put(x, device) for x in (features, labels, weights, bias))
 
   floor_fn = jax.jit(lambda h, w, b: jnp.argmax(h @ w.T + b, axis=-1))
+  exact_floor_fn = jax.jit(exact_floor)
   suites = {key: jax.jit(functools.partial(lambda h, y, w, b, solver: neural_collapse(h, y, num_classes, w, b,
                                                                                       solver=solver), solver=solver))
             for key, solver in (("suite", "auto"), ("suite_svd", "svd"), ("suite_gram", "gram"))}
   row = {"size": (num_samples, feature_dim, num_classes)}
   row["floor"] = common.median_time(lambda: floor_fn(h, w, b), repeats)
+  row["floor_exact"] = common.median_time(lambda: exact_floor_fn(h, w, b), repeats)
   for key, suite in suites.items():
     row[key] = common.median_time(lambda: suite(h, y, w, b), repeats)
   if not baselines:
@@ -269,9 +280,9 @@ def format_tiles(rows, header):
 
 def format_table(rows, header):
   lines = [header, "",
-           "| N, p, C | floor (ms) | suite (ms) | suite svd (ms) | suite gram (ms) | numpy f64 (ms) | notebook (ms) "
-           "| suite/floor | notebook/suite | numpy64/suite |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "| N, p, C | floor (ms) | exact floor (ms) | suite (ms) | suite svd (ms) | suite gram (ms) | numpy f64 (ms) "
+           "| notebook (ms) | suite/floor | suite/exact floor | notebook/suite | numpy64/suite |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
     ms = {k: 1e3 * v for k, v in row.items() if isinstance(v, float)}
     if "numpy64" in row:
@@ -280,9 +291,9 @@ def format_table(rows, header):
     else:
       baselines = ("not run | not run", "n/a | n/a")
     lines.append(
-        f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | {ms['floor']:.1f} | {ms['suite']:.1f} | "
-        f"{ms['suite_svd']:.1f} | {ms['suite_gram']:.1f} | {baselines[0]} | {row['suite'] / row['floor']:.1f}x | "
-        f"{baselines[1]} |")
+        f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | {ms['floor']:.1f} | {ms['floor_exact']:.1f} | "
+        f"{ms['suite']:.1f} | {ms['suite_svd']:.1f} | {ms['suite_gram']:.1f} | {baselines[0]} | "
+        f"{row['suite'] / row['floor']:.1f}x | {row['suite'] / row['floor_exact']:.1f}x | {baselines[1]} |")
   return "\n".join(lines)
 
 
@@ -498,10 +509,12 @@ def predict_row(size, measured: dict) -> dict:
   largest = max(measured)
   gram_s = measured[size]["suite gram"] * 1e-3
   outputs = sum(v for (side, _), v in old["pass2"]["flops"].items() if side == "rows") / (2 * feature_dim)
-  predictions = []
+  predictions, exact_floors = [], []
+  floor_gemm = 2.0 * num_samples * feature_dim * num_classes
   for pick in range(3):
     fp32 = H200_PEAKS["fp32"] * ASSUMED["fp32_efficiency"][pick]
     tf32 = 2.0 * np.prod(largest) / (measured[largest]["floor"] * 1e-3 * ASSUMED["tf32_share"][pick])
+    exact_floors.append(measured[size]["floor"] + 1e3 * max(floor_gemm / fp32 - floor_gemm / tf32, 0.0))
     bandwidth = H200_PEAKS["hbm"] * ASSUMED["hbm_efficiency"][pick]
     chunk_read = old["rows"] * feature_dim * 4 / bandwidth
 
@@ -519,7 +532,11 @@ def predict_row(size, measured: dict) -> dict:
     added = sum(gemms(new[part]) + overheads(new[part]) - overheads(old[part]) for part in ("factorise", "pass2"))
     added += (_solver_us(new["factorise"]["custom_calls"], pick) + ASSUMED["sync_us"][pick]) * 1e-6
     predictions.append(1e3 * (rest + added))
+  # No float32-exact path can beat its HIGHEST GEMMs at the H200's peak or one read of the features per pass.
+  exact_gemms = sum(v for (side, precision), v in new["pass2"]["flops"].items() if precision == "HIGHEST")
+  bound = 1e3 * max(exact_gemms / H200_PEAKS["fp32"], 2 * num_samples * feature_dim * 4 / H200_PEAKS["hbm"])
   return {"size": size, "old": old, "new": new, "predicted": predictions, "floor": measured[size]["floor"],
+          "exact_floor": exact_floors, "bound": bound,
           "svd": measured[size]["suite svd"], "gram": measured[size]["suite gram"],
           "cholesky": cholesky_path_taken(size)}
 
@@ -550,17 +567,22 @@ def format_prediction(rows, tpu, header: str, source: str) -> str:
            "measured "
            "'gram' suite less its pass-2 GEMMs and eigh at those costs is the rest the two programs share (pass 1, "
            "finalize, launches), at least its memory traffic (where the costs would leave less, the rest is that "
-           "floor); the prediction adds the new GEMMs, potrf and the census differences to it. Range: favourable .. "
-           "unfavourable to the new path, central first. Not measured: `--breakdown` on the H200 measures the "
+           "floor); the prediction adds the new GEMMs, potrf and the census differences to it. Range: the least .. "
+           "the greatest of the predictions at the central costs and at either end of their ranges (the cap at "
+           "the memory traffic makes the prediction non-monotone in them), central first. Exact floor: the floor with its GEMM (2NpC FLOPs) at "
+           "HIGHEST instead of TF32, at the same assumed rates. Bound: the least time any path whose products are "
+           "float32-exact can take, its pass-2 HIGHEST GEMMs at 100% of 67 TFLOP/s or two reads of the features "
+           "at 4.8 TB/s, whichever is longer, over the floor. Not measured: `--breakdown` on the H200 measures the "
            "parts.", "",
            "| N, p, C | floor (ms, from suite/floor) | measured svd / gram (ms) | pass-2 GEMMs gram -> auto "
            "| (N, p) reads gram -> auto (chunks) "
            "| kernels gram -> auto | cuSOLVER gram -> auto (runs) | Cholesky path | predicted auto (ms) "
-           "| predicted auto / floor | measured svd / floor |",
-           "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+           "| predicted auto / floor | measured svd / floor | exact floor (ms, predicted) "
+           "| predicted auto / exact floor | bound / floor |",
+           "| --- | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for row in rows:
     old, new = row["old"], row["new"]
-    central, good, bad = row["predicted"]
+    central, good, bad = row["predicted"][0], min(row["predicted"]), max(row["predicted"])
     f = row["floor"]
     lines.append(
         f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | {f:.2f} | {row['svd']:.1f} / {row['gram']:.1f} | "
@@ -571,7 +593,8 @@ def format_prediction(rows, tpu, header: str, source: str) -> str:
         f"{new['pass2']['kernels'] + new['factorise']['kernels']} | "
         f"{_calls_text(old['factorise']['custom_calls'])} -> {_calls_text(new['factorise']['custom_calls'])} | "
         f"{'taken' if row['cholesky'] else 'refused'} | {central:.1f} ({good:.1f} .. {bad:.1f}) | "
-        f"{central / f:.1f}x ({good / f:.1f}x .. {bad / f:.1f}x) | {row['svd'] / f:.1f}x |")
+        f"{central / f:.1f}x ({good / f:.1f}x .. {bad / f:.1f}x) | {row['svd'] / f:.1f}x | "
+        f"{row['exact_floor'][0]:.2f} | {central / row['exact_floor'][0]:.1f}x | {row['bound'] / f:.1f}x |")
   lines += ["", "Every cuSOLVER call in the default program as lowered (all branches; one factorisation path runs): "
             + "; ".join(f"{row['size'][2]} classes: {_calls_text(row['new']['suite']['custom_calls'])}"
                         for row in rows) + ".",
@@ -606,6 +629,7 @@ def breakdown_row(num_samples, feature_dim, num_classes, repeats) -> dict:
   time_of = lambda fn, *args: common.median_time(functools.partial(jax.jit(fn), *args), repeats)
   row = {"size": (num_samples, feature_dim, num_classes)}
   row["floor"] = time_of(lambda h, w, b: jnp.argmax(h @ w.T + b, axis=-1), h, w, b)
+  row["exact floor"] = time_of(exact_floor, h, w, b)
   means = jax.jit(lambda h, y: collapse._class_means(h, y, num_classes, None, track_max_abs=False))(h, y)
   row["pass 1"] = time_of(lambda h, y: collapse._class_means(h, y, num_classes, None, track_max_abs=False), h, y)
   geometries = {}
@@ -630,19 +654,20 @@ def breakdown_row(num_samples, feature_dim, num_classes, repeats) -> dict:
   return row
 
 
-BREAKDOWN_KEYS = ("floor", "pass 1", "geometry svd", "geometry gram", "geometry auto", "eigh C x C",
+BREAKDOWN_KEYS = ("floor", "exact floor", "pass 1", "geometry svd", "geometry gram", "geometry auto", "eigh C x C",
                   "eigh C x C jacobi", "Cholesky path", "pass 2", "finalize", "suite auto",
                   "suite svd", "suite gram")
 
 
 def format_breakdown(rows, header: str) -> str:
   lines = [header, "", "| N, p, C | " + " | ".join(f"{key} (ms)" for key in BREAKDOWN_KEYS)
-           + " | Cholesky path taken | suite auto / floor |",
-           "| --- | " + " | ".join("---:" for _ in BREAKDOWN_KEYS) + " | --- | ---: |"]
+           + " | Cholesky path taken | suite auto / floor | suite auto / exact floor |",
+           "| --- | " + " | ".join("---:" for _ in BREAKDOWN_KEYS) + " | --- | ---: | ---: |"]
   for row in rows:
     lines.append(f"| {row['size'][0]:,}, {row['size'][1]}, {row['size'][2]} | "
                  + " | ".join(f"{1e3 * row[key]:.2f}" for key in BREAKDOWN_KEYS)
-                 + f" | {row['Cholesky path taken']} | {row['suite auto'] / row['floor']:.1f}x |")
+                 + f" | {row['Cholesky path taken']} | {row['suite auto'] / row['floor']:.1f}x "
+                 f"| {row['suite auto'] / row['exact floor']:.1f}x |")
   return "\n".join(lines)
 
 
