@@ -58,6 +58,25 @@ def test_partial_run_is_plotted_and_missing_metrics_are_named(two_runs, tmp_path
     report.load_run(str(tmp_path / "nowhere"))
 
 
+def test_a_lost_log_beside_checkpoints_says_the_train_command_restores_it(two_runs, tmp_path, capsys):
+  run = tmp_path / "run"
+  shutil.copytree(two_runs / "default" / "lr_0.05", run)
+  (run / "metrics.jsonl").write_text("")
+  assert report.main([str(run), "--out", str(tmp_path / "out")]) == 1
+  assert "is empty: the run has checkpoints" in capsys.readouterr().err
+  (run / "metrics.jsonl").unlink()
+  with pytest.raises(FileNotFoundError, match="has no metrics.jsonl: the run has checkpoints.*nc_jax.train"):
+    report.load_run(str(run))
+  config = smoke_config(num_epochs=8, measure_epochs=(1, 2, 4, 8), lr=0.05, tpt_threshold=0.45, deepfool_samples=4)
+  train_and_evaluate(config, str(run), log=lambda *a, **k: None)  # the run's own command: restores the records
+  assert report.load_run(str(run)).records == report.load_run(str(two_runs / "default" / "lr_0.05")).records
+  empty = tmp_path / "fresh"
+  (empty / "checkpoints").mkdir(parents=True)
+  (empty / "metrics.jsonl").write_text("")
+  with pytest.raises(ValueError, match="has not reached its first measurement"):
+    report.load_run(str(empty))
+
+
 def test_grid_selects_the_best_final_test_error_and_skips_finished(two_runs, capsys):
   choices = grid.select(two_runs)
   accuracies = {lr: json.loads((two_runs / "default" / f"lr_{lr}" / "metrics.jsonl").read_text().splitlines()[-1])
