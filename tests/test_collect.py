@@ -272,7 +272,14 @@ def test_bad_inputs_are_one_line(workdir, tmp_path):
   config = json.loads((workdir / "config.json").read_text())
   config["model_options"]["width"] = 48
   (other_model / "config.json").write_text(json.dumps(config))
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "checkpoints").symlink_to(workdir / "checkpoints")
+  (damaged / "config.json").write_text('{"a":')
   cases = [
+      # the fix named is the one that works: the train command rewrites a damaged config.json (test_reliability)
+      (["--workdir", damaged, "--out", tmp_path / "o"], 1, "damaged (not JSON: Expecting value: line 1 column 6 "
+       "(char 5)); rerun the run's python -m nc_jax.train command with the config it was trained with"),
       # config.json of another model than its checkpoints': refused by their config digest, before restoring
       (["--workdir", other_model, "--out", tmp_path / "o"], 1, "config.json is not the config its run was trained"),
       (["--workdir", workdir], 2, "--out must be given"),

@@ -27,6 +27,10 @@ def _not_empty(path, flag: str, what: str) -> None:
     raise CollectError(f"{flag} is empty: pass {what}", 2)
 
 
+_REWRITE_CONFIG = ("rerun the run's python -m nc_jax.train command with the config it was trained with (it checks "
+                   "that config against the checkpoint's digest and writes config.json again), then collect")
+
+
 def _read_workdir_config(workdir: pathlib.Path):
   """The run's config.json as a ConfigDict, every key an earlier version did not write at its default (as
   ``nc_jax.train`` reads it: ``schema.fill_defaults``); CollectError (naming the fix) for anything else."""
@@ -42,10 +46,10 @@ def _read_workdir_config(workdir: pathlib.Path):
   try:
     values = json.loads(path.read_text())
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise CollectError(f"{path} is damaged (not JSON: {error}); restore it from the run's copy or retrain") from None
+    raise CollectError(f"{path} is damaged (not JSON: {error}); {_REWRITE_CONFIG}") from None
   if not isinstance(values, dict):
-    raise CollectError(f"{path} holds a JSON {type(values).__name__}, not a run's config (an object); restore it "
-                       "or retrain")
+    raise CollectError(f"{path} holds a JSON {type(values).__name__}, not a run's config (an object); "
+                       f"{_REWRITE_CONFIG}")
   return ml_collections.ConfigDict(schema.fill_defaults(values))
 
 
