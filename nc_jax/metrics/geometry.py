@@ -49,6 +49,32 @@ def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
   return matmul_highest(a, b.T)
 
 
+# A pair whose ||a||^2 + ||b||^2 exceeds this many times ||a - b||^2 lost more than two bits of the Gram formula
+# ||a||^2 + ||b||^2 - 2<a, b> to cancellation: ``refined_distance_sq`` takes its tile again from the differences.
+CANCELLATION_LIMIT = 4.0
+
+
+def refined_distance_sq(distance_sq: jax.Array, norm_sq_a: jax.Array, norm_sq_b: jax.Array, rows_a: jax.Array,
+                        rows_b: jax.Array, mask: jax.Array) -> jax.Array:
+  """Squared distances (A, B) of a tile, exact to float32 rounding where the Gram formula is not.
+
+  ``distance_sq`` = ||a||^2 + ||b||^2 - 2<a, b> from a Gram tile carries an error of about
+  sqrt(p) eps (||a||^2 + ||b||^2), which is large relative to ||a - b||^2 for two rows close to each other
+  but far from the origin (two class means near each other, early in training: CDNV off by 3% was seen).
+  When a pair of ``mask`` (A, B) is such that ||a||^2 + ||b||^2 > ``CANCELLATION_LIMIT`` ||a - b||^2,
+  the whole tile is taken again as sum_k (a_k - b_k)^2 from its rows ``rows_a`` (A, p) and ``rows_b``
+  (B, p): no cancellation, O(A B p) elementwise work (``lax.cond``: only such tiles pay it; under ``vmap``
+  every tile does). Well-separated means (an ETF, or random ones in high dimension: ratio ~1) never
+  take it. ``norm_sq_a`` (A,), ``norm_sq_b`` (B,).
+  """
+  ill = mask & (norm_sq_a[:, None] + norm_sq_b[None, :] > CANCELLATION_LIMIT * distance_sq)
+
+  def from_differences():
+    return jax.lax.map(lambda row: jnp.sum((row[None, :] - rows_b) ** 2, axis=-1), rows_a)
+
+  return jax.lax.cond(jnp.any(ill), from_differences, lambda: distance_sq)
+
+
 def _power_of_two_exponent(values: jax.Array) -> jax.Array:
   """The int e with max finite |v| 2^-e in [0.5, 1) (0 when there is none), clipped to the normal range."""
   magnitude = jnp.abs(values)
@@ -314,7 +340,9 @@ def _pair_statistic(constants: dict, with_cdnv: bool, coincident_floor_sq, featu
       distance_sq = norm_sq_a + norm_sq_b - 2.0 * cos * jnp.sqrt(norm_sq_a) * jnp.sqrt(norm_sq_b)
       if with_cdnv:
         spread = rows_a["variance"][:, None] + rows_b["variance"][None, :]
-        sums["cdnv"] = jnp.sum(select(spread / (2.0 * jnp.where(mask, distance_sq, 1.0))))
+        exact_sq = refined_distance_sq(distance_sq, rows_a["norm_sq"], rows_b["norm_sq"], rows_a["vectors"],
+                                       rows_b["vectors"], mask)
+        sums["cdnv"] = jnp.sum(select(spread / (2.0 * jnp.where(mask, exact_sq, 1.0))))
       if coincident_floor_sq is not None:
         resolution = coincident_floor_sq + 2.0 * np.sqrt(feature_dim) * constants["eps"] * (norm_sq_a + norm_sq_b)
         sums["coincident"] = jnp.sum(mask & (distance_sq <= resolution), dtype=jnp.int32)
@@ -347,7 +375,8 @@ def pair_geometry(
     gnc2            Var_{c != c'} log(1/||u_c - u_c'||), u_c = v_c/||v_c||, ||u_c - u_c'||^2 = 2 - 2 cos;
                     +inf when two directions coincide in float32;
   and, if given, with ``variances`` V_c (C,) (any units):
-    cdnv            Avg_{c != c'} (V_c + V_c') / (2 ||v_c - v_c'||^2);
+    cdnv            Avg_{c != c'} (V_c + V_c') / (2 ||v_c - v_c'||^2), the distances of close pairs taken
+                    from the differences (``refined_distance_sq``);
   with ``coincident_floor_sq`` f (scalar, units of V squared):
     num_coincident  #{c < c' valid : ||v_c - v_c'||^2 <= f + 2 sqrt(p) eps (||v_c||^2 + ||v_c'||^2)}
                     (int32), the second term being the rounding of the Gram formula.
@@ -378,6 +407,7 @@ def pair_geometry(
   row_data = {"ratio": ratio, "norm_sq": norms**2}
   if variances is not None:
     row_data["variance"] = variances.astype(dtype)
+    row_data["vectors"] = vectors  # for CDNV's distances where the Gram formula cancels (refined_distance_sq)
   statistic = _pair_statistic(constants, variances is not None, coincident_floor_sq, feature_dim)
   sums = pair_sums(statistic, unit, row_data, valid=valid, block_rows=block, mesh=mesh)
   return _pair_results(sums, constants, valid, norms, ratio, ddof)

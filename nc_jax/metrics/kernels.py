@@ -191,14 +191,19 @@ def cdnv(class_variances: jax.Array, centred_means: jax.Array, distance_exponent
     block_rows: tile rows for ``geometry.pair_sums`` (None: its default).
 
   Returns NaN when two means coincide to float32 resolution (``pair_unresolved``): the ratio
-  is then undefined or infinite. Units: those of h to the power 2 - k.
+  is then undefined or infinite. The distances of close pairs come from the differences
+  (``geometry.refined_distance_sq``). Units: those of h to the power 2 - k.
   """
   num_classes, feature_dim = centred_means.shape
-  row_data = {"norm_sq": jnp.sum(centred_means**2, axis=-1), "variance": class_variances.astype(centred_means.dtype)}
+  row_data = {"norm_sq": jnp.sum(centred_means**2, axis=-1), "variance": class_variances.astype(centred_means.dtype),
+              "vectors": centred_means}
 
   def statistic(gram, rows_a, rows_c, mask):
     unresolved = pair_unresolved(gram, rows_a["norm_sq"], rows_c["norm_sq"], feature_dim)
-    distance_sq = jnp.where(unresolved, 1.0, pair_distance_sq(gram, rows_a["norm_sq"], rows_c["norm_sq"]))
+    distance_sq = geo.refined_distance_sq(pair_distance_sq(gram, rows_a["norm_sq"], rows_c["norm_sq"]),
+                                          rows_a["norm_sq"], rows_c["norm_sq"], rows_a["vectors"], rows_c["vectors"],
+                                          mask & ~unresolved)
+    distance_sq = jnp.where(unresolved, 1.0, distance_sq)
     spread = rows_a["variance"][:, None] + rows_c["variance"][None, :]
     ratio = spread / (2.0 * distance_sq ** (0.5 * distance_exponent))
     return {"sum": jnp.sum(jnp.where(mask & ~unresolved, ratio, 0.0)),
