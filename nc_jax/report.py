@@ -115,19 +115,26 @@ def _variant_suffix(config: dict) -> str:
   return f", {', '.join(changed)}" if changed else ""
 
 
+def _lost_log_advice(directory: pathlib.Path, otherwise: str) -> str:
+  """Why a run folder has no records, and the fix: lost beside its checkpoints (the train command restores them
+  from the newest), else ``otherwise``."""
+  checkpoints = directory / "checkpoints"
+  if checkpoints.is_dir() and any(checkpoints.iterdir()):
+    return ("the run has checkpoints, so the file was lost: rerun the run's python -m nc_jax.train command, which "
+            "restores its records from the newest checkpoint (and goes on if the run is unfinished), then this")
+  return otherwise
+
+
 def load_run(directory: str) -> Run:
   """A run directory's records (through nc_jax.records: a torn last line is dropped with a warning) and config."""
   directory = pathlib.Path(directory)
-  checkpointed = (directory / "checkpoints").is_dir() and any((directory / "checkpoints").iterdir())
-  restore = ("the run has checkpoints, so the file was lost: rerun the run's python -m nc_jax.train command, which "
-             "restores its records from the newest checkpoint (and goes on if the run is unfinished), then this")
   if not (directory / records_lib.METRICS_FILE).exists():
-    raise FileNotFoundError(f"{directory} has no metrics.jsonl: " + (
-        restore if checkpointed else "is it a run directory of python -m nc_jax.train?"))
+    raise FileNotFoundError(f"{directory} has no metrics.jsonl: "
+                            + _lost_log_advice(directory, "is it a run directory of python -m nc_jax.train?"))
   records = records_lib.read(directory)
   if not records:
-    raise ValueError(f"{directory / records_lib.METRICS_FILE} is empty: " + (
-        restore if checkpointed else "the run has not reached its first measurement yet"))
+    raise ValueError(f"{directory / records_lib.METRICS_FILE} is empty: "
+                     + _lost_log_advice(directory, "the run has not reached its first measurement yet"))
   config = records_lib.read_config(directory)
   options = ", ".join(f"{k} {v}" for k, v in sorted(_named_options(config).items()))
   name = (f"{config.get('dataset', '?')} / {config.get('model', '?')}{f' ({options})' if options else ''}, "
