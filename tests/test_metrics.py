@@ -183,6 +183,14 @@ class TestNumericalTraps:
     features = means[labels] + 0.01 * rng.normal(size=(len(labels), feature_dim))
     return features.astype(np.float32), labels
 
+  @staticmethod
+  def means_and_variances(features, labels, num_classes=6):
+    """Class means (C, p) and V_c = (1/n_c) sum ||h - mu_c||^2 (C,), in float32 as the suite keeps them."""
+    means = reference.class_means(features, labels, num_classes)
+    variances = np.array([np.mean(np.sum((features[labels == c] - means[c]) ** 2, -1)) for c in range(num_classes)],
+                         np.float32)
+    return means, variances
+
   @pytest.mark.parametrize("block_rows", [None, 2], ids=["dense", "tiled"])
   def test_cdnv_of_two_close_means_matches_float64(self, block_rows):
     """||mu_c - mu_c'||^2 from the Gram formula lost ~5 of float32's 7 digits here: CDNV was 3% off."""
@@ -193,23 +201,20 @@ class TestNumericalTraps:
     assert int(got["num_coincident_means"]) == 0
     np.testing.assert_allclose(float(got["cdnv"]), want, rtol=2e-5)
     per_class = reference.reference_further(features, labels, 6)
-    variances = np.array([np.mean(np.sum((features[labels == c] - features[labels == c].mean(0)) ** 2, -1))
-                          for c in range(6)], np.float32)
-    centred = np.stack([features[labels == c].mean(0) for c in range(6)])
-    got_k2 = further.cdnv(jnp.asarray(variances), jnp.asarray(centred - centred.mean(0)), 2.0, block_rows=block_rows)
+    means, variances = self.means_and_variances(features, labels)
+    got_k2 = further.cdnv(jnp.asarray(variances), jnp.asarray(means - means.mean(0)), 2.0, block_rows=block_rows)
     np.testing.assert_allclose(float(got_k2), per_class["cdnv_k2"], rtol=2e-5)
 
   def test_the_cdnv_trap_is_real_for_the_gram_formula(self):
     """A negative control: the same means' distances from the Gram matrix alone miss by far more."""
     features, labels = self.close_means_case()
     want = reference.reference_metrics(features, labels, 6)["cdnv"]
-    means = np.stack([features[labels == c].mean(0) for c in range(6)])
+    means, variances = self.means_and_variances(features, labels)
     centred = means - means.mean(0)
     gram = centred @ centred.T
     norm_sq = np.diag(gram)
     distance_sq = norm_sq[:, None] + norm_sq[None, :] - 2 * gram
     np.fill_diagonal(distance_sq, 1.0)  # no pair
-    variances = np.array([np.mean(np.sum((features[labels == c] - means[c]) ** 2, -1)) for c in range(6)], np.float32)
     pairs = ~np.eye(6, dtype=bool)
     naive = np.mean(((variances[:, None] + variances[None, :]) / (2 * distance_sq))[pairs])
     assert not abs(naive - want) <= 1e-3 * want, (naive, want)
