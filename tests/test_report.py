@@ -16,13 +16,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CELL = str(REPO / "configs" / "default.py")
 
 
+def run_config(lr):
+  """The config of each of ``two_runs``."""
+  return smoke_config(num_epochs=8, measure_epochs=(1, 2, 4, 8), lr=lr, tpt_threshold=0.45, deepfool_samples=4)
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   for lr in (0.05, 0.1):
-    config = smoke_config(num_epochs=8, measure_epochs=(1, 2, 4, 8), lr=lr, tpt_threshold=0.45,
-                          deepfool_samples=4)
-    train_and_evaluate(config, str(root / "default" / f"lr_{lr:.6g}"), log=lambda *a, **k: None)
+    train_and_evaluate(run_config(lr), str(root / "default" / f"lr_{lr:.6g}"), log=lambda *a, **k: None)
   return root
 
 
@@ -67,8 +70,7 @@ def test_a_lost_log_beside_checkpoints_says_the_train_command_restores_it(two_ru
   (run / "metrics.jsonl").unlink()
   with pytest.raises(FileNotFoundError, match="has no metrics.jsonl: the run has checkpoints.*nc_jax.train"):
     report.load_run(str(run))
-  config = smoke_config(num_epochs=8, measure_epochs=(1, 2, 4, 8), lr=0.05, tpt_threshold=0.45, deepfool_samples=4)
-  train_and_evaluate(config, str(run), log=lambda *a, **k: None)  # the run's own command: restores the records
+  train_and_evaluate(run_config(0.05), str(run), log=lambda *a, **k: None)  # its own command: restores the records
   assert report.load_run(str(run)).records == report.load_run(str(two_runs / "default" / "lr_0.05")).records
   empty = tmp_path / "fresh"
   (empty / "checkpoints").mkdir(parents=True)
